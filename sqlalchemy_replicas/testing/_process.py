@@ -192,16 +192,27 @@ class ServerProcess:
 
     def signal_and_wait(self, signum: int, *, timeout: float) -> None:
         """Send ``signum`` and wait for exit; SIGKILL after ``timeout`` seconds."""
+        self.send_signal(signum)
+        self.wait_exit(timeout=timeout)
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the server if it still runs."""
         process = self._process
-        if process is None or process.poll() is not None:
+        if process is not None and process.poll() is None:
+            try:
+                process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def wait_exit(self, *, timeout: float) -> None:
+        """Wait for the server to exit and reap it; SIGKILL after ``timeout`` seconds."""
+        process = self._process
+        if process is None:
             return
         try:
-            process.send_signal(signum)
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=30)
-        except ProcessLookupError:
             process.wait(timeout=30)
 
 

@@ -98,15 +98,12 @@ class Topology(abc.ABC):
         """
         with self._lock:
             servers = [s for s in (self._primary, *self._replicas) if s is not None]
-            # Replicas first, so none of them logs a lost primary on the way out;
-            # all servers shut down in parallel.
-            with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
-                list(
-                    pool.map(
-                        lambda s: s.signal_and_wait(self._graceful_signal, timeout=self.stop_timeout),
-                        servers[::-1],
-                    )
-                )
+            # Signal all, then wait for all: the servers shut down in parallel
+            # without threads, which are no longer available at interpreter exit.
+            for server in servers:
+                server.send_signal(self._graceful_signal)
+            for server in servers:
+                server.wait_exit(timeout=self.stop_timeout)
             self._primary = None
             self._replicas = []
             self._paused.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,8 @@ class MariaDBTopology(Topology):
         ``/usr/sbin``.
 
     Faults: replay pause is ``STOP SLAVE SQL_THREAD``, apply delay is
-    ``MASTER_DELAY`` (whole seconds: fractions round up), a crash is SIGKILL,
+    ``MASTER_DELAY`` (whole seconds: fractions round up; MariaDB stamps
+    events in whole seconds, so a change may apply up to a second early), a crash is SIGKILL,
     a clean stop is SIGTERM.
     """
 
@@ -210,6 +212,13 @@ class MariaDBTopology(Topology):
         return status
 
     def _accepts_connections(self, server: ServerProcess) -> bool:
+        # PyMySQL leaks its socket when connect() fails; probe with our own
+        # first so that polling a starting server leaks nothing.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self._socket(server.name)))
+            except OSError:
+                return False
         return bool(self._query(server, "SELECT 1") == 1)
 
     def _await_replicating(self, server: ServerProcess) -> None:

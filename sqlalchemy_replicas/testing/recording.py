@@ -1,0 +1,99 @@
+"""Recording which server each statement ran on."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from ..router import ReplicaRouter
+
+__all__ = ["ExecutedStatement", "StatementLog"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutedStatement:
+    """One statement as sent to a server."""
+
+    node: str
+    sql: str
+
+
+class StatementLog:
+    """Records, per server, the SQL a router's engines send while active.
+
+    The truth is taken from the engines' ``before_cursor_execute`` events,
+    so it shows where statements really ran, not where the router meant
+    them to::
+
+        with StatementLog(router) as log:
+            session.scalars(select(User)).all()
+        assert log.counts()["primary"] == 0
+
+    :param router: the router whose primary and replicas to watch.
+    :param on_statement: called with each statement as it is recorded.
+    """
+
+    def __init__(
+        self,
+        router: ReplicaRouter,
+        *,
+        on_statement: Callable[[ExecutedStatement], None] | None = None,
+    ) -> None:
+        self._targets = (router.primary_target, *router.replica_targets)
+        self._on_statement = on_statement
+        self._lock = threading.Lock()
+        self._listeners: list[tuple[Engine, Callable[..., None]]] = []
+        self.statements: list[ExecutedStatement] = []
+
+    def counts(self) -> Counter[str]:
+        """Number of statements per node name (``primary``, ``replica1``, ...)."""
+        with self._lock:
+            return Counter(s.node for s in self.statements)
+
+    def nodes(self) -> list[str]:
+        """The node of each recorded statement, in order."""
+        with self._lock:
+            return [s.node for s in self.statements]
+
+    def clear(self) -> None:
+        """Forget what was recorded so far."""
+        with self._lock:
+            self.statements.clear()
+
+    def __enter__(self) -> StatementLog:
+        for target in self._targets:
+            listener = self._listener(target.name)
+            # Replica read engines are execution_options() views of the sync
+            # engine and share its event listeners.
+            event.listen(target.sync_engine, "before_cursor_execute", listener)
+            self._listeners.append((target.sync_engine, listener))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for engine, listener in self._listeners:
+            event.remove(engine, "before_cursor_execute", listener)
+        self._listeners.clear()
+
+    def _listener(self, node: str) -> Callable[..., None]:
+        def record(
+            conn: Connection, cursor: Any, statement: str, *args: Any, **kwargs: Any
+        ) -> None:
+            executed = ExecutedStatement(node, statement)
+            with self._lock:
+                self.statements.append(executed)
+            if self._on_statement is not None:
+                self._on_statement(executed)
+
+        return record

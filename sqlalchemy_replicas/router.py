@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -281,7 +280,7 @@ def _describe_source(source: str | URL) -> str:
         return make_url(source).render_as_string(hide_password=True)
     except sa_exc.ArgumentError:
         # An unparseable string may still carry credentials: never echo them.
-        return repr(re.sub(r"//[^@/]*@", "//***@", source))
+        return repr("***@" + source.rsplit("@", 1)[1]) if "@" in source else repr(source)
 
 
 def _family(engine: Engine) -> str:

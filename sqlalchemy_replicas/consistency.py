@@ -5,7 +5,7 @@ The levels name how fresh a replica read must be (see docs/consistency.md).
 
 from __future__ import annotations
 
-from typing import Final, Literal, cast
+from typing import Final, Literal
 
 from .exc import ConfigurationError
 
@@ -29,8 +29,9 @@ def validate_level(value: object, *, argument: str) -> ConsistencyLevel:
     :param argument: the argument's name, used in the error message.
     :raises ConfigurationError: when ``value`` is not one of :data:`LEVELS`.
     """
-    if isinstance(value, str) and value in LEVELS:
-        return cast(ConsistencyLevel, value)
+    for level in LEVELS:
+        if value == level:
+            return level
     raise ConfigurationError(
         f"{argument}={value!r} is not a consistency level; use one of: {', '.join(LEVELS)}"
     )

@@ -6,12 +6,17 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import sessionmaker
 
 from .consistency import ConsistencyLevel, validate_level
@@ -19,7 +24,7 @@ from .exc import ConfigurationError
 
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
-EngineSource = Union[str, URL, Engine, AsyncEngine]
+EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
 
 # MariaDB is served by SQLAlchemy's mysql dialect under either name.
@@ -91,9 +96,7 @@ class ReplicaRouter:
             default_consistency, argument="default_consistency"
         )
         if secret is not None and not isinstance(secret, (str, bytes)):
-            raise ConfigurationError(
-                f"secret must be str or bytes, not {type(secret).__name__}"
-            )
+            raise ConfigurationError(f"secret must be str or bytes, not {type(secret).__name__}")
         if secret is not None and len(secret) == 0:
             raise ConfigurationError("secret must not be empty; pass None to disable tokens")
         self._secret = secret
@@ -242,9 +245,7 @@ def _as_list(replicas: Iterable[EngineSource]) -> list[EngineSource]:
     return list(replicas)
 
 
-def _routed(
-    name: str, source: object, options: dict[str, Any], *, replica: bool
-) -> RoutedEngine:
+def _routed(name: str, source: object, options: dict[str, Any], *, replica: bool) -> RoutedEngine:
     engine: Engine | AsyncEngine
     owned = False
     if isinstance(source, (Engine, AsyncEngine)):

@@ -42,9 +42,7 @@ class RoutingSession(Session):
 
     def __init__(self, *args: Any, router: ReplicaRouter, **kwargs: Any) -> None:
         if not isinstance(router, ReplicaRouter):
-            raise ConfigurationError(
-                f"router must be a ReplicaRouter, not {type(router).__name__}"
-            )
+            raise ConfigurationError(f"router must be a ReplicaRouter, not {type(router).__name__}")
         self.router = router
         # True from the first statement routed to the primary because it writes
         # or locks until the root transaction ends.
@@ -76,7 +74,9 @@ class RoutingSession(Session):
         if classification.is_read:
             replica = self.router.next_replica()
             if replica is not None:
-                logger.debug("%s -> %s (%s)", _describe(clause), replica.name, classification.reason)
+                logger.debug(
+                    "%s -> %s (%s)", _describe(clause), replica.name, classification.reason
+                )
                 return replica.read_engine
             logger.debug("%s -> primary (no replicas configured)", _describe(clause))
             return primary.sync_engine

@@ -40,7 +40,7 @@ def insert(primary: sa.Engine, item_id: int) -> None:
 def visible(replica: sa.Engine, item_id: int) -> bool:
     with replica.connect() as conn:
         found = conn.execute(sa.text("SELECT count(*) FROM item WHERE id = :id"), {"id": item_id})
-        return found.scalar_one() == 1
+        return bool(found.scalar_one() == 1)
 
 
 def pid_alive(pid: int) -> bool:
@@ -113,7 +113,7 @@ def test_killed_replica_refuses_connections_and_comes_back(
     topology: Topology, engines: tuple[sa.Engine, list[sa.Engine]]
 ) -> None:
     """A killed replica refuses connections; restarted, it replicates what it missed."""
-    primary, replicas = engines
+    primary, _ = engines
     topology.kill_replica(1)
     assert not topology.is_running(1)
     fresh = sa.create_engine(topology.replica_urls[1])
@@ -191,12 +191,21 @@ def test_stop_leaves_no_process_or_directory_even_when_the_block_fails(
 ) -> None:
     """Leaving the with-block by an exception stops every server and deletes the dir."""
     topology = factory(replicas=1)
-    with pytest.raises(RuntimeError, match="test failure"), topology:
-        pids = topology.server_pids
-        directory = topology.directory
-        assert len(pids) == 2
-        assert all(pid_alive(pid) for pid in pids)
-        raise RuntimeError("test failure")
+    seen: dict[str, object] = {}
+
+    def failing_block() -> None:
+        with topology:
+            seen["pids"] = topology.server_pids
+            seen["directory"] = topology.directory
+            assert all(pid_alive(pid) for pid in topology.server_pids)
+            raise RuntimeError("test failure")
+
+    with pytest.raises(RuntimeError, match="test failure"):
+        failing_block()
+    pids, directory = seen["pids"], seen["directory"]
+    assert isinstance(pids, list)
+    assert isinstance(directory, Path)
+    assert len(pids) == 2
     assert not any(pid_alive(pid) for pid in pids)
     assert not directory.exists()
     with pytest.raises(TopologyError, match="not started"):
@@ -225,9 +234,7 @@ def test_uses_both(fresh_postgres_topology, fresh_mariadb_topology):
     [("assert False, 'a failing test'", 1), ("raise KeyboardInterrupt", 2)],
     ids=["test-fails", "session-interrupted"],
 )
-def test_plugin_session_leaves_nothing_behind(
-    tmp_path: Path, ending: str, exit_code: int
-) -> None:
+def test_plugin_session_leaves_nothing_behind(tmp_path: Path, ending: str, exit_code: int) -> None:
     """A pytest session using the plugin's fixtures stops every server and
     deletes every directory it made, whether a test fails or the run is interrupted."""
     import json

@@ -7,6 +7,7 @@ is ever found or killed by name.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pwd
 import shutil
@@ -135,7 +136,8 @@ class ServerProcess:
     @property
     def pid(self) -> int | None:
         """The server's pid while it runs, else None."""
-        return self._process.pid if self.is_running else None
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
 
     @property
     def is_running(self) -> bool:
@@ -177,8 +179,9 @@ class ServerProcess:
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.spawn()
             try:
-                wait_until(ready, timeout=timeout, what=f"{self.name} to accept connections",
-                           alive=self)
+                wait_until(
+                    ready, timeout=timeout, what=f"{self.name} to accept connections", alive=self
+                )
                 return
             except TopologyError:
                 self.signal_and_wait(signal.SIGKILL, timeout=10)
@@ -199,10 +202,8 @@ class ServerProcess:
         """Send ``signum`` to the server if it still runs."""
         process = self._process
         if process is not None and process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
-            except ProcessLookupError:
-                pass
 
     def wait_exit(self, *, timeout: float) -> None:
         """Wait for the server to exit and reap it; SIGKILL after ``timeout`` seconds."""

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from sqlalchemy.engine import URL
 
@@ -17,6 +18,8 @@ from ..exc import ConfigurationError, TopologyError
 from ._process import REGISTRY, OSUser, ServerProcess, remove_tree
 
 __all__ = ["Topology"]
+
+_T = TypeVar("_T", bound="Topology")
 
 
 class Topology(abc.ABC):
@@ -67,7 +70,7 @@ class Topology(abc.ABC):
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self) -> Topology:
+    def start(self: _T) -> _T:
         """Create, start and connect all servers; return ``self``.
 
         :raises TopologyError: when a server fails to come up (with its log's tail).
@@ -78,9 +81,7 @@ class Topology(abc.ABC):
                 raise TopologyError(f"this {self.backend} topology is already started")
             self._locate_binaries()
             user = self._os_user()
-            self._dir = Path(
-                tempfile.mkdtemp(prefix=f"sr-{self.backend}-", dir=self._base_parent)
-            )
+            self._dir = Path(tempfile.mkdtemp(prefix=f"sr-{self.backend}-", dir=self._base_parent))
             REGISTRY.add(id(self), self.stop)
             try:
                 if user is not None:
@@ -112,7 +113,7 @@ class Topology(abc.ABC):
                 self._dir = None
             REGISTRY.discard(id(self))
 
-    def __enter__(self) -> Topology:
+    def __enter__(self: _T) -> _T:
         return self.start()
 
     def __exit__(
@@ -204,11 +205,7 @@ class Topology(abc.ABC):
         """Start a stopped or killed replica again on its old port; wait until it replicates."""
         with self._lock:
             server = self._replica(replica)
-            server.start(
-                lambda: self._accepts_connections(server),
-                timeout=self.startup_timeout,
-                retry_port=False,
-            )
+            self._start_server(server, retry_port=False)
             self._paused.discard(replica)
             self._await_replicating(server)
 
@@ -223,12 +220,7 @@ class Topology(abc.ABC):
     def start_primary(self) -> None:
         """Start a stopped or killed primary again on its old port."""
         with self._lock:
-            server = self._primary_server()
-            server.start(
-                lambda: self._accepts_connections(server),
-                timeout=self.startup_timeout,
-                retry_port=False,
-            )
+            self._start_server(self._primary_server(), retry_port=False)
 
     def wait_for_catchup(self, timeout: float = 30.0) -> None:
         """Wait until every running, unpaused replica has applied all the
@@ -328,8 +320,10 @@ class Topology(abc.ABC):
 
     def _replica(self, index: int) -> ServerProcess:
         replicas = self._replica_servers()
-        if isinstance(index, bool) or not isinstance(index, int) or not (
-            0 <= index < len(replicas)
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not (0 <= index < len(replicas))
         ):
             raise ConfigurationError(
                 f"replica index {index!r} is out of range; this topology has "
@@ -337,12 +331,22 @@ class Topology(abc.ABC):
             )
         return replicas[index]
 
+    def _start_server(self, server: ServerProcess, *, retry_port: bool) -> None:
+        """Start ``server`` and wait until it accepts connections."""
+        server.start(
+            lambda: self._accepts_connections(server),
+            timeout=self.startup_timeout,
+            retry_port=retry_port,
+        )
+
     @staticmethod
-    def _in_parallel(jobs: Sequence[Callable[[], None]]) -> None:
-        """Run ``jobs`` in threads; re-raise the first failure after all finish."""
-        if not jobs:
+    def _in_parallel(
+        job: Callable[[ServerProcess], None], servers: Sequence[ServerProcess]
+    ) -> None:
+        """Run ``job`` for each server in threads; re-raise the first failure after all end."""
+        if not servers:
             return
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            futures = [pool.submit(job) for job in jobs]
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            futures = [pool.submit(job, server) for server in servers]
         for future in futures:
             future.result()

@@ -75,9 +75,13 @@ class MariaDBTopology(Topology):
         template = directory / "template"
         run_tool(
             [
-                str(install_db), "--no-defaults", f"--datadir={template}",
-                "--auth-root-authentication-method=normal", "--skip-test-db",
-                "--skip-name-resolve", f"--basedir={_basedir(mariadbd)}",
+                str(install_db),
+                "--no-defaults",
+                f"--datadir={template}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+                f"--basedir={_basedir(mariadbd)}",
             ],
             user=user,
             what="mariadb-install-db",
@@ -96,18 +100,9 @@ class MariaDBTopology(Topology):
             servers.append(self._server(name, server_id, datadir, directory, user, mariadbd))
         shutil.rmtree(template)
         self._primary, *self._replicas = servers
-        self._in_parallel(
-            [
-                lambda s=s: s.start(
-                    lambda: self._accepts_connections(s),
-                    timeout=self.startup_timeout,
-                    retry_port=True,
-                )
-                for s in servers
-            ]
-        )
+        self._in_parallel(lambda server: self._start_server(server, retry_port=True), servers)
         self._bootstrap_primary()
-        self._in_parallel([lambda s=s: self._connect_replica(s) for s in self._replicas])
+        self._in_parallel(self._connect_replica, self._replicas)
 
     def _server(
         self,
@@ -122,12 +117,21 @@ class MariaDBTopology(Topology):
 
         def argv(port: int) -> list[str]:
             return [
-                str(mariadbd), "--no-defaults", f"--datadir={datadir}",
-                f"--tmpdir={directory / f'{name}.tmp'}", f"--port={port}",
-                "--bind-address=127.0.0.1", f"--socket={self._socket(name)}",
-                f"--pid-file={directory / f'{name}.pid'}", f"--server-id={server_id}",
-                "--log-bin=binlog", "--binlog-format=ROW", "--gtid-strict-mode=1",
-                "--log-slave-updates", "--skip-name-resolve", *_FAST_OPTIONS,
+                str(mariadbd),
+                "--no-defaults",
+                f"--datadir={datadir}",
+                f"--tmpdir={directory / f'{name}.tmp'}",
+                f"--port={port}",
+                "--bind-address=127.0.0.1",
+                f"--socket={self._socket(name)}",
+                f"--pid-file={directory / f'{name}.pid'}",
+                f"--server-id={server_id}",
+                "--log-bin=binlog",
+                "--binlog-format=ROW",
+                "--gtid-strict-mode=1",
+                "--log-slave-updates",
+                "--skip-name-resolve",
+                *_FAST_OPTIONS,
                 *(("--read-only=1",) if is_replica else ()),
             ]
 
@@ -165,16 +169,23 @@ class MariaDBTopology(Topology):
     def _url(self, port: int, *, is_async: bool) -> URL:
         driver = "mariadb+aiomysql" if is_async else "mariadb+pymysql"
         return URL.create(
-            driver, username=_APP_USER, password=_APP_PASSWORD, host="127.0.0.1",
-            port=port, database=_DATABASE,
+            driver,
+            username=_APP_USER,
+            password=_APP_PASSWORD,
+            host="127.0.0.1",
+            port=port,
+            database=_DATABASE,
         )
 
     def _admin(self, server: ServerProcess) -> Any:
         import pymysql
 
         return pymysql.connect(
-            unix_socket=str(self._socket(server.name)), user="root", password="",
-            autocommit=True, connect_timeout=5,
+            unix_socket=str(self._socket(server.name)),
+            user="root",
+            password="",
+            autocommit=True,
+            connect_timeout=5,
         )
 
     def _execute(self, server: ServerProcess, *statements: str) -> None:

@@ -110,8 +110,9 @@ class PostgresTopology(Topology):
         primary_dir = directory / "primary"
         run_tool(
             [
-                str(bindir / "initdb"), "-D", str(primary_dir), "-U", _USER, "-A", "trust",
-                "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions",
+                str(bindir / "initdb"),
+                *("-D", str(primary_dir)),
+                *f"-U {_USER} -A trust -E UTF8 --locale=C --no-sync --no-instructions".split(),
             ],
             user=user,
             what="initdb",
@@ -121,32 +122,25 @@ class PostgresTopology(Topology):
             conf.write(_PRIMARY_CONF + extra)
         (primary_dir / "pg_hba.conf").write_text(_HBA)
         self._primary = self._server("primary", primary_dir, directory, user)
-        self._primary.start(
-            lambda: self._accepts_connections(self._primary_server()),
-            timeout=self.startup_timeout,
-            retry_port=True,
-        )
+        self._start_server(self._primary, retry_port=True)
         self._replicas = [
             self._server(f"replica{i}", directory / f"replica{i}", directory, user)
             for i in range(1, self.replica_count + 1)
         ]
-        self._in_parallel([lambda s=s: self._build_replica(s, user) for s in self._replicas])
+        self._in_parallel(lambda server: self._build_replica(server, user), self._replicas)
 
     def _build_replica(self, server: ServerProcess, user: OSUser | None) -> None:
+        port = self._primary_server().port
         run_tool(
             [
-                str(self.bindir / "pg_basebackup"), "-h", "127.0.0.1",
-                "-p", str(self._primary_server().port), "-U", _USER, "-D", str(server.datadir),
-                "-R", "-X", "stream", "-c", "fast", "--no-sync", "-C", "-S", server.name,
+                str(self.bindir / "pg_basebackup"),
+                *f"-h 127.0.0.1 -p {port} -U {_USER} -R -X stream -c fast --no-sync".split(),
+                *("-C", "-S", server.name, "-D", str(server.datadir)),
             ],
             user=user,
             what=f"pg_basebackup for {server.name}",
         )
-        server.start(
-            lambda: self._accepts_connections(server),
-            timeout=self.startup_timeout,
-            retry_port=True,
-        )
+        self._start_server(server, retry_port=True)
         self._await_replicating(server)
 
     def _server(
@@ -158,9 +152,17 @@ class PostgresTopology(Topology):
             # Port and socket on the command line (not in postgresql.conf), so
             # that a retry on a port race and pg_basebackup copies stay simple.
             return [
-                str(bindir / "postgres"), "-D", str(datadir), "-p", str(port),
-                "-k", str(directory), "-c", "listen_addresses=127.0.0.1",
-                "-c", f"cluster_name={name}",
+                str(bindir / "postgres"),
+                "-D",
+                str(datadir),
+                "-p",
+                str(port),
+                "-k",
+                str(directory),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"cluster_name={name}",
             ]
 
         return ServerProcess(name, datadir, argv, directory / f"{name}.log", user)
@@ -175,8 +177,12 @@ class PostgresTopology(Topology):
         import psycopg
 
         return psycopg.connect(
-            host="127.0.0.1", port=server.port, user=_USER, dbname=_DATABASE,
-            autocommit=True, connect_timeout=5,
+            host="127.0.0.1",
+            port=server.port,
+            user=_USER,
+            dbname=_DATABASE,
+            autocommit=True,
+            connect_timeout=5,
         )
 
     def _query(self, server: ServerProcess, sql: str, params: tuple[Any, ...] = ()) -> Any:

@@ -13,7 +13,7 @@ from sqlalchemy.sql.expression import ClauseElement
 
 from .classify import classify
 from .exc import ConfigurationError
-from .router import ReplicaRouter
+from .router import ReplicaRouter, RoutedEngine
 
 __all__ = ["RoutingSession"]
 
@@ -66,23 +66,24 @@ class RoutingSession(Session):
             return bind
         if self.bind is not None:
             return super().get_bind(mapper, clause=clause, **kw)
+        target, reason = self._choose_target(clause)
+        if logger.isEnabledFor(logging.DEBUG):
+            what = "flush" if self._flushing else _describe(clause)
+            logger.debug("%s -> %s: %s", what, target.name, reason)
+        return target.read_engine
+
+    def _choose_target(self, clause: ClauseElement | None) -> tuple[RoutedEngine, str]:
         primary = self.router.primary_target
         if self._pinned_to_primary:
-            logger.debug("%s -> primary (transaction already wrote)", _describe(clause))
-            return primary.sync_engine
+            return primary, "this transaction already wrote or locked"
         classification = classify(clause, flushing=self._flushing)
-        if classification.is_read:
-            replica = self.router.next_replica()
-            if replica is not None:
-                logger.debug(
-                    "%s -> %s (%s)", _describe(clause), replica.name, classification.reason
-                )
-                return replica.read_engine
-            logger.debug("%s -> primary (no replicas configured)", _describe(clause))
-            return primary.sync_engine
-        self._pinned_to_primary = True
-        logger.debug("%s -> primary (%s)", _describe(clause), classification.reason)
-        return primary.sync_engine
+        if not classification.is_read:
+            self._pinned_to_primary = True
+            return primary, classification.reason
+        replica = self.router.next_replica()
+        if replica is None:
+            return primary, f"{classification.reason}, but no replicas are configured"
+        return replica, classification.reason
 
 
 @event.listens_for(RoutingSession, "after_transaction_end")
@@ -93,5 +94,6 @@ def _unpin_after_root_transaction(session: Session, transaction: SessionTransact
 
 def _describe(clause: ClauseElement | None) -> str:
     if clause is None:
-        return "<no statement>"
-    return type(clause).__name__
+        return "no statement"
+    name = str(getattr(clause, "__visit_name__", type(clause).__name__))
+    return "TEXT" if name == "textclause" else name.upper()

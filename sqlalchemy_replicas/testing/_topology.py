@@ -167,6 +167,10 @@ class Topology(abc.ABC):
         """SQLAlchemy URLs of the replicas, for the asyncio driver, in index order."""
         return tuple(self._url(s.port, is_async=True) for s in self._replica_servers())
 
+    def server_version(self) -> str:
+        """The primary server's product and version, e.g. ``PostgreSQL 15.19``."""
+        return self._version(self._primary_server())
+
     def is_running(self, replica: int | None = None) -> bool:
         """Whether the primary (``replica=None``) or replica ``replica`` is up."""
         server = self._primary_server() if replica is None else self._replica(replica)
@@ -272,6 +276,10 @@ class Topology(abc.ABC):
     @abc.abstractmethod
     def _url(self, port: int, *, is_async: bool) -> URL:
         """The application URL for a server on ``port``."""
+
+    @abc.abstractmethod
+    def _version(self, server: ServerProcess) -> str:
+        """``server``'s product name and version."""
 
     @abc.abstractmethod
     def _accepts_connections(self, server: ServerProcess) -> bool:

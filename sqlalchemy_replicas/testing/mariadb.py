@@ -222,6 +222,10 @@ class MariaDBTopology(Topology):
         status: dict[str, Any] = row
         return status
 
+    def _version(self, server: ServerProcess) -> str:
+        version = str(self._query(server, "SELECT VERSION()"))
+        return f"MariaDB {version.split('-')[0]}"
+
     def _accepts_connections(self, server: ServerProcess) -> bool:
         # PyMySQL leaks its socket when connect() fails; probe with our own
         # first so that polling a starting server leaks nothing.

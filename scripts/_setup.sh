@@ -61,8 +61,12 @@ ensure_venv() {
     want="$extras $(cksum <"$ROOT/pyproject.toml")"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         say "installing sqlalchemy-replicas[$extras] into $VENV"
-        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-        "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]"
+        if ! { "$PY" -m pip install --disable-pip-version-check --upgrade pip &&
+            "$PY" -m pip install --disable-pip-version-check -e "$ROOT[$extras]"; } \
+            >"$VENV/pip-install.log" 2>&1; then
+            tail -n 30 "$VENV/pip-install.log" >&2
+            die "pip install failed; full log: $VENV/pip-install.log"
+        fi
         printf '%s' "$want" >"$stamp"
     fi
 }

@@ -322,3 +322,32 @@ def test_root_runs_embedded_binaries_from_a_directory_the_server_user_cannot_ent
                 assert conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar() is True
         finally:
             engine.dispose()
+
+
+@pytest.mark.postgresql
+def test_server_start_retries_with_a_new_port_when_the_port_was_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When another process takes the chosen port before the server binds it, the
+    topology picks another port and starts anyway."""
+    import socket
+
+    from sqlalchemy_replicas.testing import _process
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_port = _process.free_port
+    ports = iter([taken])
+    monkeypatch.setattr(_process, "free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        with PostgresTopology(replicas=0) as topology:
+            assert topology.primary_url.port != taken
+            engine = sa.create_engine(topology.primary_url)
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            engine.dispose()
+            assert "could not bind" in (topology.directory / "primary.log").read_text()
+    finally:
+        squatter.close()

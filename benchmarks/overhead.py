@@ -1,10 +1,19 @@
 """Per-statement CPU overhead of RoutingSession against a plain Session.
 
-Both sessions run the same primary-key ORM select against the same real
-PostgreSQL server (a router without replicas, so every statement goes to the
-primary and only the routing differs). Rounds alternate between the two, and
-the ratio of medians is reported: on a shared, noisy machine only figures
-taken side by side in one run mean anything.
+All sessions run the same primary-key ORM select against the same real
+PostgreSQL server:
+
+- ``Session``: a plain Session on the engine;
+- ``RoutingSession, primary-bound``: a router without replicas, so every
+  statement goes to the primary and only the routing work differs;
+- ``RoutingSession, replica path``: a router whose replica is a second
+  engine on the same server, so reads take the full replica path
+  (classification, policy, AUTOCOMMIT read-only connection) against the
+  same server.
+
+Rounds run them in shuffled order and ratios of medians are reported: on a
+shared, noisy machine only figures taken side by side in one run mean
+anything.
 
     python benchmarks/overhead.py [--statements 2000] [--rounds 9]
 """
@@ -12,6 +21,7 @@ taken side by side in one run mean anything.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -63,23 +73,28 @@ def main() -> None:
         with Session(engine) as session:
             session.add_all(Account(id=i, name=f"user{i}") for i in range(1, ROWS + 1))
             session.commit()
-        router = sr.ReplicaRouter(engine)
-        plain = sa.orm.sessionmaker(engine)
-        routed = router.sessionmaker()
-        measure(plain, 200)  # warm up caches and the pool
-        measure(routed, 200)
-        plain_us: list[float] = []
-        routed_us: list[float] = []
+        same_server = sa.create_engine(topology.primary_url)
+        makers: dict[str, Callable[[], Session]] = {
+            "Session": sa.orm.sessionmaker(engine),
+            "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
+            "RoutingSession, replica path": sr.ReplicaRouter(engine, [same_server]).sessionmaker(),
+        }
+        for make in makers.values():
+            measure(make, 200)  # warm up caches and the pools
+        results: dict[str, list[float]] = {name: [] for name in makers}
+        order = list(makers)
         for _ in range(args.rounds):
-            plain_us.append(measure(plain, args.statements))
-            routed_us.append(measure(routed, args.statements))
+            random.shuffle(order)  # no variant always runs first or last
+            for name in order:
+                results[name].append(measure(makers[name], args.statements))
         engine.dispose()
+        same_server.dispose()
 
-    p, r = statistics.median(plain_us), statistics.median(routed_us)
-    print(f"{version}, {args.rounds} rounds x {args.statements} PK selects")
-    print(f"plain Session    CPU per statement: {p:7.1f} us (median)")
-    print(f"RoutingSession   CPU per statement: {r:7.1f} us (median)")
-    print(f"ratio RoutingSession / Session: {r / p:.3f}")
+    print(f"{version}, {args.rounds} rounds x {args.statements} PK ORM selects, CPU time")
+    baseline = statistics.median(results["Session"])
+    for name, values in results.items():
+        median = statistics.median(values)
+        print(f"{name:<31} {median:7.1f} us/statement  ratio {median / baseline:.3f}")
 
 
 if __name__ == "__main__":

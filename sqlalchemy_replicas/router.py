@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import sessionmaker
 
+from .classify import Classifier
+from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level
 from .exc import ConfigurationError
 
@@ -26,9 +28,6 @@ __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
-
-# MariaDB is served by SQLAlchemy's mysql dialect under either name.
-_DIALECT_FAMILIES = {"mariadb": "mysql"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +37,12 @@ class RoutedEngine:
     :ivar name: ``"primary"`` or the replica's name, used in logs and status.
     :ivar engine: the engine the user gave or the router created (sync or async).
     :ivar sync_engine: the sync engine that sessions bind to.
-    :ivar read_engine: for replicas, an AUTOCOMMIT view of ``sync_engine``
-        sharing its pool, so that a replica read never holds a transaction
-        (and with it an old snapshot) open; for the primary, ``sync_engine``.
     :ivar owned: True when the router created the engine and so disposes it.
     """
 
     name: str
     engine: Engine | AsyncEngine
     sync_engine: Engine
-    read_engine: Engine
     owned: bool
 
 
@@ -68,6 +63,11 @@ class ReplicaRouter:
         ``create_async_engine``) when URLs are given.
     :param name: names this database in causal tokens; routers with the same
         name and secret accept each other's tokens.
+    :param writing_functions: names of your own SQL functions that write or
+        take locks: statements calling them go to the primary.
+    :param read_only_functions: function names safe on a replica although a
+        built-in rule (:data:`~sqlalchemy_replicas.classify.WRITING_FUNCTIONS`)
+        says otherwise.
     :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
         async sources, a negative number or an unknown consistency level.
 
@@ -89,6 +89,8 @@ class ReplicaRouter:
         secret: str | bytes | None = None,
         engine_options: Mapping[str, Any] | None = None,
         name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
     ) -> None:
         self.max_lag = _non_negative_seconds(max_lag, "max_lag")
         self.wait_timeout = _non_negative_seconds(wait_timeout, "wait_timeout")
@@ -105,14 +107,22 @@ class ReplicaRouter:
         self.name = name
         options = dict(engine_options or {})
 
-        self._primary = _routed("primary", primary, options, replica=False)
+        self._primary = _routed("primary", primary, options)
         named = (
             list(replicas.items())
             if isinstance(replicas, Mapping)
             else [(f"replica{i}", src) for i, src in enumerate(_as_list(replicas), start=1)]
         )
-        self._replicas = tuple(_routed(n, src, options, replica=True) for n, src in named)
+        self._replicas = tuple(_routed(n, src, options) for n, src in named)
         self._check_uniform()
+        family = dialect_family(self._primary.sync_engine)
+        self.classifier = Classifier(
+            "postgresql" if family == "postgresql" else "mysql" if family == "mysql" else "generic",
+            writing_functions=writing_functions,
+            read_only_functions=read_only_functions,
+        )
+        for replica in self._replicas:
+            install_replica_guard(replica.sync_engine)
         self._next_replica = itertools.count()
 
     # -- public -------------------------------------------------------------
@@ -208,19 +218,20 @@ class ReplicaRouter:
             return None
         return self._replicas[next(self._next_replica) % len(self._replicas)]
 
-    def target_for_engine(self, engine: Engine) -> RoutedEngine | None:
-        """The routing target whose sync or read engine is ``engine``."""
-        for routed in (self._primary, *self._replicas):
-            if engine is routed.sync_engine or engine is routed.read_engine:
-                return routed
-        return None
-
     # -- helpers ------------------------------------------------------------------
 
     def _check_uniform(self) -> None:
-        family = _family(self._primary.sync_engine)
+        family = dialect_family(self._primary.sync_engine)
+        pools = {id(self._primary.sync_engine.pool): "primary"}
         for replica in self._replicas:
-            if _family(replica.sync_engine) != family:
+            shared = pools.setdefault(id(replica.sync_engine.pool), replica.name)
+            if shared != replica.name:
+                raise ConfigurationError(
+                    f"replica {replica.name!r} is the same engine (connection pool) as "
+                    f"{shared!r}; replica connections are made read-only, so give each "
+                    "server its own engine or URL"
+                )
+            if dialect_family(replica.sync_engine) != family:
                 raise ConfigurationError(
                     f"replica {replica.name!r} uses the "
                     f"{replica.sync_engine.dialect.name!r} dialect but the primary uses "
@@ -245,7 +256,7 @@ def _as_list(replicas: Iterable[EngineSource]) -> list[EngineSource]:
     return list(replicas)
 
 
-def _routed(name: str, source: object, options: dict[str, Any], *, replica: bool) -> RoutedEngine:
+def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:
     engine: Engine | AsyncEngine
     owned = False
     if isinstance(source, (Engine, AsyncEngine)):
@@ -268,10 +279,7 @@ def _routed(name: str, source: object, options: dict[str, Any], *, replica: bool
             f"not {type(source).__name__}"
         )
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    read_engine = (
-        sync_engine.execution_options(isolation_level="AUTOCOMMIT") if replica else sync_engine
-    )
-    return RoutedEngine(name, engine, sync_engine, read_engine, owned)
+    return RoutedEngine(name, engine, sync_engine, owned)
 
 
 def _describe_source(source: str | URL) -> str:
@@ -282,11 +290,6 @@ def _describe_source(source: str | URL) -> str:
     except sa_exc.ArgumentError:
         # An unparseable string may still carry credentials: never echo them.
         return repr("***@" + source.rsplit("@", 1)[1]) if "@" in source else repr(source)
-
-
-def _family(engine: Engine) -> str:
-    name = engine.dialect.name
-    return _DIALECT_FAMILIES.get(name, name)
 
 
 def _safe_url(routed: RoutedEngine) -> str:

@@ -70,8 +70,6 @@ class StatementLog:
     def __enter__(self) -> StatementLog:
         for target in self._targets:
             listener = self._listener(target.name)
-            # Replica read engines are execution_options() views of the sync
-            # engine and share its event listeners.
             event.listen(target.sync_engine, "before_cursor_execute", listener)
             self._listeners.append((target.sync_engine, listener))
         return self

@@ -1,0 +1,84 @@
+"""Server-side guards on replica connections, and recognising their refusals."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+__all__ = ["dialect_family", "install_replica_guard", "is_read_only_violation"]
+
+_READ_ONLY_SQL: Final = {
+    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+    "sqlite": "PRAGMA query_only = ON",
+}
+_GUARD_KEY: Final = "sqlalchemy_replicas.read_only"
+
+# PostgreSQL SQLSTATE read_only_sql_transaction; MySQL/MariaDB errors
+# ER_OPTION_PREVENTS_STATEMENT (--read-only) and
+# ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION; SQLite SQLITE_READONLY text.
+_PG_READ_ONLY_SQLSTATE: Final = "25006"
+_MYSQL_READ_ONLY_ERRNOS: Final = frozenset({1290, 1792})
+
+
+def dialect_family(engine: Engine) -> str:
+    """``postgresql``, ``mysql`` (MySQL and MariaDB) or the dialect's own name."""
+    name = engine.dialect.name
+    return "mysql" if name in ("mysql", "mariadb") else name
+
+
+def install_replica_guard(engine: Engine) -> None:
+    """Make every connection of a replica engine's pool read-only at the
+    server and AUTOCOMMIT.
+
+    Read-only: a statement misclassified as a read fails on the replica
+    instead of changing data there (which, on a MariaDB replica, would also
+    break replication). AUTOCOMMIT: a replica read never holds a
+    transaction, and so never an old snapshot (MariaDB's REPEATABLE READ),
+    open between statements.
+
+    Both are set once per DBAPI connection, at its first checkout after the
+    guard is installed (so connections pooled earlier are covered), through
+    the dialect, so that executions pay nothing per statement. Installing it
+    twice on one engine is harmless.
+    """
+    sql = _READ_ONLY_SQL.get(dialect_family(engine))
+    dialect = engine.dialect
+
+    def guard(
+        dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        # record.info lives exactly as long as the DBAPI connection.
+        if record.info.get(_GUARD_KEY):
+            return
+        if sql is not None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(sql)
+            finally:
+                cursor.close()
+            # End the implicit transaction before switching to AUTOCOMMIT.
+            dbapi_connection.commit()
+        dialect.set_isolation_level(dbapi_connection, "AUTOCOMMIT")
+        record.info[_GUARD_KEY] = True
+
+    # On the pool, not the engine: engine-level listeners would make every
+    # execution on it dispatch (empty) statement events.
+    event.listen(engine.pool, "checkout", guard)
+
+
+def is_read_only_violation(error: BaseException) -> bool:
+    """True when ``error`` is a server refusing to write on a read-only connection."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    orig = error.orig
+    if getattr(orig, "sqlstate", None) == _PG_READ_ONLY_SQLSTATE:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _MYSQL_READ_ONLY_ERRNOS:
+        return True
+    return "attempt to write a readonly database" in str(orig)

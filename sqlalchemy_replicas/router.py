@@ -6,7 +6,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
@@ -23,6 +23,9 @@ from .classify import Classifier
 from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level
 from .exc import ConfigurationError
+
+if TYPE_CHECKING:
+    from .session import RoutingSession
 
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
@@ -147,7 +150,7 @@ class ReplicaRouter:
         """True when the router was given async URLs or ``AsyncEngine`` objects."""
         return isinstance(self._primary.engine, AsyncEngine)
 
-    def sessionmaker(self, **session_kwargs: Any) -> sessionmaker[Any]:
+    def sessionmaker(self, **session_kwargs: Any) -> sessionmaker[RoutingSession]:
         """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`.
 
         :param session_kwargs: passed to every session, as for ``sessionmaker``;

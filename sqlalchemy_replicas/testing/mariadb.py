@@ -131,6 +131,8 @@ class MariaDBTopology(Topology):
                 "--gtid-strict-mode=1",
                 "--log-slave-updates",
                 "--skip-name-resolve",
+                # Lets the app user create stored functions with binary logging on.
+                "--log-bin-trust-function-creators=1",
                 *_FAST_OPTIONS,
                 *(("--read-only=1",) if is_replica else ()),
             ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -322,3 +323,36 @@ def test_rollback_ends_the_pin(router: sr.ReplicaRouter) -> None:
         log.clear()
         assert session.get(Author, 50) is None
     assert nodes(log)[0].startswith("replica")
+
+
+def test_async_session_reruns_a_refused_write_on_the_primary(
+    topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With async drivers too, a write refused by a read-only replica runs on the primary."""
+    sync_router = sr.ReplicaRouter(topology.primary_url)
+    primary = sync_router.primary
+    assert isinstance(primary, sa.Engine)
+    Base.metadata.create_all(primary)
+    create_functions(primary, is_postgres(topology))
+    topology.wait_for_catchup()
+
+    async def scenario(router: sr.ReplicaRouter) -> int | None:
+        try:
+            async with router.async_sessionmaker()() as session:
+                touched: int | None = await session.scalar(sa.text("SELECT touch_author()"))
+                await session.commit()
+                return touched
+        finally:
+            for engine in (router.primary, *router.replicas):
+                await engine.dispose()  # type: ignore[misc]
+
+    router = sr.ReplicaRouter(topology.async_primary_url, topology.async_replica_urls)
+    try:
+        with StatementLog(router) as log, caplog.at_level(logging.WARNING):
+            assert asyncio.run(scenario(router)) == 1
+        assert nodes(log)[0].startswith("replica")
+        assert nodes(log)[1] == "primary"
+        assert "refused a statement as a write" in caplog.text
+        assert count_touched(primary) == 1
+    finally:
+        sync_router.dispose()

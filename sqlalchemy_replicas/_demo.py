@@ -104,8 +104,13 @@ def _workload(router: ReplicaRouter, topology: Topology, out: TextIO) -> None:
         session.commit()
 
     with make_session() as session:
-        _step(out, "session.execute(text('SELECT 1'))")
-        session.execute(sa.text("SELECT 1"))
+        _step(out, "session.execute(text('SELECT count(*) FROM post'))")
+        session.execute(sa.text("SELECT count(*) FROM post"))
+        _step(out, "session.execute(select(Post).execution_options(consistency='strong'))")
+        session.execute(sa.select(Post).execution_options(consistency="strong"))
+        _step(out, "session.execute(text('SELECT * FROM post FOR UPDATE'))")
+        session.execute(sa.text("SELECT * FROM post FOR UPDATE"))
+        session.commit()
 
 
 def _run(topology: Topology, out: TextIO) -> None:

@@ -90,15 +90,13 @@ class RoutingSession(Session):
         target: RoutedEngine | None = kw.pop(_TARGET_KEY, None)
         if self.bind is not None:
             return super().get_bind(mapper, clause=clause, **kw)
-        primary = self.router.primary_target
-        if self._pinned_to_primary or self.in_nested_transaction():
-            # Also covers an autoflush that wrote after execute() chose.
-            return primary.sync_engine
-        if target is not None:
-            return target.sync_engine
-        # Not from execute(): a flush, session.connection(), or a lookup.
-        decision = self._decide(clause, None, None)
-        return self._apply(decision, clause).sync_engine
+        if target is None:
+            # Not from execute(): a flush, session.connection(), or a lookup.
+            return self._apply(self._decide(clause, None, None), clause).sync_engine
+        if self._pinned_to_primary:
+            # An autoflush wrote after execute() chose a replica.
+            return self.router.primary_target.sync_engine
+        return target.sync_engine
 
     # -- routing ------------------------------------------------------------
 

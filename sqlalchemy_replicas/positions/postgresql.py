@@ -1,0 +1,104 @@
+"""PostgreSQL positions: WAL LSNs."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from sqlalchemy.engine import Connection
+
+from ._base import PositionBackend
+
+__all__ = ["PostgresPositions", "normalize_insert_lsn"]
+
+_LSN: Final = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+# Sizes of the headers PostgreSQL puts at the start of every WAL page and of
+# every WAL segment's first page (64-bit builds, MAXALIGNed).
+_SHORT_PAGE_HEADER: Final = 24
+_LONG_PAGE_HEADER: Final = 40
+
+# The insert LSN covers every commit record written so far, whatever
+# synchronous_commit says (the flush LSN lags behind with it off); the block
+# and segment sizes let us undo its page-header quirk (normalize_insert_lsn).
+_CAPTURE: Final = (
+    "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int, "
+    "pg_size_bytes(current_setting('wal_segment_size'))"
+)
+_APPLIED: Final = "SELECT pg_last_wal_replay_lsn()::text"
+# PostgreSQL 15-18 have no server-side wait for an LSN (19 adds WAIT FOR LSN):
+# a recursive query polls the replay position on the server with growing
+# sleeps (1 ms doubling to 16 ms) until it is reached or time is up. No round
+# trip per poll, no client-side sleep.
+_WAIT: Final = """
+WITH RECURSIVE poll(n, reached) AS (
+    SELECT 0, coalesce(pg_last_wal_replay_lsn() >= %(target)s::pg_lsn, false)
+  UNION ALL
+    SELECT n + 1, (
+        SELECT coalesce(pg_last_wal_replay_lsn() >= %(target)s::pg_lsn, false)
+        FROM (SELECT pg_sleep(least(0.001 * power(2, n), 0.016))) AS slept
+    )
+    FROM poll
+    WHERE NOT reached AND clock_timestamp() < now() + %(timeout)s * interval '1 second'
+)
+SELECT bool_or(reached) FROM poll
+"""
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` -> ``0x16B374D848``; raises ValueError for anything else."""
+    match = _LSN.match(text.strip())
+    if match is None:
+        raise ValueError(f"not a PostgreSQL LSN: {text!r}")
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    """``0x16B374D848`` -> ``'16/B374D848'``."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def normalize_insert_lsn(lsn: int, block_size: int, segment_size: int) -> int:
+    """Undo the page-header quirk of ``pg_current_wal_insert_lsn()``.
+
+    When the last record ends exactly at a page boundary, the insert LSN
+    points past the next page's header, which replay never reaches until
+    more WAL arrives: waiting for it would hang. The boundary itself covers
+    the record.
+    """
+    if lsn % segment_size == _LONG_PAGE_HEADER:
+        return lsn - _LONG_PAGE_HEADER
+    if lsn % block_size == _SHORT_PAGE_HEADER:
+        return lsn - _SHORT_PAGE_HEADER
+    return lsn
+
+
+class PostgresPositions(PositionBackend):
+    """WAL LSNs, as integers."""
+
+    kind = "pg"
+
+    def parse(self, text: str) -> int:
+        return parse_lsn(text)
+
+    def format(self, position: int) -> str:
+        return format_lsn(position)
+
+    def reached(self, applied: int, target: int) -> bool:
+        return applied >= target
+
+    def merge(self, a: int, b: int) -> int:
+        return max(a, b)
+
+    def capture(self, primary: Connection) -> int | None:
+        row = primary.exec_driver_sql(_CAPTURE).one()
+        return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
+
+    def applied(self, replica: Connection) -> int | None:
+        text = replica.exec_driver_sql(_APPLIED).scalar()
+        return None if text is None else parse_lsn(text)
+
+    def wait(self, replica: Connection, target: int, timeout: float) -> bool:
+        reached = replica.exec_driver_sql(
+            _WAIT, {"target": format_lsn(target), "timeout": timeout}
+        ).scalar()
+        return bool(reached)

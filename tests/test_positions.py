@@ -1,0 +1,135 @@
+"""Replication positions: pure comparisons, and capture / applied / wait on real servers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from sqlalchemy_replicas.positions import (
+    MariaDBPositions,
+    MySQLPositions,
+    PostgresPositions,
+    backend_for,
+)
+from sqlalchemy_replicas.positions.postgresql import format_lsn, normalize_insert_lsn, parse_lsn
+from sqlalchemy_replicas.testing import Topology
+
+PG = PostgresPositions()
+MARIADB = MariaDBPositions()
+MYSQL = MySQLPositions()
+UUID_A = "3e11fa47-71ca-11e1-9e33-c80aa9429562"
+UUID_B = "4e11fa47-71ca-11e1-9e33-c80aa9429563"
+
+
+def test_lsns_compare_as_integers_not_strings() -> None:
+    """'16/B374D848' parses to an integer; 'A/0' is after '9/FFFFFFFF'."""
+    assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
+    assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
+    assert PG.reached(PG.parse("A/0"), PG.parse("9/FFFFFFFF"))
+    assert not PG.reached(PG.parse("9/FFFFFFFF"), PG.parse("A/0"))
+    assert PG.merge(PG.parse("1/0"), PG.parse("0/FF")) == PG.parse("1/0")
+    for bad in ("", "16", "16/", "G/0", "1/2/3", "123456789/0"):
+        with pytest.raises(ValueError, match="not a PostgreSQL LSN"):
+            PG.parse(bad)
+
+
+def test_insert_lsn_page_header_quirk_is_undone() -> None:
+    """An insert LSN just past a page (or segment) header means the page boundary."""
+    block, segment = 8192, 16 * 1024 * 1024
+    assert normalize_insert_lsn(5 * block + 24, block, segment) == 5 * block
+    assert normalize_insert_lsn(3 * segment + 40, block, segment) == 3 * segment
+    assert normalize_insert_lsn(5 * block + 40, block, segment) == 5 * block + 40
+    assert normalize_insert_lsn(5 * block + 100, block, segment) == 5 * block + 100
+
+
+def test_mariadb_positions_compare_per_domain_by_sequence() -> None:
+    """Server ids do not order GTIDs; every target domain must be reached."""
+    applied = MARIADB.parse("0-1-10,1-2-5")
+    assert MARIADB.reached(applied, MARIADB.parse("0-9-10"))
+    assert MARIADB.reached(applied, MARIADB.parse("0-1-3,1-1-5"))
+    assert not MARIADB.reached(applied, MARIADB.parse("0-1-11"))
+    assert not MARIADB.reached(applied, MARIADB.parse("2-1-1"))
+    assert MARIADB.reached(applied, MARIADB.parse(""))
+    merged = MARIADB.merge(MARIADB.parse("0-1-10"), MARIADB.parse("0-2-12,3-1-1"))
+    assert merged == {0: 12, 3: 1}
+    assert MARIADB.parse(MARIADB.format(merged)) == merged
+    for bad in ("garbage", "0-1", "0-1-x", "-1-1-1"):
+        with pytest.raises(ValueError, match="not a MariaDB GTID"):
+            MARIADB.parse(bad)
+
+
+def test_mysql_gtid_sets_compare_by_containment() -> None:
+    """MySQL 8 GTID sets: reached means contained; merge is union (unit level only:
+    no MySQL 8 server is available to this project's CI)."""
+    applied = MYSQL.parse(f"{UUID_A.upper()}:1-100:105-110,\n{UUID_B}:1-3")
+    assert MYSQL.reached(applied, MYSQL.parse(f"{UUID_A}:5-7:106"))
+    assert not MYSQL.reached(applied, MYSQL.parse(f"{UUID_A}:101"))
+    assert not MYSQL.reached(applied, MYSQL.parse(f"{UUID_B}:1-4"))
+    merged = MYSQL.merge(MYSQL.parse(f"{UUID_A}:1-5"), MYSQL.parse(f"{UUID_A}:6-8:10"))
+    assert MYSQL.format(merged) == f"{UUID_A}:1-8:10"
+    assert MYSQL.parse(MYSQL.format(applied)) == applied
+    for bad in ("nouuid:1-2", f"{UUID_A}", f"{UUID_A}:5-2", f"{UUID_A}:0"):
+        with pytest.raises(ValueError, match="not a"):
+            MYSQL.parse(bad)
+
+
+@pytest.fixture
+def engines(topology: Topology) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """The primary and replica 0, AUTOCOMMIT, with a table to write to."""
+    primary = sa.create_engine(topology.primary_url)
+    replica = sa.create_engine(topology.replica_urls[0], isolation_level="AUTOCOMMIT")
+    with primary.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE item (id INTEGER PRIMARY KEY)"))
+    topology.wait_for_catchup()
+    yield primary, replica
+    primary.dispose()
+    replica.dispose()
+
+
+def commit_row(primary: sa.Engine, item_id: int) -> object:
+    backend = backend_for(primary)
+    assert backend is not None
+    with primary.connect() as conn:
+        conn.execute(sa.text("INSERT INTO item (id) VALUES (:id)"), {"id": item_id})
+        conn.commit()
+        return backend.capture(conn)
+
+
+def test_captured_position_is_applied_exactly_when_the_row_is_visible(
+    topology: Topology, engines: tuple[sa.Engine, sa.Engine]
+) -> None:
+    """A paused replica has not reached a commit's position (and lacks its row); after
+    resuming, waiting for the position makes the row visible."""
+    primary, replica = engines
+    backend = backend_for(primary)
+    assert backend is not None
+    topology.pause_replay(0)
+    position = commit_row(primary, 1)
+    with replica.connect() as conn:
+        applied = backend.applied(conn)
+        assert applied is not None
+        assert not backend.reached(applied, position)
+        started = time.monotonic()
+        assert not backend.wait(conn, position, 0.3)
+        assert 0.25 <= time.monotonic() - started < 5
+        assert conn.execute(sa.text("SELECT count(*) FROM item")).scalar() == 0
+        topology.resume_replay(0)
+        assert backend.wait(conn, position, 10)
+        assert conn.execute(sa.text("SELECT count(*) FROM item")).scalar() == 1
+        applied = backend.applied(conn)
+        assert applied is not None
+        assert backend.reached(applied, position)
+
+
+def test_positions_grow_with_commits(engines: tuple[sa.Engine, sa.Engine]) -> None:
+    """A later commit's position has reached an earlier one's, not the reverse."""
+    primary, _ = engines
+    backend = backend_for(primary)
+    assert backend is not None
+    first, second = commit_row(primary, 1), commit_row(primary, 2)
+    assert backend.reached(second, first)
+    assert not backend.reached(first, second)
+    assert backend.parse(backend.format(second)) == second

@@ -1,26 +1,33 @@
 """sqlalchemy-replicas: safe read replicas for SQLAlchemy.
 
 A :class:`RoutingSession` picks a bind per statement: writes and anything
-that might write or lock go to the primary, provable reads to replicas.
+that might write or lock go to the primary, provable reads to replicas that
+have applied every commit of the causal scope (read-your-writes by
+replication position).
 """
 
 from __future__ import annotations
 
 from . import exc
-from .classify import Classification, StatementKind, classify
-from .consistency import LEVELS, ConsistencyLevel
+from .causal import CausalContext, causal_context
+from .classify import Classification, Classifier, StatementKind, classify
+from .consistency import LEVELS, ConsistencyLevel, consistency
 from .router import EngineSource, ReplicaRouter
 from .session import RoutingSession
 
 __all__ = [
     "LEVELS",
+    "CausalContext",
     "Classification",
+    "Classifier",
     "ConsistencyLevel",
     "EngineSource",
     "ReplicaRouter",
     "RoutingSession",
     "StatementKind",
+    "causal_context",
     "classify",
+    "consistency",
     "exc",
 ]
 

@@ -6,13 +6,16 @@ the options in force and the session's transaction state.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from .classify import Classification
 from .consistency import ConsistencyLevel
 
-__all__ = ["Decision", "decide"]
+__all__ = ["Decision", "decide", "first_caught_up"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,9 @@ STRONG: Final = Decision(True, False, "consistency='strong'")
 DECLARED_WRITE: Final = Decision(True, True, "execution option read_only=False")
 DECLARED_READ: Final = Decision(False, False, "execution option read_only=True")
 NO_REPLICAS: Final = Decision(True, False, "no replica configured")
+NOT_YET_OFFLOADED: Final = Decision(
+    True, False, "monotonic and bounded reads use the primary until lag monitoring lands"
+)
 
 
 def decide(
@@ -66,6 +72,8 @@ def decide(
         return SAVEPOINT
     if level == "strong":
         return STRONG
+    if level in ("monotonic", "bounded"):
+        return NOT_YET_OFFLOADED
     if read_only is False:
         return DECLARED_WRITE
     if not classification.is_read and read_only is None:
@@ -75,3 +83,25 @@ def decide(
     if not classification.is_read:
         return DECLARED_READ
     return Decision(False, False, classification.reason)
+
+
+def first_caught_up(
+    target: Any,
+    known: Sequence[tuple[_T, Any | None]],
+    reached: Callable[[Any, Any], bool],
+    start: int,
+) -> _T | None:
+    """The first replica, from ``start`` round robin, known to have applied ``target``.
+
+    :param target: the position reads must see.
+    :param known: each replica with the position it is known to have
+        applied (None: unknown).
+    :param reached: the backend's comparison ``reached(applied, target)``.
+    :param start: rotates the search so that caught-up replicas share reads.
+    """
+    count = len(known)
+    for offset in range(count):
+        replica, applied = known[(start + offset) % count]
+        if applied is not None and reached(applied, target):
+            return replica
+    return None

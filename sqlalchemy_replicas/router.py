@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import (
@@ -19,15 +22,20 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import sessionmaker
 
+from .causal import CAPTURED_KEY, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level
 from .exc import ConfigurationError
+from .positions import DBAPIRunner, PositionBackend, backend_for
+from .token import TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
     from .session import RoutingSession
 
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
+
+logger = logging.getLogger("sqlalchemy_replicas.causal")
 
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
@@ -71,6 +79,7 @@ class ReplicaRouter:
     :param read_only_functions: function names safe on a replica although a
         built-in rule (:data:`~sqlalchemy_replicas.classify.WRITING_FUNCTIONS`)
         says otherwise.
+    :param token_max_age: seconds a causal token stays acceptable.
     :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
         async sources, a negative number or an unknown consistency level.
 
@@ -94,6 +103,7 @@ class ReplicaRouter:
         name: str = "default",
         writing_functions: Iterable[str] = (),
         read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
     ) -> None:
         self.max_lag = _non_negative_seconds(max_lag, "max_lag")
         self.wait_timeout = _non_negative_seconds(wait_timeout, "wait_timeout")
@@ -127,6 +137,13 @@ class ReplicaRouter:
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine)
         self._next_replica = itertools.count()
+        self.token_max_age = _non_negative_seconds(token_max_age, "token_max_age")
+        self._positions: PositionBackend | None = None
+        # Replica name -> a position it is known to have applied (a lower
+        # bound, from earlier checks): reads that need no more skip the wait.
+        self._applied: dict[str, Any] = {}
+        self._applied_lock = threading.Lock()
+        event.listen(self._primary.sync_engine.pool, "reset", self._capture_core_commit)
 
     # -- public -------------------------------------------------------------
 
@@ -187,6 +204,81 @@ class ReplicaRouter:
         sync_class = session_kwargs.pop("sync_session_class", RoutingSession)
         _require_routing_class(sync_class, "sync_session_class")
         return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
+
+    @property
+    def secret(self) -> str | bytes | None:
+        """The key that signs this router's causal token entries."""
+        return self._secret
+
+    @property
+    def positions(self) -> PositionBackend | None:
+        """The replication-position backend of this database, or None for a
+        database without one (e.g. SQLite). MySQL and MariaDB share a
+        dialect, so telling them apart may connect to the primary once."""
+        if self._positions is None:
+            engine = self._primary.sync_engine
+            if engine.dialect.name == "mysql" and not hasattr(
+                engine.dialect, "_server_version_info"
+            ):
+                with engine.connect():  # initializes the dialect: MySQL or MariaDB?
+                    pass
+            self._positions = backend_for(engine)
+        return self._positions
+
+    def accept_token_entry(self, entry: TokenEntry) -> Any:
+        """Verify this router's entry of a causal token; return its position.
+
+        :raises TokenError: with the reason, for any entry not to be trusted.
+        """
+        if self._secret is None:
+            raise TokenError("no_secret", "this router has no secret to verify tokens with")
+        verify(self._secret, self.name, entry, now=time.time(), max_age=self.token_max_age)
+        backend = self.positions
+        if backend is None or entry.kind != backend.kind:
+            # Another database kind under the same name and secret.
+            raise TokenError("wrong_database", f"a {entry.kind!r} position")
+        try:
+            return backend.parse(entry.position)
+        except ValueError as exc:
+            raise TokenError("malformed", str(exc)) from None
+
+    def _capture_core_commit(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        """Pool reset of a primary connection: inside a causal_context, record
+        the position of what Core code (``with router.primary.begin()``) may
+        have committed on it. Sessions record their own commits and mark the
+        connection, so it is not captured twice."""
+        captured = record.info.pop(CAPTURED_KEY, False)
+        scope = current_scope()
+        if scope is None or captured or not self._replicas:
+            return
+        try:
+            backend = self.positions
+            if backend is None:
+                return
+            position = backend.capture(DBAPIRunner(dbapi_connection))
+        except Exception as error:  # whatever committed here, its position is lost
+            logger.warning(
+                "could not read the primary's position when a connection of %s was "
+                "returned (%s); reads in this causal_context go to the primary",
+                self.name,
+                error,
+            )
+            scope.mark_unknown(self)
+            return
+        if position is not None:
+            scope.add(self, position)
+
+    def known_applied(self, replica: str) -> Any | None:
+        """A position ``replica`` is known to have applied, or None."""
+        return self._applied.get(replica)
+
+    def note_applied(self, replica: str, position: Any) -> None:
+        """Record that ``replica`` has applied ``position``."""
+        backend = self.positions
+        assert backend is not None
+        with self._applied_lock:
+            known = self._applied.get(replica)
+            self._applied[replica] = position if known is None else backend.merge(known, position)
 
     def dispose(self) -> None:
         """Close the pools of the engines this router created from URLs.

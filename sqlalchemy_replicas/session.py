@@ -14,10 +14,11 @@ from sqlalchemy.orm.mapper import Mapper
 from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.util import EMPTY_DICT
 
+from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .connections import is_read_only_violation
-from .consistency import ConsistencyLevel, validate_level
+from .consistency import ConsistencyLevel, current_consistency, validate_level
 from .exc import ConfigurationError
-from .policy import Decision, decide
+from .policy import Decision, decide, first_caught_up
 from .router import ReplicaRouter, RoutedEngine
 
 __all__ = ["RoutingSession"]
@@ -56,6 +57,8 @@ class RoutingSession(Session):
         class AppSession(RoutingSession, sqlmodel.Session): ...
 
     :param router: the :class:`ReplicaRouter` to route through.
+    :param consistency: this session's default consistency level (default:
+        the router's); ``consistency()`` blocks and statement options win.
     :param kwargs: everything else a ``Session`` accepts. A session given an
         explicit ``bind`` (e.g. Alembic's connection) uses it unchanged.
 
@@ -63,13 +66,27 @@ class RoutingSession(Session):
     ``sqlalchemy_replicas.routing`` logger.
     """
 
-    def __init__(self, *args: Any, router: ReplicaRouter, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        router: ReplicaRouter,
+        consistency: ConsistencyLevel | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(router, ReplicaRouter):
             raise ConfigurationError(f"router must be a ReplicaRouter, not {type(router).__name__}")
         self.router = router
+        self.default_consistency: ConsistencyLevel | None = (
+            None if consistency is None else validate_level(consistency, argument="consistency")
+        )
         # True from the first statement that wrote or locked on the primary
         # until the outermost transaction ends.
         self._pinned_to_primary = False
+        # This session's own commits, whatever causal_context() it runs in.
+        self._scope = CausalScope()
+        # The primary connection of the current transaction: MariaDB's
+        # @@last_gtid must be read on the connection that committed.
+        self._primary_connection: Connection | None = None
         super().__init__(*args, **kwargs)
 
     def get_bind(
@@ -92,7 +109,10 @@ class RoutingSession(Session):
             return super().get_bind(mapper, clause=clause, **kw)
         if target is None:
             # Not from execute(): a flush, session.connection(), or a lookup.
-            return self._apply(self._decide(clause, None, None), clause).sync_engine
+            # No waiting here: get_bind must stay quick and free of I/O.
+            level = self._level(None)
+            decision = self._decide(clause, level, None)
+            return self._route(decision, clause, level, wait=False).sync_engine
         if self._pinned_to_primary:
             # An autoflush wrote after execute() chose a replica.
             return self.router.primary_target.sync_engine
@@ -100,29 +120,130 @@ class RoutingSession(Session):
 
     # -- routing ------------------------------------------------------------
 
-    def _decide(
-        self, clause: Any, level: ConsistencyLevel | None, read_only: bool | None
-    ) -> Decision:
+    def _level(self, statement_level: ConsistencyLevel | None) -> ConsistencyLevel:
+        """The level in force: statement > innermost consistency() > session > router."""
+        if statement_level is not None:
+            return statement_level
+        setting = current_consistency()
+        if setting is not None:
+            return setting.level
+        return self.default_consistency or self.router.default_consistency
+
+    def _decide(self, clause: Any, level: ConsistencyLevel, read_only: bool | None) -> Decision:
         router = self.router
         return decide(
             router.classifier.classify(clause, flushing=self._flushing),
-            level=level or router.default_consistency,
+            level=level,
             read_only=read_only,
             pinned=self._pinned_to_primary,
             in_savepoint=self.in_nested_transaction(),
             has_replicas=bool(router.replica_targets),
         )
 
-    def _apply(self, decision: Decision, clause: Any) -> RoutedEngine:
-        """Pin if the decision says so; return the target and log the choice."""
+    def _route(
+        self, decision: Decision, clause: Any, level: ConsistencyLevel, *, wait: bool
+    ) -> RoutedEngine:
+        """Pin if the decision says so; pick the target, log the choice.
+
+        Under read_your_writes a replica serves the read only if it has
+        applied every commit of the causal scope: one known to have (no round
+        trip), else, when ``wait`` allows, one that catches up within the
+        router's wait_timeout, else the primary.
+        """
         if decision.pins:
             self._pinned_to_primary = True
-        target = self.router.primary_target if decision.to_primary else self.router.next_replica()
+        router = self.router
+        reason = decision.reason
+        target: RoutedEngine | None
+        if decision.to_primary:
+            target = router.primary_target
+        elif level == "read_your_writes":
+            target, reason = self._causal_replica(wait=wait)
+        else:
+            target = router.next_replica()
         assert target is not None  # policy sends reads to the primary without replicas
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
-            logger.debug("%s -> %s: %s", what, target.name, decision.reason)
+            logger.debug("%s -> %s: %s", what, target.name, reason)
         return target
+
+    def _causal_target(self) -> tuple[Any | None, bool]:
+        """The position reads must see (this session's commits, the enclosing
+        causal_context's, its token's), and whether only the primary will do."""
+        router = self.router
+        position, unknown = self._scope.target(router)
+        context = current_scope()
+        if context is not None:
+            context_position, context_unknown = context.target(router)
+            unknown = unknown or context_unknown
+            if context_position is not None:
+                backend = router.positions
+                assert backend is not None
+                position = (
+                    context_position
+                    if position is None
+                    else backend.merge(position, context_position)
+                )
+        return position, unknown
+
+    def _causal_replica(self, *, wait: bool) -> tuple[RoutedEngine, str]:
+        router = self.router
+        position, unknown = self._causal_target()
+        if unknown:
+            return router.primary_target, "a commit in this scope has an unknown position"
+        replica = router.next_replica()
+        assert replica is not None
+        if position is None:
+            return replica, "read_your_writes: no commit to wait for"
+        backend = router.positions
+        assert backend is not None
+        replicas = router.replica_targets
+        caught_up = first_caught_up(
+            position,
+            [(r, router.known_applied(r.name)) for r in replicas],
+            backend.reached,
+            replicas.index(replica),
+        )
+        if caught_up is not None:
+            return caught_up, "known to have applied this scope's commits"
+        if wait and router.wait_timeout > 0:
+            try:
+                connection = self.connection(bind_arguments={"bind": replica.sync_engine})
+                reached = backend.wait(connection, position, router.wait_timeout)
+            except sa_exc.DBAPIError as error:
+                logger.warning("waiting on replica %s failed: %s", replica.name, error)
+                reached = False
+            if reached:
+                router.note_applied(replica.name, position)
+                return replica, "caught up with this scope's commits within wait_timeout"
+        return router.primary_target, "no replica has applied this scope's commits"
+
+    def _record_commit(self, connection: Connection) -> None:
+        """Capture the position of the commit just made on ``connection``."""
+        router = self.router
+        if not router.replica_targets:
+            return  # every read goes to the primary anyway
+        context = current_scope()
+        scopes = [self._scope] if context is None else [self._scope, context]
+        try:
+            backend = router.positions
+            if backend is None:
+                return
+            position = backend.capture(connection)
+        except Exception as error:  # the commit is done; only its position is lost
+            logger.warning(
+                "could not read the position of a commit on %s (%s); reads in this "
+                "scope go to the primary",
+                router.name,
+                error,
+            )
+            for scope in scopes:
+                scope.mark_unknown(router)
+            return
+        connection.info[CAPTURED_KEY] = True
+        if position is not None:
+            for scope in scopes:
+                scope.add(router, position)
 
     if not TYPE_CHECKING:
         # Defined for the runtime only, so that type checkers keep seeing
@@ -171,13 +292,14 @@ class RoutingSession(Session):
                 statement, params, execution_options=execution_options,
                 bind_arguments=bind_arguments, **kw,
             )  # fmt: skip
-        level, read_only = _routing_options(statement, execution_options)
+        statement_level, read_only = _routing_options(statement, execution_options)
+        level = self._level(statement_level)
         decision = self._decide(statement, level, read_only)
-        target = self._apply(decision, statement)
+        target = self._route(decision, statement, level, wait=True)
         routed = (
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
-        if decision.to_primary:
+        if target is self.router.primary_target:
             return method(
                 statement, params, execution_options=execution_options,
                 bind_arguments=routed, **kw,
@@ -224,10 +346,32 @@ def _routing_options(
     return level, read_only
 
 
+@event.listens_for(RoutingSession, "after_begin")
+def _remember_primary_connection(
+    session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    if (
+        isinstance(session, RoutingSession)
+        and connection.engine is session.router.primary_target.sync_engine
+    ):
+        session._primary_connection = connection
+
+
+@event.listens_for(RoutingSession, "after_commit")
+def _capture_commit_position(session: Session) -> None:
+    # Also fired when a savepoint is released: only the outermost commit counts.
+    if not isinstance(session, RoutingSession) or session.in_nested_transaction():
+        return
+    connection = session._primary_connection
+    if connection is not None and session._pinned_to_primary:
+        session._record_commit(connection)
+
+
 @event.listens_for(RoutingSession, "after_transaction_end")
 def _unpin_after_root_transaction(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and isinstance(session, RoutingSession):
         session._pinned_to_primary = False
+        session._primary_connection = None
 
 
 def _describe(clause: Any) -> str:

@@ -71,7 +71,7 @@ def nodes(log: StatementLog) -> list[str]:
         for s in log.statements
         if any(
             word in s.sql.lower()
-            for word in ("author", "lo_answer", "touch_author", "1 + 1", "lock")
+            for word in ("author", "lo_answer", "touch_author", "1 + 1", "advisory", "get_lock")
         )
     ]
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from ._base import PositionBackend
+from ._base import DBAPIRunner, PositionBackend, SQLRunner
 from .mariadb import MariaDBPositions
 from .mysql import MySQLPositions
 from .postgresql import PostgresPositions
 
 __all__ = [
+    "DBAPIRunner",
     "MariaDBPositions",
     "MySQLPositions",
     "PositionBackend",
     "PostgresPositions",
+    "SQLRunner",
     "backend_for",
 ]
 

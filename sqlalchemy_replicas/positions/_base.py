@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy.engine import Connection
+__all__ = ["DBAPIRunner", "PositionBackend", "SQLRunner"]
 
-__all__ = ["PositionBackend"]
+
+class SQLRunner(Protocol):
+    """What backends run their queries on: a SQLAlchemy Connection, or a DBAPIRunner."""
+
+    def exec_driver_sql(self, statement: str, parameters: Any = None, /) -> Any: ...
+
+
+class DBAPIRunner:
+    """Runs a backend's queries on a raw DBAPI connection (pool events have no
+    SQLAlchemy Connection), with the small part of Connection's API they use."""
+
+    def __init__(self, dbapi_connection: Any) -> None:
+        self._dbapi_connection = dbapi_connection
+
+    def exec_driver_sql(self, statement: str, parameters: Any = None, /) -> _Rows:
+        cursor = self._dbapi_connection.cursor()
+        try:
+            if parameters is None:
+                cursor.execute(statement)
+            else:
+                cursor.execute(statement, parameters)
+            return _Rows(cursor.fetchall())
+        finally:
+            cursor.close()
+
+
+class _Rows:
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = rows
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            raise ValueError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0]
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
 
 
 class PositionBackend(abc.ABC):
@@ -45,15 +81,15 @@ class PositionBackend(abc.ABC):
     # -- I/O ---------------------------------------------------------------
 
     @abc.abstractmethod
-    def capture(self, primary: Connection) -> Any | None:
+    def capture(self, primary: SQLRunner) -> Any | None:
         """The position of the commit just made on ``primary`` (same connection)."""
 
     @abc.abstractmethod
-    def applied(self, replica: Connection) -> Any | None:
+    def applied(self, replica: SQLRunner) -> Any | None:
         """The position ``replica`` has applied, or None when it cannot tell."""
 
     @abc.abstractmethod
-    def wait(self, replica: Connection, target: Any, timeout: float) -> bool:
+    def wait(self, replica: SQLRunner, target: Any, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for ``replica`` to apply ``target``.
 
         Waits on the server (no client-side sleeping, so it never blocks an

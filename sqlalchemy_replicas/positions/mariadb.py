@@ -6,9 +6,7 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
-from sqlalchemy.engine import Connection
-
-from ._base import PositionBackend
+from ._base import PositionBackend, SQLRunner
 
 __all__ = ["GtidPosition", "MariaDBPositions"]
 
@@ -52,7 +50,7 @@ class MariaDBPositions(PositionBackend):
             merged[domain] = max(seq, merged.get(domain, 0))
         return merged
 
-    def capture(self, primary: Connection) -> dict[int, int] | None:
+    def capture(self, primary: SQLRunner) -> dict[int, int] | None:
         # @@last_gtid is this connection's own last commit: read it on the
         # connection that committed, before it goes back to the pool. Empty
         # when the connection never wrote: then the whole binlog position.
@@ -60,12 +58,12 @@ class MariaDBPositions(PositionBackend):
         text = last or binlog
         return self.parse(text) if text else None
 
-    def applied(self, replica: Connection) -> dict[int, int] | None:
+    def applied(self, replica: SQLRunner) -> dict[int, int] | None:
         text = replica.exec_driver_sql("SELECT @@gtid_slave_pos").scalar()
         return self.parse(text) if text else None
 
-    def wait(self, replica: Connection, target: GtidPosition, timeout: float) -> bool:
+    def wait(self, replica: SQLRunner, target: GtidPosition, timeout: float) -> bool:
         result = replica.exec_driver_sql(
             "SELECT MASTER_GTID_WAIT(%s, %s)", (self.format(target), timeout)
         ).scalar()
-        return result == 0
+        return bool(result == 0)

@@ -10,9 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
-from sqlalchemy.engine import Connection
-
-from ._base import PositionBackend
+from ._base import PositionBackend, SQLRunner
 
 __all__ = ["GtidSet", "MySQLPositions"]
 
@@ -81,16 +79,16 @@ class MySQLPositions(PositionBackend):
             merged.setdefault(uuid, []).extend(intervals)
         return {uuid: _normalize(intervals) for uuid, intervals in merged.items()}
 
-    def capture(self, primary: Connection) -> dict[str, tuple[tuple[int, int], ...]] | None:
+    def capture(self, primary: SQLRunner) -> dict[str, tuple[tuple[int, int], ...]] | None:
         text = primary.exec_driver_sql("SELECT @@GLOBAL.gtid_executed").scalar()
         return self.parse(text) if text else None
 
-    def applied(self, replica: Connection) -> dict[str, tuple[tuple[int, int], ...]] | None:
+    def applied(self, replica: SQLRunner) -> dict[str, tuple[tuple[int, int], ...]] | None:
         text = replica.exec_driver_sql("SELECT @@GLOBAL.gtid_executed").scalar()
         return self.parse(text) if text else None
 
-    def wait(self, replica: Connection, target: GtidSet, timeout: float) -> bool:
+    def wait(self, replica: SQLRunner, target: GtidSet, timeout: float) -> bool:
         result = replica.exec_driver_sql(
             "SELECT WAIT_FOR_EXECUTED_GTID_SET(%s, %s)", (self.format(target), timeout)
         ).scalar()
-        return result == 0
+        return bool(result == 0)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from sqlalchemy.engine import Connection
-
-from ._base import PositionBackend
+from ._base import PositionBackend, SQLRunner
 
 __all__ = ["PostgresPositions", "normalize_insert_lsn"]
 
@@ -89,15 +87,15 @@ class PostgresPositions(PositionBackend):
     def merge(self, a: int, b: int) -> int:
         return max(a, b)
 
-    def capture(self, primary: Connection) -> int | None:
+    def capture(self, primary: SQLRunner) -> int | None:
         row = primary.exec_driver_sql(_CAPTURE).one()
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
 
-    def applied(self, replica: Connection) -> int | None:
+    def applied(self, replica: SQLRunner) -> int | None:
         text = replica.exec_driver_sql(_APPLIED).scalar()
         return None if text is None else parse_lsn(text)
 
-    def wait(self, replica: Connection, target: int, timeout: float) -> bool:
+    def wait(self, replica: SQLRunner, target: int, timeout: float) -> bool:
         reached = replica.exec_driver_sql(
             _WAIT, {"target": format_lsn(target), "timeout": timeout}
         ).scalar()

@@ -1,0 +1,180 @@
+"""Causal scopes: the commits whose effects reads must see.
+
+A session has its own scope (its commits). ``causal_context()`` opens a
+scope shared by every session in the block (and by Core commits through a
+router's primary engine), seeded from a token that an earlier request
+returned, and yields an object whose ``token`` carries the scope onward.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from . import token as tokens
+from .exc import ConfigurationError
+
+if TYPE_CHECKING:
+    from .router import ReplicaRouter
+
+__all__ = ["CausalContext", "CausalScope", "causal_context", "current_scope", "rejected_tokens"]
+
+logger = logging.getLogger("sqlalchemy_replicas.causal")
+
+
+class CausalScope:
+    """Positions of the commits made in one scope, per router name.
+
+    Thread-safe: sessions in several threads may share a scope.
+    """
+
+    def __init__(self, incoming: dict[str, tokens.TokenEntry] | None = None) -> None:
+        self._lock = threading.Lock()
+        # router name -> (the router that recorded it, position)
+        self._positions: dict[str, tuple[ReplicaRouter, Any]] = {}
+        # Routers whose last commit's position could not be read: their reads
+        # go to the primary for the rest of the scope.
+        self._unknown: set[str] = set()
+        # Token entries not yet verified by their router (each verifies its own).
+        self._incoming = dict(incoming or {})
+        self._issued_at: dict[str, float] = {}
+
+    def add(self, router: ReplicaRouter, position: Any) -> None:
+        """Record a commit's position."""
+        with self._lock:
+            self._take_incoming(router)
+            self._merge(router, position)
+            self._issued_at.pop(router.name, None)
+
+    def mark_unknown(self, router: ReplicaRouter) -> None:
+        """A commit happened whose position is unknown: send reads to the primary."""
+        with self._lock:
+            self._unknown.add(router.name)
+
+    def target(self, router: ReplicaRouter) -> tuple[Any | None, bool]:
+        """The position ``router``'s replicas must have applied, and whether
+        reads must go to the primary regardless (an unknown position)."""
+        with self._lock:
+            self._take_incoming(router)
+            known = self._positions.get(router.name)
+            return (None if known is None else known[1]), router.name in self._unknown
+
+    def entries(self) -> dict[str, tokens.TokenEntry]:
+        """Signed token entries: fresh ones for the routers that recorded
+        positions here, and incoming entries of routers this process never
+        used, unchanged."""
+        now = time.time()
+        with self._lock:
+            result = dict(self._incoming)
+            for name, (router, position) in self._positions.items():
+                secret = router.secret
+                if secret is None:
+                    raise ConfigurationError(
+                        f"router {name!r} has no secret, so its causal token cannot be "
+                        "signed; pass ReplicaRouter(..., secret=...), the same on every "
+                        "app server"
+                    )
+                backend = router.positions
+                assert backend is not None
+                issued_at = self._issued_at.get(name, now)
+                result[name] = tokens.sign(
+                    secret, name, backend.kind, backend.format(position), issued_at
+                )
+            return result
+
+    def _take_incoming(self, router: ReplicaRouter) -> None:
+        """Verify and absorb ``router``'s token entry, once (lock held)."""
+        entry = self._incoming.pop(router.name, None)
+        if entry is None:
+            return
+        try:
+            position = router.accept_token_entry(entry)
+        except tokens.TokenError as error:
+            reject(error, router.name)
+            return
+        self._merge(router, position)
+        self._issued_at[router.name] = entry.issued_at
+
+    def _merge(self, router: ReplicaRouter, position: Any) -> None:
+        backend = router.positions
+        assert backend is not None
+        known = self._positions.get(router.name)
+        merged = position if known is None else backend.merge(known[1], position)
+        self._positions[router.name] = (router, merged)
+
+
+_scope: ContextVar[CausalScope | None] = ContextVar("sqlalchemy_replicas.causal", default=None)
+
+#: Tokens (or token entries) ignored so far, by reason: ``malformed``,
+#: ``oversized``, ``bad_signature``, ``expired``, ``from_the_future``,
+#: ``no_secret``, ``wrong_database``.
+rejected_tokens: Counter[str] = Counter()
+_rejected_lock = threading.Lock()
+
+
+def reject(error: tokens.TokenError, router_name: str | None = None) -> None:
+    """Count and log an ignored token; untrusted input never raises into a request."""
+    with _rejected_lock:
+        rejected_tokens[error.reason] += 1
+    where = f" for router {router_name!r}" if router_name else ""
+    logger.warning("ignored a causal token%s: %s", where, error)
+
+
+def current_scope() -> CausalScope | None:
+    """The innermost ``causal_context()``'s scope here, or None."""
+    return _scope.get()
+
+
+class CausalContext:
+    """What ``causal_context()`` yields: the scope, and its token."""
+
+    def __init__(self, scope: CausalScope) -> None:
+        self.scope = scope
+
+    @property
+    def token(self) -> str | None:
+        """The scope's positions as an opaque, URL-safe, signed string, or
+        None when the scope holds none. Set it as a cookie or header and pass
+        it to ``causal_context(token=...)`` in the next request.
+
+        :raises ConfigurationError: when a router with positions in the scope
+            has no ``secret``.
+        """
+        entries = self.scope.entries()
+        return tokens.encode(entries) if entries else None
+
+
+@contextmanager
+def causal_context(token: str | None = None) -> Iterator[CausalContext]:
+    """Share one causal scope among all sessions in the block.
+
+    Reads in the block see every commit made in it, and every commit the
+    token (from an earlier request, maybe on another app server) carries.
+    A missing, malformed, oversized, expired or wrongly signed token is
+    ignored: counted in :data:`rejected_tokens`, logged, never raised.
+
+    :param token: ``ctx.token`` of an earlier causal context, or None.
+    """
+    incoming: dict[str, tokens.TokenEntry] = {}
+    if token:
+        try:
+            incoming = tokens.decode(token)
+        except tokens.TokenError as error:
+            reject(error)
+    scope = CausalScope(incoming)
+    reset = _scope.set(scope)
+    try:
+        yield CausalContext(scope)
+    finally:
+        _scope.reset(reset)
+
+
+#: Set in a primary connection's info once its commit's position is recorded,
+#: so that the pool's check-in does not capture it again.
+CAPTURED_KEY = "sqlalchemy_replicas.captured"

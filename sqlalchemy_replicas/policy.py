@@ -13,7 +13,7 @@ from typing import Any, Final, TypeVar
 from .classify import Classification
 from .consistency import ConsistencyLevel
 
-__all__ = ["Decision", "decide", "first_caught_up"]
+__all__ = ["Decision", "decide", "first_caught_up", "wait_candidate"]
 
 _T = TypeVar("_T")
 
@@ -103,5 +103,17 @@ def first_caught_up(
     for offset in range(count):
         replica, applied = known[(start + offset) % count]
         if applied is not None and reached(applied, target):
+            return replica
+    return None
+
+
+def wait_candidate(replicas: Sequence[_T], suspect: Callable[[_T], bool], start: int) -> _T | None:
+    """The replica to wait on: the first, round robin from ``start``, that is not
+    suspect (a recent wait on it timed out: it may have stopped applying).
+    None when all are suspect: then waiting is likely wasted."""
+    count = len(replicas)
+    for offset in range(count):
+        replica = replicas[(start + offset) % count]
+        if not suspect(replica):
             return replica
     return None

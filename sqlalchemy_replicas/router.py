@@ -37,6 +37,10 @@ __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
 logger = logging.getLogger("sqlalchemy_replicas.causal")
 
+#: Seconds after a timed-out wait on a replica during which reads wait on
+#: other replicas (or go straight to the primary) instead.
+WAIT_SUSPECT_SECONDS = 1.0
+
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
 
@@ -143,6 +147,8 @@ class ReplicaRouter:
         # bound, from earlier checks): reads that need no more skip the wait.
         self._applied: dict[str, Any] = {}
         self._applied_lock = threading.Lock()
+        # Replica name -> when a wait on it last timed out (monotonic seconds).
+        self._wait_failed_at: dict[str, float] = {}
         event.listen(self._primary.sync_engine.pool, "reset", self._capture_core_commit)
 
     # -- public -------------------------------------------------------------
@@ -267,6 +273,15 @@ class ReplicaRouter:
             return
         if position is not None:
             scope.add(self, position)
+
+    def note_wait_failed(self, replica: RoutedEngine) -> None:
+        """A wait on ``replica`` timed out: wait on others for a while."""
+        self._wait_failed_at[replica.name] = time.monotonic()
+
+    def wait_recently_failed(self, replica: RoutedEngine) -> bool:
+        """True within :data:`WAIT_SUSPECT_SECONDS` of a timed-out wait on ``replica``."""
+        failed_at = self._wait_failed_at.get(replica.name)
+        return failed_at is not None and time.monotonic() - failed_at < WAIT_SUSPECT_SECONDS
 
     def known_applied(self, replica: str) -> Any | None:
         """A position ``replica`` is known to have applied, or None."""

@@ -18,7 +18,7 @@ from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .connections import is_read_only_violation
 from .consistency import ConsistencyLevel, current_consistency, validate_level
 from .exc import ConfigurationError
-from .policy import Decision, decide, first_caught_up
+from .policy import Decision, decide, first_caught_up, wait_candidate
 from .router import ReplicaRouter, RoutedEngine
 
 __all__ = ["RoutingSession"]
@@ -198,25 +198,34 @@ class RoutingSession(Session):
         backend = router.positions
         assert backend is not None
         replicas = router.replica_targets
-        caught_up = first_caught_up(
-            position,
-            [(r, router.known_applied(r.name)) for r in replicas],
-            backend.reached,
-            replicas.index(replica),
-        )
+        known = [(r, router.known_applied(r.name)) for r in replicas]
+        start = replicas.index(replica)
+        caught_up = first_caught_up(position, known, backend.reached, start)
         if caught_up is not None:
             return caught_up, "known to have applied this scope's commits"
         if wait and router.wait_timeout > 0:
-            try:
-                connection = self.connection(bind_arguments={"bind": replica.sync_engine})
-                reached = backend.wait(connection, position, router.wait_timeout)
-            except sa_exc.DBAPIError as error:
-                logger.warning("waiting on replica %s failed: %s", replica.name, error)
-                reached = False
-            if reached:
-                router.note_applied(replica.name, position)
-                return replica, "caught up with this scope's commits within wait_timeout"
+            candidate = wait_candidate(replicas, router.wait_recently_failed, start)
+            if candidate is not None and self._wait_on(candidate, position):
+                return candidate, "caught up with this scope's commits within wait_timeout"
         return router.primary_target, "no replica has applied this scope's commits"
+
+    def _wait_on(self, replica: RoutedEngine, position: Any) -> bool:
+        """Wait up to wait_timeout for ``replica`` to apply ``position``, on the
+        session's own connection to it (the read that follows runs there)."""
+        router = self.router
+        backend = router.positions
+        assert backend is not None
+        try:
+            connection = self.connection(bind_arguments={"bind": replica.sync_engine})
+            reached = backend.wait(connection, position, router.wait_timeout)
+        except sa_exc.DBAPIError as error:
+            logger.warning("waiting on replica %s failed: %s", replica.name, error)
+            reached = False
+        if reached:
+            router.note_applied(replica.name, position)
+        else:
+            router.note_wait_failed(replica)
+        return reached
 
     def _record_commit(self, connection: Connection) -> None:
         """Capture the position of the commit just made on ``connection``."""

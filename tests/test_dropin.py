@@ -2,16 +2,16 @@
 a plain Session on the primary, while the routed run sends its reads to replicas.
 
 Each scenario runs twice on real servers, PostgreSQL and MariaDB, sync and async
-(through AsyncSession.run_sync, so the async drivers carry every statement).
-Until causal consistency lands, the routed run waits for the replicas to catch up
-after each commit (``sync()``); the plain run does not need to.
+(through AsyncSession.run_sync, so the async drivers carry every statement). The
+routed run reads right after its commits: read-your-writes by replication position
+keeps it exact, with no waiting in the test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -31,8 +31,6 @@ from sqlalchemy.orm import (
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.testing import StatementLog, Topology
-
-Sync = Callable[[], None]
 
 
 class Base(DeclarativeBase):
@@ -76,7 +74,7 @@ class Line(Base):
     product: Mapped[Product] = relationship()
 
 
-def scenario(session: Session, sync: Sync) -> list[Any]:
+def scenario(session: Session) -> list[Any]:
     """A shop's life: create, read in many ways, update, bulk, savepoints, delete."""
     seen: list[Any] = []
 
@@ -95,7 +93,6 @@ def scenario(session: Session, sync: Sync) -> list[Any]:
             customer.orders.append(order)
         session.add(customer)
     session.commit()
-    sync()
 
     # expire_on_commit: attribute access refreshes
     seen.append(products[0].title)
@@ -140,7 +137,6 @@ def scenario(session: Session, sync: Sync) -> list[Any]:
     session.refresh(customer)
     seen.append(customer.name)
     session.commit()
-    sync()
     session.expire(customer)
     seen.append(customer.name)
 
@@ -148,7 +144,6 @@ def scenario(session: Session, sync: Sync) -> list[Any]:
     detached = Product(id=3, title="merged", price=Decimal("9.99"))
     merged = session.merge(detached)
     session.commit()
-    sync()
     seen.append((merged.title, str(merged.price)))
 
     # bulk UPDATE and DELETE statements
@@ -158,7 +153,6 @@ def scenario(session: Session, sync: Sync) -> list[Any]:
     )
     session.execute(sa.delete(Line).where(Line.quantity > 4))
     session.commit()
-    sync()
     seen.append(session.execute(sa.select(Product.id, Product.price).order_by(Product.id)).all())
     seen.append(session.scalar(sa.select(sa.func.count()).select_from(Line)))
 
@@ -170,7 +164,6 @@ def scenario(session: Session, sync: Sync) -> list[Any]:
     session.flush()
     nested.rollback()
     session.commit()
-    sync()
     seen.append(session.scalars(sa.select(Product.title).order_by(Product.id)).all())
 
     # an outer rollback discards, and the identity map follows
@@ -184,7 +177,6 @@ def scenario(session: Session, sync: Sync) -> list[Any]:
     # delete with cascades
     session.delete(session.get(Customer, 3))
     session.commit()
-    sync()
     seen.append(session.scalar(sa.select(sa.func.count()).select_from(Order)))
     seen.append(session.scalar(sa.select(sa.func.count()).select_from(Line)))
     return [_plain(value) for value in seen]
@@ -223,14 +215,14 @@ def test_sync_scenario_matches_a_plain_session(topology: Topology, engines: sa.E
     """Sync: same results as a plain Session; reads served by both replicas."""
     reset_schema(engines)
     with sessionmaker(engines)() as session:
-        expected = scenario(session, lambda: None)
+        expected = scenario(session)
 
     reset_schema(engines)
     topology.wait_for_catchup()
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
     try:
         with StatementLog(router) as log, router.sessionmaker()() as session:
-            routed = scenario(session, topology.wait_for_catchup)
+            routed = scenario(session)
     finally:
         router.dispose()
     assert routed == expected
@@ -243,20 +235,20 @@ def test_sync_scenario_matches_a_plain_session(topology: Topology, engines: sa.E
 def test_async_scenario_matches_a_plain_session(topology: Topology, engines: sa.Engine) -> None:
     """Async (psycopg async / aiomysql): same results as a plain AsyncSession."""
 
-    async def run(make: async_sessionmaker[AsyncSession], sync: Sync) -> list[Any]:
+    async def run(make: async_sessionmaker[AsyncSession]) -> list[Any]:
         async with make() as session:
-            return await session.run_sync(scenario, sync)
+            return await session.run_sync(scenario)
 
     async def plain() -> list[Any]:
         engine = create_async_engine(topology.async_primary_url)
         try:
-            return await run(async_sessionmaker(engine), lambda: None)
+            return await run(async_sessionmaker(engine))
         finally:
             await engine.dispose()
 
     async def routed(router: sr.ReplicaRouter) -> list[Any]:
         try:
-            return await run(router.async_sessionmaker(), topology.wait_for_catchup)
+            return await run(router.async_sessionmaker())
         finally:
             for engine in (router.primary, *router.replicas):
                 await engine.dispose()  # type: ignore[misc]

@@ -1,0 +1,336 @@
+"""Causal consistency against real replication lag: read-your-writes by position,
+waits, fallbacks, tokens across app servers, and the other consistency levels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sqlalchemy_replicas as sr
+from sqlalchemy_replicas import causal
+from sqlalchemy_replicas.exc import ConfigurationError
+from sqlalchemy_replicas.router import WAIT_SUSPECT_SECONDS
+from sqlalchemy_replicas.testing import PostgresTopology, StatementLog, Topology
+
+SECRET = "test-secret"
+WAIT = 0.5
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    note: Mapped[str] = mapped_column(sa.String(50))
+
+
+def make_router(urls: tuple[sa.URL, ...], primary: sa.URL, **kw: object) -> sr.ReplicaRouter:
+    options: dict[str, object] = {"secret": SECRET, "wait_timeout": WAIT, **kw}
+    return sr.ReplicaRouter(primary, urls, **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
+    """A router over both replicas, with the item table created and replicated."""
+    router = make_router(topology.replica_urls, topology.primary_url)
+    Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+    topology.wait_for_catchup()
+    yield router
+    router.dispose()
+
+
+def item_reads(log: StatementLog) -> list[str]:
+    """Nodes of the SELECTs on the item table, in order."""
+    return [
+        s.node
+        for s in log.statements
+        if s.sql.lstrip().upper().startswith("SELECT") and "item" in s.sql
+    ]
+
+
+def write_then_read(router: sr.ReplicaRouter, item_id: int) -> str | None:
+    """Commit a row in one session and read it back in another, in one causal context."""
+    with sr.causal_context():
+        with router.sessionmaker()() as writer:
+            writer.add(Item(id=item_id, note=f"n{item_id}"))
+            writer.commit()
+        with router.sessionmaker()() as reader:
+            return reader.scalar(sa.select(Item.note).where(Item.id == item_id))
+
+
+def test_read_your_writes_is_never_stale_while_replicas_pause_and_resume(
+    topology: Topology,
+) -> None:
+    """Commit-then-read rounds through phases of paused replay (none, either one, both,
+    none): no read ever misses its own write, no paused replica serves one, and once a
+    phase has settled (the router no longer suspects a replica that resumed), reads go
+    to a replica whenever one applies (but for the one read that retries a paused
+    replica when its suspicion ends), else to the primary."""
+    wait = 0.2
+    router = make_router(topology.replica_urls, topology.primary_url, wait_timeout=wait)
+    Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+    topology.wait_for_catchup()
+    settle, observe = WAIT_SUSPECT_SECONDS + wait, 0.5
+    item_id = 0
+    try:
+        for paused in [(), (0,), (1,), (0, 1), ()]:
+            for replica in (0, 1):
+                if replica in paused:
+                    topology.pause_replay(replica)
+                else:
+                    topology.resume_replay(replica)
+            started = time.monotonic()
+            settled: list[str] = []
+            while (elapsed := time.monotonic() - started) < settle + observe:
+                item_id += 1
+                with StatementLog(router) as log:
+                    assert write_then_read(router, item_id) == f"n{item_id}"
+                served = item_reads(log)
+                assert not {f"replica{r + 1}" for r in paused} & set(served)
+                if elapsed > settle:
+                    settled += served
+            assert settled
+            if len(paused) == 2:
+                assert set(settled) == {"primary"}
+            else:
+                # A paused replica is retried once its suspicion ends: that one read
+                # waits in vain and goes to the primary.
+                assert settled.count("primary") <= len(paused)
+                assert len(settled) > 2 * len(paused)
+    finally:
+        router.dispose()
+
+
+def test_same_session_reads_its_commit_through_expire_on_commit(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """The refresh after commit (expire_on_commit) is the classic hazard: it must see
+    the commit, from a replica that has applied it, while the other one is paused."""
+    topology.pause_replay(1)
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        item = Item(id=1, note="fresh")
+        session.add(item)
+        session.commit()
+        assert item.note == "fresh"
+    assert item_reads(log) == ["replica1"]
+
+
+def test_all_replicas_paused_reads_fall_back_to_the_primary_within_wait_timeout(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """No replica applies the commit: the read waits at most wait_timeout, then the
+    primary serves it; once replay resumes, reads return to the replicas."""
+    topology.pause_replay(0)
+    topology.pause_replay(1)
+    with StatementLog(router) as log:
+        started = time.monotonic()
+        assert write_then_read(router, 1) == "n1"
+        elapsed = time.monotonic() - started
+        assert item_reads(log) == ["primary"]
+        assert elapsed < WAIT + 1.5
+        topology.resume_replay(0)
+        topology.resume_replay(1)
+        log.clear()
+        assert write_then_read(router, 2) == "n2"
+        assert item_reads(log)[0].startswith("replica")
+
+
+def test_token_carries_a_commit_to_another_app_server(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A commit's token, given to a new router (new engines, as another app server has)
+    with the same name and secret, makes its first read see the row although its only
+    replica lags; without the token that replica serves a stale read."""
+    topology.pause_replay(0)
+    with sr.causal_context() as ctx:
+        with router.sessionmaker()() as session:
+            session.add(Item(id=1, note="carried"))
+            session.commit()
+        token = ctx.token
+    assert token is not None
+
+    other_server = make_router(topology.replica_urls[:1], topology.primary_url)
+    try:
+        with StatementLog(other_server) as log:
+            with sr.causal_context(token), other_server.sessionmaker()() as session:
+                assert session.scalar(sa.select(Item.note)) == "carried"
+            with sr.causal_context(None), other_server.sessionmaker()() as session:
+                assert session.scalar(sa.select(Item.note)) is None  # stale, as allowed
+        assert item_reads(log) == ["primary", "replica1"]
+    finally:
+        other_server.dispose()
+
+
+def test_token_passes_on_through_a_request_that_did_not_write(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A request that only reads returns a token that still carries the earlier commit."""
+    topology.pause_replay(0)
+    topology.pause_replay(1)
+    with sr.causal_context() as first, router.sessionmaker()() as session:
+        session.add(Item(id=1, note="kept"))
+        session.commit()
+    with sr.causal_context(first.token) as second, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note)) == "kept"
+    with sr.causal_context(second.token), router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note)) == "kept"
+
+
+def test_core_commits_in_a_causal_context_belong_to_its_scope(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A row written with Core through router.primary is read by the ORM in the same
+    causal context, with one replica paused."""
+    topology.pause_replay(0)
+    primary = router.primary
+    assert isinstance(primary, sa.Engine)
+    with StatementLog(router) as log, sr.causal_context():
+        for i in range(4):
+            with primary.begin() as conn:
+                conn.execute(sa.insert(Item).values(id=i, note=f"core{i}"))
+            with router.sessionmaker()() as session:
+                assert session.scalar(sa.select(Item.note).where(Item.id == i)) == f"core{i}"
+    assert "replica1" not in item_reads(log)
+
+
+def test_eventual_may_read_stale_from_a_lagging_replica(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """eventual reads go to any replica, even one that has not applied the session's
+    commit; the default level in the same session does not."""
+    topology.pause_replay(0)
+    only_paused = make_router(topology.replica_urls[:1], topology.primary_url)
+    try:
+        with StatementLog(only_paused) as log, only_paused.sessionmaker()() as session:
+            session.add(Item(id=1, note="new"))
+            session.commit()
+            with sr.consistency("eventual"):
+                assert session.scalar(sa.select(Item.note)) is None
+            assert session.scalar(sa.select(Item.note)) == "new"
+        assert item_reads(log) == ["replica1", "primary"]
+    finally:
+        only_paused.dispose()
+
+
+def test_strong_monotonic_and_bounded_reads_use_the_primary(router: sr.ReplicaRouter) -> None:
+    """strong always uses the primary; monotonic and bounded do too until lag
+    monitoring lands (correct, not yet offloaded)."""
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        for level in ("strong", "monotonic", "bounded"):
+            with sr.consistency(level):
+                session.scalar(sa.select(Item.note))
+        session.scalar(sa.select(Item.note).execution_options(consistency="strong"))
+        session.scalar(sa.select(Item.note))
+    assert item_reads(log)[:4] == ["primary"] * 4
+    assert item_reads(log)[4].startswith("replica")
+
+
+def test_session_default_consistency(router: sr.ReplicaRouter) -> None:
+    """A sessionmaker's consistency= is the session default; consistency() wins over it."""
+    with StatementLog(router) as log, router.sessionmaker(consistency="strong")() as session:
+        session.scalar(sa.select(Item.note))
+        with sr.consistency("eventual"):
+            session.scalar(sa.select(Item.note))
+    assert item_reads(log)[0] == "primary"
+    assert item_reads(log)[1].startswith("replica")
+
+
+def test_forged_and_broken_tokens_are_ignored_and_counted(
+    router: sr.ReplicaRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage, and a token signed with another secret, never raise into the request:
+    they are ignored, counted by reason, and logged."""
+    with sr.causal_context() as ctx, router.sessionmaker()() as session:
+        session.add(Item(id=1, note="x"))
+        session.commit()
+        genuine = ctx.token
+    assert genuine is not None
+    entries = sr.token.decode(genuine)
+    forged = sr.token.encode(
+        {
+            name: sr.token.sign("guess", name, entry.kind, entry.position, entry.issued_at)
+            for name, entry in entries.items()
+        }
+    )
+    before = dict(causal.rejected_tokens)
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_replicas.causal"):
+        for token in ("garbage!", "A" * 10_000, forged):
+            with sr.causal_context(token), router.sessionmaker()() as session:
+                assert session.scalar(sa.select(Item.note)) in ("x", None)
+    after = causal.rejected_tokens
+    assert after["malformed"] == before.get("malformed", 0) + 1
+    assert after["oversized"] == before.get("oversized", 0) + 1
+    assert after["bad_signature"] == before.get("bad_signature", 0) + 1
+    assert "ignored a causal token" in caplog.text
+
+
+def test_token_without_a_secret_is_a_configuration_error(topology: Topology) -> None:
+    """Producing a token needs the router's secret: a clear error names the fix."""
+    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+    try:
+        Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+        with sr.causal_context() as ctx, router.sessionmaker()() as session:
+            session.add(Item(id=1, note="x"))
+            session.commit()
+            with pytest.raises(ConfigurationError, match="has no secret"):
+                _ = ctx.token
+    finally:
+        router.dispose()
+
+
+def test_async_read_your_writes_in_concurrent_tasks(
+    topology: Topology,
+) -> None:
+    """Async drivers, concurrent tasks, each its own causal context: no stale read,
+    and the paused replica serves none of them."""
+    topology.pause_replay(0)
+    router = make_router(topology.async_replica_urls, topology.async_primary_url)
+
+    async def one(item_id: int) -> str | None:
+        maker = router.async_sessionmaker()
+        with sr.causal_context():
+            async with maker() as session:
+                session.add(Item(id=item_id, note=f"a{item_id}"))
+                await session.commit()
+            async with maker() as session:
+                note: str | None = await session.scalar(
+                    sa.select(Item.note).where(Item.id == item_id)
+                )
+                return note
+
+    async def main() -> list[str | None]:
+        async with router.primary.begin() as conn:  # type: ignore[union-attr]
+            await conn.run_sync(Base.metadata.create_all)
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(12))))
+        finally:
+            for engine in (router.primary, *router.replicas):
+                await engine.dispose()  # type: ignore[misc]
+
+    with StatementLog(router) as log:
+        notes = asyncio.run(main())
+    assert notes == [f"a{i}" for i in range(12)]
+    assert "replica1" not in item_reads(log)
+    assert "replica2" in item_reads(log)
+
+
+@pytest.mark.postgresql
+def test_read_your_writes_with_synchronous_commit_off() -> None:
+    """With synchronous_commit=off the commit's position is still covered (the insert
+    LSN, not the flush LSN): no stale read."""
+    with PostgresTopology(replicas=1, settings={"synchronous_commit": "off"}) as topology:
+        router = make_router(topology.replica_urls, topology.primary_url)
+        try:
+            Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+            notes = [write_then_read(router, i) for i in range(30)]
+            assert notes == [f"n{i}" for i in range(30)]
+        finally:
+            router.dispose()

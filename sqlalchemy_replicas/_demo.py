@@ -11,6 +11,8 @@ from typing import TextIO
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .causal import causal_context
+from .consistency import consistency
 from .exc import ServerBinaryNotFound
 from .router import ReplicaRouter
 from .testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
@@ -48,7 +50,7 @@ class _RouteEcho(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         # A flush asks for its bind once per table; one line says it.
-        if message != self._last:
+        if message != self._last or not message.startswith("flush"):
             print(f"     route  {message}", file=self.out)
         self._last = message
 
@@ -68,49 +70,51 @@ def _step(out: TextIO, code: str) -> None:
 def _workload(router: ReplicaRouter, topology: Topology, out: TextIO) -> None:
     make_session = router.sessionmaker()
 
-    with make_session() as session:
-        _step(out, "session.add(Author(..., posts=[Post(...), Post(...)])); session.commit()")
-        session.add(Author(id=1, name="Ada", posts=[Post(id=1, title="Notes on the Engine")]))
-        session.add(Post(id=2, author_id=1, title="Sketch of the Analytical Engine"))
-        session.commit()
+    with causal_context():
+        # One request: every session in it reads its commits.
+        with make_session() as session:
+            _step(out, "session.add(Author(..., posts=[Post(...), Post(...)])); session.commit()")
+            session.add(Author(id=1, name="Ada", posts=[Post(id=1, title="Notes on the Engine")]))
+            session.add(Post(id=2, author_id=1, title="Sketch of the Analytical Engine"))
+            session.commit()
 
-    print(
-        "\n  (this release does not yet route by replication position: the demo\n"
-        "   waits for the replicas to replay the commit before reading)",
-        file=out,
-    )
-    topology.wait_for_catchup()
+        with make_session() as session:
+            _step(out, "session.get(Author, 1)  # right after the commit, in a new session")
+            author = session.get(Author, 1)
+            assert author is not None
+            _step(out, "session.scalars(select(Post).order_by(Post.id)).all()")
+            session.scalars(sa.select(Post).order_by(Post.id)).all()
+            _step(out, "author.posts  # lazy load")
+            assert len(author.posts) == 2
+            _step(out, "session.execute(text('SELECT count(*) FROM post'))")
+            session.execute(sa.text("SELECT count(*) FROM post"))
 
-    with make_session() as session:
-        _step(out, "session.get(Author, 1)")
-        author = session.get(Author, 1)
-        assert author is not None
-        _step(out, "session.scalars(select(Post).order_by(Post.id)).all()")
-        session.scalars(sa.select(Post).order_by(Post.id)).all()
-        _step(out, "author.posts  # lazy load")
-        assert len(author.posts) == 2
-        _step(out, "session.execute(select(func.count()).select_from(Post))")
-        session.execute(sa.select(sa.func.count()).select_from(Post))
+        with make_session() as session:
+            _step(out, "session.scalars(select(Author).with_for_update()).one()")
+            author = session.scalars(sa.select(Author).with_for_update()).one()
+            _step(out, "author.name = 'Ada Lovelace'; session.flush()")
+            author.name = "Ada Lovelace"
+            session.flush()
+            _step(out, "session.scalar(select(Author.name))  # same transaction")
+            session.scalar(sa.select(Author.name))
+            _step(out, "session.commit()")
+            session.commit()
 
-    with make_session() as session:
-        _step(out, "session.scalars(select(Author).with_for_update()).one()")
-        author = session.scalars(sa.select(Author).with_for_update()).one()
-        _step(out, "author.name = 'Ada Lovelace'; session.flush()")
-        author.name = "Ada Lovelace"
-        session.flush()
-        _step(out, "session.scalar(select(Author.name))  # same transaction")
-        session.scalar(sa.select(Author.name))
-        _step(out, "session.commit()")
-        session.commit()
-
-    with make_session() as session:
-        _step(out, "session.execute(text('SELECT count(*) FROM post'))")
-        session.execute(sa.text("SELECT count(*) FROM post"))
-        _step(out, "session.execute(select(Post).execution_options(consistency='strong'))")
-        session.execute(sa.select(Post).execution_options(consistency="strong"))
-        _step(out, "session.execute(text('SELECT * FROM post FOR UPDATE'))")
-        session.execute(sa.text("SELECT * FROM post FOR UPDATE"))
-        session.commit()
+        print("\n  ... replica1 stops applying changes (replay paused) ...", file=out)
+        topology.pause_replay(0)
+        with make_session() as session:
+            _step(out, "session.add(Post(id=3, ...)); session.commit()")
+            session.add(Post(id=3, author_id=1, title="Note G"))
+            session.commit()
+            for _ in range(2):
+                _step(out, "session.scalar(select(func.count()).select_from(Post))")
+                session.scalar(sa.select(sa.func.count()).select_from(Post))
+            with consistency("eventual"):
+                _step(out, "with consistency('eventual'): session.scalars(select(Post.id)).all()")
+                session.scalars(sa.select(Post.id)).all()
+            _step(out, "session.execute(select(Post).execution_options(consistency='strong'))")
+            session.execute(sa.select(Post).execution_options(consistency="strong"))
+        topology.resume_replay(0)
 
 
 def _run(topology: Topology, out: TextIO) -> None:

@@ -70,7 +70,8 @@ class ReplicaRouter:
     :param replicas: the replicas, as a sequence of the same kinds (named
         ``replica1``, ``replica2``, ...) or a mapping of name to source. May be
         empty: then every statement goes to the primary.
-    :param max_lag: seconds; a replica lagging more gets no reads.
+    :param max_lag: seconds; a replica lagging more gets no reads (validated
+        and kept; the lag monitor that applies it is not released yet).
     :param wait_timeout: seconds a read may wait for a replica to catch up.
     :param default_consistency: the consistency level when nothing else says.
     :param secret: key that signs causal tokens (``str`` or ``bytes``).
@@ -86,12 +87,6 @@ class ReplicaRouter:
     :param token_max_age: seconds a causal token stays acceptable.
     :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
         async sources, a negative number or an unknown consistency level.
-
-    In this development release the router sends writes, flushes and
-    locking reads to the primary and plain SELECTs round robin to the
-    replicas. ``max_lag``, ``wait_timeout``, ``default_consistency``, and
-    ``secret`` are validated and kept; the lag monitor and causal
-    consistency that use them are not released yet (see CHANGELOG.md).
     """
 
     def __init__(

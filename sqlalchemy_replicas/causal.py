@@ -47,8 +47,8 @@ class CausalScope:
 
     def add(self, router: ReplicaRouter, position: Any) -> None:
         """Record a commit's position."""
+        self._absorb_incoming(router)
         with self._lock:
-            self._take_incoming(router)
             self._merge(router, position)
             self._issued_at.pop(router.name, None)
 
@@ -60,8 +60,8 @@ class CausalScope:
     def target(self, router: ReplicaRouter) -> tuple[Any | None, bool]:
         """The position ``router``'s replicas must have applied, and whether
         reads must go to the primary regardless (an unknown position)."""
+        self._absorb_incoming(router)
         with self._lock:
-            self._take_incoming(router)
             known = self._positions.get(router.name)
             return (None if known is None else known[1]), router.name in self._unknown
 
@@ -84,24 +84,42 @@ class CausalScope:
                 assert backend is not None
                 issued_at = self._issued_at.get(name, now)
                 result[name] = tokens.sign(
-                    secret, name, backend.kind, backend.format(position), issued_at
+                    secret,
+                    name,
+                    backend.kind,
+                    router.lineage(),
+                    backend.format(position),
+                    issued_at,
                 )
             return result
 
-    def _take_incoming(self, router: ReplicaRouter) -> None:
-        """Verify and absorb ``router``'s token entry, once (lock held)."""
-        entry = self._incoming.pop(router.name, None)
+    def _absorb_incoming(self, router: ReplicaRouter) -> None:
+        """Verify and absorb ``router``'s token entry, once. Verification may
+        read the primary's lineage, so it runs without the lock held."""
+        with self._lock:
+            entry = self._incoming.pop(router.name, None)
         if entry is None:
             return
         try:
             position = router.accept_token_entry(entry)
         except tokens.TokenError as error:
             reject(error, router.name)
+            if error.reason == "other_lineage":
+                # Genuine, but its position cannot be compared with ours.
+                with self._lock:
+                    self._unknown.add(router.name)
             return
-        self._merge(router, position)
-        self._issued_at[router.name] = entry.issued_at
+        except Exception as error:  # the primary's lineage could not be read
+            logger.warning("could not check a causal token for %s: %s", router.name, error)
+            with self._lock:
+                self._unknown.add(router.name)
+            return
+        with self._lock:
+            self._merge(router, position)
+            self._issued_at[router.name] = entry.issued_at
 
     def _merge(self, router: ReplicaRouter, position: Any) -> None:
+        """Merge ``position`` into the router's (lock held)."""
         backend = router.positions
         assert backend is not None
         known = self._positions.get(router.name)
@@ -113,7 +131,8 @@ _scope: ContextVar[CausalScope | None] = ContextVar("sqlalchemy_replicas.causal"
 
 #: Tokens (or token entries) ignored so far, by reason: ``malformed``,
 #: ``oversized``, ``bad_signature``, ``expired``, ``from_the_future``,
-#: ``no_secret``, ``wrong_database``.
+#: ``no_secret``, ``wrong_database``, ``other_lineage`` (genuine, but from
+#: another primary history: the scope's reads then go to the primary).
 rejected_tokens: Counter[str] = Counter()
 _rejected_lock = threading.Lock()
 

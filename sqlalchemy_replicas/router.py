@@ -27,7 +27,7 @@ from .classify import Classifier
 from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level
 from .exc import ConfigurationError
-from .positions import DBAPIRunner, PositionBackend, backend_for
+from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .token import TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ class ReplicaRouter:
         self._next_replica = itertools.count()
         self.token_max_age = _non_negative_seconds(token_max_age, "token_max_age")
         self._positions: PositionBackend | None = None
+        self._lineage: str | None = None
         # Replica name -> a position it is known to have applied (a lower
         # bound, from earlier checks): reads that need no more skip the wait.
         self._applied: dict[str, Any] = {}
@@ -221,10 +222,24 @@ class ReplicaRouter:
             if engine.dialect.name == "mysql" and not hasattr(
                 engine.dialect, "_server_version_info"
             ):
-                with engine.connect():  # initializes the dialect: MySQL or MariaDB?
-                    pass
+                with engine.connect() as connection:  # initializes the dialect
+                    connection.info[CAPTURED_KEY] = True  # nothing to capture
             self._positions = backend_for(engine)
         return self._positions
+
+    def lineage(self, primary: SQLRunner | None = None) -> str:
+        """The primary's history (see :meth:`PositionBackend.lineage`), read once,
+        on ``primary`` if given, else on a new connection."""
+        if self._lineage is None:
+            backend = self.positions
+            assert backend is not None
+            if primary is not None:
+                self._lineage = backend.lineage(primary)
+            else:
+                with self._primary.sync_engine.connect() as connection:
+                    connection.info[CAPTURED_KEY] = True  # nothing to capture
+                    self._lineage = backend.lineage(connection)
+        return self._lineage
 
     def accept_token_entry(self, entry: TokenEntry) -> Any:
         """Verify this router's entry of a causal token; return its position.
@@ -239,9 +254,12 @@ class ReplicaRouter:
             # Another database kind under the same name and secret.
             raise TokenError("wrong_database", f"a {entry.kind!r} position")
         try:
-            return backend.parse(entry.position)
+            position = backend.parse(entry.position)
         except ValueError as exc:
             raise TokenError("malformed", str(exc)) from None
+        if entry.lineage != self.lineage():
+            raise TokenError("other_lineage", f"position from {entry.lineage!r}")
+        return position
 
     def _capture_core_commit(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
         """Pool reset of a primary connection: inside a causal_context, record
@@ -252,11 +270,18 @@ class ReplicaRouter:
         scope = current_scope()
         if scope is None or captured or not self._replicas:
             return
+        if reset_state.terminate_only or not reset_state.asyncio_safe:
+            # The connection is being discarded (or cannot be used from here):
+            # whatever it committed, its position cannot be read.
+            scope.mark_unknown(self)
+            return
         try:
             backend = self.positions
             if backend is None:
                 return
-            position = backend.capture(DBAPIRunner(dbapi_connection))
+            runner = DBAPIRunner(dbapi_connection)
+            self.lineage(runner)
+            position = backend.capture(runner)
         except Exception as error:  # whatever committed here, its position is lost
             logger.warning(
                 "could not read the primary's position when a connection of %s was "

@@ -238,6 +238,7 @@ class RoutingSession(Session):
             backend = router.positions
             if backend is None:
                 return
+            router.lineage(connection)
             position = backend.capture(connection)
         except Exception as error:  # the commit is done; only its position is lost
             logger.warning(

@@ -1,7 +1,7 @@
 """Signed causal tokens: a causal scope's positions, carried across requests.
 
 A token is opaque and URL-safe: base64url (no padding) of a compact JSON
-object ``{"v": 1, "e": {router_name: [kind, position, issued_at, signature]}}``.
+object ``{"v": 1, "e": {router_name: [kind, lineage, position, issued_at, signature]}}``.
 Each entry is signed on its own with HMAC-SHA256 under its router's secret,
 so an app with several databases (routers with different names and
 secrets) carries them all in one token, and each router verifies only its
@@ -36,28 +36,33 @@ class TokenError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TokenEntry:
-    """One router's part of a token: its position (in text form) and signature."""
+    """One router's part of a token: its position (in text form), the primary
+    history the position belongs to, and the signature."""
 
     kind: str
+    lineage: str
     position: str
     issued_at: float
     signature: str
 
 
-def _message(name: str, kind: str, position: str, issued_at: float) -> bytes:
-    return json.dumps([_VERSION, name, kind, position, round(issued_at, 3)]).encode()
+def _message(name: str, kind: str, lineage: str, position: str, issued_at: float) -> bytes:
+    return json.dumps([_VERSION, name, kind, lineage, position, round(issued_at, 3)]).encode()
 
 
 def _key(secret: str | bytes) -> bytes:
     return secret.encode() if isinstance(secret, str) else secret
 
 
-def sign(secret: str | bytes, name: str, kind: str, position: str, issued_at: float) -> TokenEntry:
+def sign(
+    secret: str | bytes, name: str, kind: str, lineage: str, position: str, issued_at: float
+) -> TokenEntry:
     """A signed entry for router ``name``."""
     issued_at = round(issued_at, 3)
-    digest = hmac.new(_key(secret), _message(name, kind, position, issued_at), hashlib.sha256)
+    message = _message(name, kind, lineage, position, issued_at)
+    digest = hmac.new(_key(secret), message, hashlib.sha256)
     signature = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
-    return TokenEntry(kind, position, issued_at, signature)
+    return TokenEntry(kind, lineage, position, issued_at, signature)
 
 
 def verify(
@@ -67,7 +72,9 @@ def verify(
 
     :raises TokenError: ``bad_signature``, ``expired`` or ``from_the_future``.
     """
-    expected = sign(secret, name, entry.kind, entry.position, entry.issued_at).signature
+    expected = sign(
+        secret, name, entry.kind, entry.lineage, entry.position, entry.issued_at
+    ).signature
     if not hmac.compare_digest(expected, entry.signature):
         raise TokenError("bad_signature")
     if entry.issued_at > now + _FUTURE_SKEW:
@@ -81,7 +88,7 @@ def encode(entries: dict[str, TokenEntry]) -> str:
     body = {
         "v": _VERSION,
         "e": {
-            name: [e.kind, e.position, e.issued_at, e.signature]
+            name: [e.kind, e.lineage, e.position, e.issued_at, e.signature]
             for name, e in sorted(entries.items())
         },
     }
@@ -114,13 +121,11 @@ def decode(token: str) -> dict[str, TokenEntry]:
     for name, value in body["e"].items():
         if not (
             isinstance(value, list)
-            and len(value) == 4
-            and isinstance(value[0], str)
-            and isinstance(value[1], str)
-            and isinstance(value[2], (int, float))
-            and not isinstance(value[2], bool)
-            and isinstance(value[3], str)
+            and len(value) == 5
+            and all(isinstance(value[i], str) for i in (0, 1, 2, 4))
+            and isinstance(value[3], (int, float))
+            and not isinstance(value[3], bool)
         ):
             raise TokenError("malformed", f"bad entry for {name!r}")
-        entries[name] = TokenEntry(value[0], value[1], float(value[2]), value[3])
+        entries[name] = TokenEntry(value[0], value[1], value[2], float(value[3]), value[4])
     return entries

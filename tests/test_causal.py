@@ -256,7 +256,9 @@ def test_forged_and_broken_tokens_are_ignored_and_counted(
     entries = sr.token.decode(genuine)
     forged = sr.token.encode(
         {
-            name: sr.token.sign("guess", name, entry.kind, entry.position, entry.issued_at)
+            name: sr.token.sign(
+                "guess", name, entry.kind, entry.lineage, entry.position, entry.issued_at
+            )
             for name, entry in entries.items()
         }
     )
@@ -334,3 +336,27 @@ def test_read_your_writes_with_synchronous_commit_off() -> None:
             assert notes == [f"n{i}" for i in range(30)]
         finally:
             router.dispose()
+
+
+def test_token_from_another_primary_history_sends_reads_to_the_primary(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A genuine token (same name and secret) whose position comes from another
+    cluster cannot be compared with this one's positions: reads go to the primary,
+    and the token is counted as other_lineage."""
+    other_cluster = type(topology)(replicas=1).start()
+    try:
+        elsewhere = make_router(other_cluster.replica_urls, other_cluster.primary_url)
+        Base.metadata.create_all(elsewhere.primary)  # type: ignore[arg-type]
+        with sr.causal_context() as ctx, elsewhere.sessionmaker()() as session:
+            session.add(Item(id=1, note="elsewhere"))
+            session.commit()
+            token = ctx.token
+        elsewhere.dispose()
+    finally:
+        other_cluster.stop()
+    before = causal.rejected_tokens["other_lineage"]
+    with StatementLog(router) as log, sr.causal_context(token), router.sessionmaker()() as session:
+        session.scalar(sa.select(Item.note))
+    assert item_reads(log) == ["primary"]
+    assert causal.rejected_tokens["other_lineage"] == before + 1

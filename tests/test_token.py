@@ -17,8 +17,10 @@ NOW = 1_800_000_000.0
 
 def signed(secret: str = "s3cret", issued_at: float = NOW) -> dict[str, TokenEntry]:
     return {
-        "main": tokens.sign(secret, "main", "pg", "16/B374D848", issued_at),
-        "billing": tokens.sign("other", "billing", "mariadb", "0-0-10", issued_at),
+        "main": tokens.sign(secret, "main", "pg", "pg:7301", "16/B374D848", issued_at),
+        "billing": tokens.sign(
+            "other", "billing", "mariadb", "mariadb:h:3306:1", "0-0-10", issued_at
+        ),
     }
 
 
@@ -39,6 +41,7 @@ def test_round_trip_is_url_safe_and_verifies() -> None:
         ("s3cret", "billing", {}, "bad_signature"),
         ("s3cret", "main", {"position": "FF/0"}, "bad_signature"),
         ("s3cret", "main", {"kind": "mariadb"}, "bad_signature"),
+        ("s3cret", "main", {"lineage": "pg:9999"}, "bad_signature"),
         ("s3cret", "main", {"issued_at": NOW + 1}, "bad_signature"),
     ],
 )
@@ -75,9 +78,10 @@ def b64(raw: bytes) -> str:
         b64(b"[1, 2]"),
         b64(json.dumps({"v": 2, "e": {}}).encode()),
         b64(json.dumps({"v": 1, "e": []}).encode()),
-        b64(json.dumps({"v": 1, "e": {"x": ["pg", "0/1", "now", "sig"]}}).encode()),
-        b64(json.dumps({"v": 1, "e": {"x": ["pg", "0/1", True, "sig"]}}).encode()),
-        b64(json.dumps({"v": 1, "e": {"x": ["pg", "0/1", 1.0]}}).encode()),
+        b64(json.dumps({"v": 1, "e": {"x": ["pg", "l", "0/1", "now", "sig"]}}).encode()),
+        b64(json.dumps({"v": 1, "e": {"x": ["pg", "l", "0/1", True, "sig"]}}).encode()),
+        b64(json.dumps({"v": 1, "e": {"x": ["pg", "l", "0/1", 1.0]}}).encode()),
+        b64(json.dumps({"v": 1, "e": {"x": ["pg", 7, "0/1", 1.0, "sig"]}}).encode()),
         b64(b"[" * 3000),
         b64("\udcff".encode("utf-8", "surrogatepass")),
     ],

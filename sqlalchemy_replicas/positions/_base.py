@@ -85,6 +85,11 @@ class PositionBackend(abc.ABC):
         """The position of the commit just made on ``primary`` (same connection)."""
 
     @abc.abstractmethod
+    def lineage(self, primary: SQLRunner) -> str:
+        """Names the primary's history: positions from another history (another
+        cluster, a rebuilt primary) cannot be compared with this one's."""
+
+    @abc.abstractmethod
     def applied(self, replica: SQLRunner) -> Any | None:
         """The position ``replica`` has applied, or None when it cannot tell."""
 

@@ -58,6 +58,12 @@ class MariaDBPositions(PositionBackend):
         text = last or binlog
         return self.parse(text) if text else None
 
+    def lineage(self, primary: SQLRunner) -> str:
+        # MariaDB has no cluster id: the primary's address and server id stand
+        # for it (a failover changes it, and then old tokens are not trusted).
+        row = primary.exec_driver_sql("SELECT @@hostname, @@port, @@server_id").one()
+        return f"mariadb:{row[0]}:{row[1]}:{row[2]}"
+
     def applied(self, replica: SQLRunner) -> dict[int, int] | None:
         text = replica.exec_driver_sql("SELECT @@gtid_slave_pos").scalar()
         return self.parse(text) if text else None

@@ -91,6 +91,14 @@ class PostgresPositions(PositionBackend):
         row = primary.exec_driver_sql(_CAPTURE).one()
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
 
+    def lineage(self, primary: SQLRunner) -> str:
+        # Set by initdb, kept by streaming standbys (and by a promoted one,
+        # whose LSNs continue the same sequence).
+        sysid = primary.exec_driver_sql(
+            "SELECT system_identifier::text FROM pg_control_system()"
+        ).scalar()
+        return f"pg:{sysid}"
+
     def applied(self, replica: SQLRunner) -> int | None:
         text = replica.exec_driver_sql(_APPLIED).scalar()
         return None if text is None else parse_lsn(text)

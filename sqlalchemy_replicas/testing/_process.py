@@ -285,6 +285,7 @@ class _Registry:
     def add(self, key: int, stop: Callable[[], None]) -> None:
         with self.lock:
             self.live[key] = stop
+        _exit_cleanly_on_sigterm()
 
     def discard(self, key: int) -> None:
         with self.lock:
@@ -299,6 +300,20 @@ class _Registry:
 
 REGISTRY = _Registry()
 atexit.register(REGISTRY.stop_all)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (a CI timeout, ``kill``) into SystemExit, so that with-blocks,
+    fixtures and the atexit hook stop the servers. Only where nobody else
+    handles SIGTERM, and only from the main thread (Python's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def remove_tree(path: Path) -> None:

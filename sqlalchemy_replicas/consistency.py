@@ -57,12 +57,20 @@ def validate_level(value: object, *, argument: str) -> ConsistencyLevel:
     )
 
 
-def validate_max_lag(value: object, *, argument: str) -> float:
-    """Return ``value`` as a lag in seconds, or raise naming the fix."""
+def validate_seconds(value: object, *, argument: str) -> float:
+    """Return ``value`` as a duration in seconds, or raise naming the fix.
+
+    :raises ConfigurationError: for a non-number, a bool, NaN, infinity or a
+        negative number.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{argument} must be a number of seconds, not {value!r}")
+        raise ConfigurationError(
+            f"{argument} must be a number of seconds, not {type(value).__name__}"
+        )
     if not math.isfinite(value) or value < 0:
-        raise ConfigurationError(f"{argument}={value!r} is invalid; give seconds >= 0")
+        raise ConfigurationError(
+            f"{argument}={value!r} is invalid; give a finite number of seconds >= 0"
+        )
     return float(value)
 
 
@@ -113,7 +121,7 @@ class consistency:  # used like a function: @consistency("strong")
                 raise ConfigurationError(
                     f"max_lag applies to consistency('bounded') only, not to {checked!r}"
                 )
-            max_lag = validate_max_lag(max_lag, argument="max_lag")
+            max_lag = validate_seconds(max_lag, argument="max_lag")
         self.setting = ConsistencySetting(checked, max_lag)
 
     def __enter__(self) -> ConsistencySetting:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -25,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from .causal import CAPTURED_KEY, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard
-from .consistency import ConsistencyLevel, validate_level
+from .consistency import ConsistencyLevel, validate_level, validate_seconds
 from .exc import ConfigurationError
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .token import TokenEntry, TokenError, verify
@@ -104,8 +103,8 @@ class ReplicaRouter:
         read_only_functions: Iterable[str] = (),
         token_max_age: float = 86400.0,
     ) -> None:
-        self.max_lag = _non_negative_seconds(max_lag, "max_lag")
-        self.wait_timeout = _non_negative_seconds(wait_timeout, "wait_timeout")
+        self.max_lag = validate_seconds(max_lag, argument="max_lag")
+        self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
         self.default_consistency = validate_level(
             default_consistency, argument="default_consistency"
         )
@@ -136,7 +135,7 @@ class ReplicaRouter:
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine)
         self._next_replica = itertools.count()
-        self.token_max_age = _non_negative_seconds(token_max_age, "token_max_age")
+        self.token_max_age = validate_seconds(token_max_age, argument="token_max_age")
         self._positions: PositionBackend | None = None
         self._lineage: str | None = None
         # Replica name -> a position it is known to have applied (a lower
@@ -424,18 +423,6 @@ def _describe_source(source: str | URL) -> str:
 
 def _safe_url(routed: RoutedEngine) -> str:
     return routed.sync_engine.url.render_as_string(hide_password=True)
-
-
-def _non_negative_seconds(value: object, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(
-            f"{argument} must be a number of seconds, not {type(value).__name__}"
-        )
-    if not math.isfinite(value) or value < 0:
-        raise ConfigurationError(
-            f"{argument}={value!r} is invalid; give a finite number of seconds >= 0"
-        )
-    return float(value)
 
 
 def _require_routing_class(cls: object, argument: str) -> None:

@@ -96,6 +96,8 @@ class CausalScope:
     def _absorb_incoming(self, router: ReplicaRouter) -> None:
         """Verify and absorb ``router``'s token entry, once. Verification may
         read the primary's lineage, so it runs without the lock held."""
+        if not self._incoming:  # the common case: no token, or already absorbed
+            return
         with self._lock:
             entry = self._incoming.pop(router.name, None)
         if entry is None:

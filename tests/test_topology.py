@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -356,3 +357,82 @@ def test_server_start_retries_with_a_new_port_when_the_port_was_taken(
             assert "could not bind" in (topology.directory / "primary.log").read_text()
     finally:
         squatter.close()
+
+
+UNPRIVILEGED_SCRIPT = """
+import sqlalchemy as sa
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology
+for cls in (PostgresTopology, MariaDBTopology):
+    with cls(replicas=1) as topology:
+        engine = sa.create_engine(topology.primary_url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+            conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+        engine.dispose()
+        topology.wait_for_catchup()
+        replica = sa.create_engine(topology.replica_urls[0])
+        with replica.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 1
+        replica.dispose()
+        print(cls.__name__, "ok", flush=True)
+"""
+
+
+def python_for_nobody() -> tuple[str, dict[str, str]] | None:
+    """An interpreter the ``nobody`` user may run, with this environment's packages
+    on its path: our venv's python often lives under /root, which nobody cannot enter."""
+    import site
+    import sysconfig
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    paths = [repo, *site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TMPDIR": "/tmp"}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (
+        os.path.realpath(sys.executable),
+        shutil.which(version, path="/usr/bin:/usr/local/bin"),
+    ):
+        if not candidate:
+            continue
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import sqlalchemy_replicas.testing"],
+                capture_output=True,
+                check=False,
+                user="nobody",
+                cwd="/",
+                env=env,
+            )
+        except PermissionError:
+            continue
+        if probe.returncode == 0:
+            return candidate, env
+    return None
+
+
+@pytest.mark.postgresql
+@pytest.mark.mariadb
+@pytest.mark.skipif(os.geteuid() != 0, reason="as a normal user, the whole suite proves it")
+def test_topologies_work_for_an_unprivileged_user(tmp_path: Path) -> None:
+    """Run by a normal (non-root) user, both topologies start, replicate and stop
+    with the servers running as that user."""
+    found = python_for_nobody()
+    if found is None:
+        pytest.skip(
+            f"no python{sys.version_info.major}.{sys.version_info.minor} that 'nobody' can run"
+        )
+    python, env = found
+    tmp_path.chmod(0o777)
+    result = subprocess.run(
+        [python, "-c", UNPRIVILEGED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        user="nobody",
+        extra_groups=[],
+        cwd="/",
+        env={**env, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == ["PostgresTopology", "ok", "MariaDBTopology", "ok"]

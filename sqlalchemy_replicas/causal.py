@@ -44,6 +44,8 @@ class CausalScope:
         # Token entries not yet verified by their router (each verifies its own).
         self._incoming = dict(incoming or {})
         self._issued_at: dict[str, float] = {}
+        # router name -> the replica this scope's monotonic reads stay on.
+        self._monotonic_replica: dict[str, str] = {}
 
     def add(self, router: ReplicaRouter, position: Any) -> None:
         """Record a commit's position."""
@@ -51,6 +53,18 @@ class CausalScope:
         with self._lock:
             self._merge(router, position)
             self._issued_at.pop(router.name, None)
+
+    def monotonic_replica(self, router: ReplicaRouter) -> str | None:
+        """The replica this scope's monotonic reads on ``router`` stay on, if any."""
+        return self._monotonic_replica.get(router.name)
+
+    def stay_on(self, router: ReplicaRouter, replica: str | None) -> None:
+        """Make ``replica`` (None: none) the one monotonic reads stay on."""
+        with self._lock:
+            if replica is None:
+                self._monotonic_replica.pop(router.name, None)
+            else:
+                self._monotonic_replica[router.name] = replica
 
     def mark_unknown(self, router: ReplicaRouter) -> None:
         """A commit happened whose position is unknown: send reads to the primary."""

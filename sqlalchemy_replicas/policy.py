@@ -40,7 +40,7 @@ DECLARED_WRITE: Final = Decision(True, True, "execution option read_only=False")
 DECLARED_READ: Final = Decision(False, False, "execution option read_only=True")
 NO_REPLICAS: Final = Decision(True, False, "no replica configured")
 NOT_YET_OFFLOADED: Final = Decision(
-    True, False, "monotonic and bounded reads use the primary until lag monitoring lands"
+    True, False, "bounded reads use the primary until lag monitoring lands"
 )
 
 
@@ -72,7 +72,7 @@ def decide(
         return SAVEPOINT
     if level == "strong":
         return STRONG
-    if level in ("monotonic", "bounded"):
+    if level == "bounded":
         return NOT_YET_OFFLOADED
     if read_only is False:
         return DECLARED_WRITE

@@ -148,7 +148,8 @@ class RoutingSession(Session):
         Under read_your_writes a replica serves the read only if it has
         applied every commit of the causal scope: one known to have (no round
         trip), else, when ``wait`` allows, one that catches up within the
-        router's wait_timeout, else the primary.
+        router's wait_timeout, else the primary. Monotonic reads also stay on
+        one replica (see :meth:`_monotonic_replica`).
         """
         if decision.pins:
             self._pinned_to_primary = True
@@ -159,6 +160,8 @@ class RoutingSession(Session):
             target = router.primary_target
         elif level == "read_your_writes":
             target, reason = self._causal_replica(wait=wait)
+        elif level == "monotonic":
+            target, reason = self._monotonic_replica(wait=wait)
         else:
             target = router.next_replica()
         assert target is not None  # policy sends reads to the primary without replicas
@@ -187,14 +190,19 @@ class RoutingSession(Session):
         return position, unknown
 
     def _causal_replica(self, *, wait: bool) -> tuple[RoutedEngine, str]:
-        router = self.router
         position, unknown = self._causal_target()
         if unknown:
-            return router.primary_target, "a commit in this scope has an unknown position"
+            return self.router.primary_target, "a commit in this scope has an unknown position"
+        return self._replica_with(position, wait=wait)
+
+    def _replica_with(self, position: Any | None, *, wait: bool) -> tuple[RoutedEngine, str]:
+        """A replica that has applied ``position`` (known, or after a bounded
+        wait on one), else the primary."""
+        router = self.router
         replica = router.next_replica()
         assert replica is not None
         if position is None:
-            return replica, "read_your_writes: no commit to wait for"
+            return replica, "no commit to wait for"
         backend = router.positions
         assert backend is not None
         replicas = router.replica_targets
@@ -208,6 +216,72 @@ class RoutingSession(Session):
             if candidate is not None and self._wait_on(candidate, position):
                 return candidate, "caught up with this scope's commits within wait_timeout"
         return router.primary_target, "no replica has applied this scope's commits"
+
+    def _monotonic_replica(self, *, wait: bool) -> tuple[RoutedEngine, str]:
+        """read_your_writes, and never older than what the scope already read.
+
+        The scope's reads stay on one replica, which never goes back in time.
+        Leaving it (it cannot serve the scope's commits in time), the next
+        replica must first reach what it had applied; a read on the primary
+        raises the bar to the primary's position after the read.
+        """
+        router = self.router
+        position, unknown = self._causal_target()
+        if unknown:
+            return router.primary_target, "a commit in this scope has an unknown position"
+        scope = current_scope() or self._scope
+        backend = router.positions
+        stay_name = scope.monotonic_replica(router)
+        stay = next((r for r in router.replica_targets if r.name == stay_name), None)
+        if stay is not None:
+            applied = router.known_applied(stay.name)
+            if (
+                position is None
+                or (
+                    applied is not None
+                    and backend is not None
+                    and backend.reached(applied, position)
+                )
+                or (wait and router.wait_timeout > 0 and self._wait_on(stay, position))
+            ):
+                return stay, "monotonic: the replica this scope reads from"
+            floor = self._applied_on(stay)
+            if floor is None:
+                scope.stay_on(router, None)
+                return router.primary_target, "monotonic: the replica left cannot tell its position"
+            scope.add(router, floor)
+            position, _ = self._causal_target()
+        target, reason = self._replica_with(position, wait=wait)
+        scope.stay_on(router, None if target is router.primary_target else target.name)
+        return target, f"monotonic: {reason}"
+
+    def _applied_on(self, replica: RoutedEngine) -> Any | None:
+        """The position ``replica`` has applied, or None when it cannot tell."""
+        backend = self.router.positions
+        assert backend is not None
+        try:
+            return backend.applied(self.connection(bind_arguments={"bind": replica.sync_engine}))
+        except sa_exc.DBAPIError as error:
+            logger.warning("reading the position of replica %s failed: %s", replica.name, error)
+            return None
+
+    def _raise_floor_after_primary_read(self) -> None:
+        """A monotonic read on the primary saw everything committed up to now:
+        later reads in the scope must see as much."""
+        router = self.router
+        backend = router.positions
+        if backend is None or not router.replica_targets:
+            return
+        scope = current_scope() or self._scope
+        try:
+            connection = self.connection(bind_arguments={"bind": router.primary_target.sync_engine})
+            position = backend.current(connection)
+        except sa_exc.DBAPIError as error:
+            logger.warning("reading the primary's position failed: %s", error)
+            scope.mark_unknown(router)
+            return
+        if position is not None:
+            scope.add(router, position)
 
     def _wait_on(self, replica: RoutedEngine, position: Any) -> bool:
         """Wait up to wait_timeout for ``replica`` to apply ``position``, on the
@@ -310,10 +384,13 @@ class RoutingSession(Session):
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
         if target is self.router.primary_target:
-            return method(
+            result = method(
                 statement, params, execution_options=execution_options,
                 bind_arguments=routed, **kw,
             )  # fmt: skip
+            if level == "monotonic" and not decision.pins:
+                self._raise_floor_after_primary_read()
+            return result
         try:
             return method(
                 statement, params, execution_options=execution_options,

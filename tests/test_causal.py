@@ -4,6 +4,7 @@ waits, fallbacks, tokens across app servers, and the other consistency levels.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from sqlalchemy_replicas import causal
 from sqlalchemy_replicas.exc import ConfigurationError
 from sqlalchemy_replicas.router import WAIT_SUSPECT_SECONDS
 from sqlalchemy_replicas.testing import PostgresTopology, StatementLog, Topology
+from sqlalchemy_replicas.testing._process import wait_until
 
 SECRET = "test-secret"
 WAIT = 0.5
@@ -220,17 +222,78 @@ def test_eventual_may_read_stale_from_a_lagging_replica(
         only_paused.dispose()
 
 
-def test_strong_monotonic_and_bounded_reads_use_the_primary(router: sr.ReplicaRouter) -> None:
-    """strong always uses the primary; monotonic and bounded do too until lag
-    monitoring lands (correct, not yet offloaded)."""
+def test_strong_and_bounded_reads_use_the_primary(router: sr.ReplicaRouter) -> None:
+    """strong always uses the primary; bounded does too until lag monitoring lands
+    (correct, not yet offloaded)."""
     with StatementLog(router) as log, router.sessionmaker()() as session:
-        for level in ("strong", "monotonic", "bounded"):
+        for level in ("strong", "bounded"):
             with sr.consistency(level):
                 session.scalar(sa.select(Item.note))
         session.scalar(sa.select(Item.note).execution_options(consistency="strong"))
         session.scalar(sa.select(Item.note))
-    assert item_reads(log)[:4] == ["primary"] * 4
-    assert item_reads(log)[4].startswith("replica")
+    assert item_reads(log)[:3] == ["primary"] * 3
+    assert item_reads(log)[3].startswith("replica")
+
+
+def test_monotonic_reads_never_go_back_in_time(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """With replicas at different positions, eventual reads go back and forth in time;
+    monotonic reads never go back, also when they move to another replica (after a
+    commit the first cannot apply) or to the primary and back to a replica."""
+    primary = router.primary
+    assert isinstance(primary, sa.Engine)
+
+    def set_note(version: int) -> None:  # outside any causal scope
+        with primary.begin() as conn:
+            conn.execute(sa.update(Item).where(Item.id == 1).values(note=f"v{version}"))
+
+    with primary.begin() as conn:
+        conn.execute(sa.insert(Item).values(id=1, note="v0"))
+    topology.wait_for_catchup()
+    topology.pause_replay(0)
+    set_note(1)
+    topology.wait_for_catchup()  # replica2 has v1, replica1 still v0
+
+    def read(session: sr.RoutingSession) -> int:
+        note = session.scalar(sa.select(Item.note).where(Item.id == 1))
+        assert note is not None
+        return int(note[1:])
+
+    make = router.sessionmaker()
+    with make() as session, sr.consistency("eventual"):
+        eventual = [read(session) for _ in range(4)]
+    assert any(later < earlier for earlier, later in itertools.pairwise(eventual))
+
+    seen: list[int] = []
+    with StatementLog(router) as log, sr.causal_context(), sr.consistency("monotonic"):
+        with make() as session:
+            seen += [read(session) for _ in range(3)]
+        with make() as session:  # a commit replica1 (paused) cannot apply
+            session.execute(sa.update(Item).where(Item.id == 1).values(note="v2"))
+            session.commit()
+            seen.append(read(session))
+        topology.pause_replay(1)
+        topology.resume_replay(0)
+        with make() as session:
+            seen += [read(session) for _ in range(3)]
+        topology.pause_replay(0)  # both paused: a commit only the primary has
+        with make() as session:
+            session.execute(sa.update(Item).where(Item.id == 1).values(note="v3"))
+            session.commit()
+            seen.append(read(session))
+        topology.resume_replay(0)
+        wait_until(
+            lambda: not router.wait_recently_failed(router.replica_targets[0]),
+            timeout=5,
+            what="the router to stop suspecting replica1",
+        )
+        with make() as session:
+            seen += [read(session) for _ in range(3)]
+    topology.resume_replay(1)
+    assert seen == sorted(seen)
+    assert seen[-1] == 3
+    assert "replica1" in item_reads(log)[-3:] or "replica2" in item_reads(log)[-3:]
 
 
 def test_session_default_consistency(router: sr.ReplicaRouter) -> None:

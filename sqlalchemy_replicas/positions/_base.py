@@ -85,6 +85,10 @@ class PositionBackend(abc.ABC):
         """The position of the commit just made on ``primary`` (same connection)."""
 
     @abc.abstractmethod
+    def current(self, primary: SQLRunner) -> Any | None:
+        """Everything committed on ``primary`` so far (on any connection)."""
+
+    @abc.abstractmethod
     def lineage(self, primary: SQLRunner) -> str:
         """Names the primary's history: positions from another history (another
         cluster, a rebuilt primary) cannot be compared with this one's."""

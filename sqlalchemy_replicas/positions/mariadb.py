@@ -58,6 +58,10 @@ class MariaDBPositions(PositionBackend):
         text = last or binlog
         return self.parse(text) if text else None
 
+    def current(self, primary: SQLRunner) -> dict[int, int] | None:
+        text = primary.exec_driver_sql("SELECT @@gtid_binlog_pos").scalar()
+        return self.parse(text) if text else None
+
     def lineage(self, primary: SQLRunner) -> str:
         # MariaDB has no cluster id: the primary's address and server id stand
         # for it (a failover changes it, and then old tokens are not trusted).

@@ -83,6 +83,9 @@ class MySQLPositions(PositionBackend):
         text = primary.exec_driver_sql("SELECT @@GLOBAL.gtid_executed").scalar()
         return self.parse(text) if text else None
 
+    def current(self, primary: SQLRunner) -> dict[str, tuple[tuple[int, int], ...]] | None:
+        return self.capture(primary)
+
     def lineage(self, primary: SQLRunner) -> str:
         return f"mysql:{primary.exec_driver_sql('SELECT @@server_uuid').scalar()}"
 

@@ -91,6 +91,10 @@ class PostgresPositions(PositionBackend):
         row = primary.exec_driver_sql(_CAPTURE).one()
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
 
+    def current(self, primary: SQLRunner) -> int | None:
+        # The insert LSN is global: the same query serves both.
+        return self.capture(primary)
+
     def lineage(self, primary: SQLRunner) -> str:
         # Set by initdb, kept by streaming standbys (and by a promoted one,
         # whose LSNs continue the same sequence).

@@ -105,6 +105,7 @@ class ReplicaRouter:
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
+        self.token_max_age = validate_seconds(token_max_age, argument="token_max_age")
         self.default_consistency = validate_level(
             default_consistency, argument="default_consistency"
         )
@@ -135,7 +136,6 @@ class ReplicaRouter:
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine)
         self._next_replica = itertools.count()
-        self.token_max_age = validate_seconds(token_max_age, argument="token_max_age")
         self._positions: PositionBackend | None = None
         self._lineage: str | None = None
         # Replica name -> a position it is known to have applied (a lower

@@ -57,11 +57,6 @@ class StatementLog:
         with self._lock:
             return Counter(s.node for s in self.statements)
 
-    def nodes(self) -> list[str]:
-        """The node of each recorded statement, in order."""
-        with self._lock:
-            return [s.node for s in self.statements]
-
     def clear(self) -> None:
         """Forget what was recorded so far."""
         with self._lock:

@@ -14,6 +14,7 @@ from .classify import Classification, Classifier, StatementKind, classify
 from .consistency import LEVELS, ConsistencyLevel, consistency
 from .router import EngineSource, ReplicaRouter
 from .session import RoutingSession
+from .sticky import sticky
 
 __all__ = [
     "LEVELS",
@@ -29,6 +30,7 @@ __all__ = [
     "classify",
     "consistency",
     "exc",
+    "sticky",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -8,15 +8,12 @@ when the block ends.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
+from typing import Any, Final, Literal
 
+from ._scoped import ScopedSetting
 from .exc import ConfigurationError
 
 __all__ = [
@@ -37,9 +34,6 @@ LEVELS: Final[tuple[ConsistencyLevel, ...]] = (
     "bounded",
     "eventual",
 )
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 def validate_level(value: object, *, argument: str) -> ConsistencyLevel:
@@ -82,18 +76,12 @@ class ConsistencySetting:
     max_lag: float | None = None
 
 
-_stack: ContextVar[tuple[ConsistencySetting, ...]] = ContextVar(
-    "sqlalchemy_replicas.consistency", default=()
-)
-
-
 def current_consistency() -> ConsistencySetting | None:
     """The innermost ``consistency()`` in force here, or None."""
-    stack = _stack.get()
-    return stack[-1] if stack else None
+    return consistency.current()
 
 
-class consistency:  # used like a function: @consistency("strong")
+class consistency(ScopedSetting[ConsistencySetting]):  # used like a function
     """Set the consistency level for a block or a function.
 
     ::
@@ -111,8 +99,11 @@ class consistency:  # used like a function: @consistency("strong")
         ``max_lag``, at once.
 
     A statement's own ``consistency`` execution option wins over this; this
-    wins over the session's and the router's defaults.
+    wins over the session's and the router's defaults. Isolated per thread
+    and per asyncio task; nests.
     """
+
+    _stack: ContextVar[tuple[Any, ...]] = ContextVar("sqlalchemy_replicas.consistency", default=())
 
     def __init__(self, level: ConsistencyLevel, *, max_lag: float | None = None) -> None:
         checked = validate_level(level, argument="level")
@@ -122,39 +113,13 @@ class consistency:  # used like a function: @consistency("strong")
                     f"max_lag applies to consistency('bounded') only, not to {checked!r}"
                 )
             max_lag = validate_seconds(max_lag, argument="max_lag")
-        self.setting = ConsistencySetting(checked, max_lag)
+        super().__init__(ConsistencySetting(checked, max_lag))
 
-    def __enter__(self) -> ConsistencySetting:
-        _stack.set((*_stack.get(), self.setting))
-        return self.setting
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _stack.set(_stack.get()[:-1])
-
-    def __call__(self, function: Callable[_P, _R]) -> Callable[_P, _R]:
-        """Decorate a sync or async function: the level holds while it runs."""
-        if inspect.iscoroutinefunction(function):
-            async_function = cast(Callable[_P, Awaitable[Any]], function)
-
-            @functools.wraps(function)
-            async def run_async(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-                with self:
-                    return await async_function(*args, **kwargs)
-
-            return cast(Callable[_P, _R], run_async)
-
-        @functools.wraps(function)
-        def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            with self:
-                return function(*args, **kwargs)
-
-        return run
+    @property
+    def setting(self) -> ConsistencySetting:
+        """The level (and lag bound) this block or function sets."""
+        return self.value
 
     def __repr__(self) -> str:
-        extra = f", max_lag={self.setting.max_lag}" if self.setting.max_lag is not None else ""
-        return f"consistency({self.setting.level!r}{extra})"
+        extra = f", max_lag={self.value.max_lag}" if self.value.max_lag is not None else ""
+        return f"consistency({self.value.level!r}{extra})"

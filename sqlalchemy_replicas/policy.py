@@ -89,31 +89,22 @@ def first_caught_up(
     target: Any,
     known: Sequence[tuple[_T, Any | None]],
     reached: Callable[[Any, Any], bool],
-    start: int,
 ) -> _T | None:
-    """The first replica, from ``start`` round robin, known to have applied ``target``.
+    """The first replica, in order of preference, known to have applied ``target``.
 
     :param target: the position reads must see.
-    :param known: each replica with the position it is known to have
-        applied (None: unknown).
+    :param known: each replica, in order of preference, with the position it
+        is known to have applied (None: unknown).
     :param reached: the backend's comparison ``reached(applied, target)``.
-    :param start: rotates the search so that caught-up replicas share reads.
     """
-    count = len(known)
-    for offset in range(count):
-        replica, applied = known[(start + offset) % count]
+    for replica, applied in known:
         if applied is not None and reached(applied, target):
             return replica
     return None
 
 
-def wait_candidate(replicas: Sequence[_T], suspect: Callable[[_T], bool], start: int) -> _T | None:
-    """The replica to wait on: the first, round robin from ``start``, that is not
+def wait_candidate(replicas: Sequence[_T], suspect: Callable[[_T], bool]) -> _T | None:
+    """The replica to wait on: the first, in order of preference, that is not
     suspect (a recent wait on it timed out: it may have stopped applying).
     None when all are suspect: then waiting is likely wasted."""
-    count = len(replicas)
-    for offset in range(count):
-        replica = replicas[(start + offset) % count]
-        if not suspect(replica):
-            return replica
-    return None
+    return next((replica for replica in replicas if not suspect(replica)), None)

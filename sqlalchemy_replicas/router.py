@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level, validate_seconds
 from .exc import ConfigurationError
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
+from .sticky import rank
 from .token import TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
@@ -84,6 +86,8 @@ class ReplicaRouter:
         built-in rule (:data:`~sqlalchemy_replicas.classify.WRITING_FUNCTIONS`)
         says otherwise.
     :param token_max_age: seconds a causal token stays acceptable.
+    :param weights: replica name -> relative share of sticky keys (default 1
+        each), e.g. ``{"replica1": 2.0}`` for a replica twice the size.
     :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
         async sources, a negative number or an unknown consistency level.
     """
@@ -102,6 +106,7 @@ class ReplicaRouter:
         writing_functions: Iterable[str] = (),
         read_only_functions: Iterable[str] = (),
         token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
@@ -133,6 +138,7 @@ class ReplicaRouter:
             writing_functions=writing_functions,
             read_only_functions=read_only_functions,
         )
+        self._weights = _weights(weights, self.replica_names)
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine)
         self._next_replica = itertools.count()
@@ -341,11 +347,17 @@ class ReplicaRouter:
         """The replicas as routing targets."""
         return self._replicas
 
-    def next_replica(self) -> RoutedEngine | None:
-        """The next replica in round-robin order, or None when there is none."""
-        if not self._replicas:
-            return None
-        return self._replicas[next(self._next_replica) % len(self._replicas)]
+    def replica_order(self, sticky_key: bytes | None) -> list[RoutedEngine]:
+        """The replicas in order of preference for one read: the sticky key's
+        rendezvous order, or without a key, round robin (each read starts at
+        the next replica)."""
+        replicas = self._replicas
+        if not replicas:
+            return []
+        if sticky_key is not None:
+            return [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
+        start = next(self._next_replica) % len(replicas)
+        return [*replicas[start:], *replicas[:start]]
 
     # -- helpers ------------------------------------------------------------------
 
@@ -423,6 +435,20 @@ def _describe_source(source: str | URL) -> str:
 
 def _safe_url(routed: RoutedEngine) -> str:
     return routed.sync_engine.url.render_as_string(hide_password=True)
+
+
+def _weights(weights: Mapping[str, float] | None, names: tuple[str, ...]) -> tuple[float, ...]:
+    given = dict(weights or {})
+    if unknown := set(given) - set(names):
+        raise ConfigurationError(
+            f"weights name unknown replicas {sorted(unknown)}; the replicas are {list(names)}"
+        )
+    for name, weight in given.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigurationError(f"weights[{name!r}] must be a number, not {weight!r}")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ConfigurationError(f"weights[{name!r}]={weight!r} is invalid; give a number > 0")
+    return tuple(float(given.get(name, 1.0)) for name in names)
 
 
 def _require_routing_class(cls: object, argument: str) -> None:

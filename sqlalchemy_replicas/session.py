@@ -20,6 +20,7 @@ from .consistency import ConsistencyLevel, current_consistency, validate_level
 from .exc import ConfigurationError
 from .policy import Decision, decide, first_caught_up, wait_candidate
 from .router import ReplicaRouter, RoutedEngine
+from .sticky import current_sticky_key
 
 __all__ = ["RoutingSession"]
 
@@ -163,8 +164,7 @@ class RoutingSession(Session):
         elif level == "monotonic":
             target, reason = self._monotonic_replica(wait=wait)
         else:
-            target = router.next_replica()
-        assert target is not None  # policy sends reads to the primary without replicas
+            target = router.replica_order(current_sticky_key())[0]
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
             logger.debug("%s -> %s: %s", what, target.name, reason)
@@ -199,20 +199,17 @@ class RoutingSession(Session):
         """A replica that has applied ``position`` (known, or after a bounded
         wait on one), else the primary."""
         router = self.router
-        replica = router.next_replica()
-        assert replica is not None
+        order = router.replica_order(current_sticky_key())
         if position is None:
-            return replica, "no commit to wait for"
+            return order[0], "no commit to wait for"
         backend = router.positions
         assert backend is not None
-        replicas = router.replica_targets
-        known = [(r, router.known_applied(r.name)) for r in replicas]
-        start = replicas.index(replica)
-        caught_up = first_caught_up(position, known, backend.reached, start)
+        known = [(r, router.known_applied(r.name)) for r in order]
+        caught_up = first_caught_up(position, known, backend.reached)
         if caught_up is not None:
             return caught_up, "known to have applied this scope's commits"
         if wait and router.wait_timeout > 0:
-            candidate = wait_candidate(replicas, router.wait_recently_failed, start)
+            candidate = wait_candidate(order, router.wait_recently_failed)
             if candidate is not None and self._wait_on(candidate, position):
                 return candidate, "caught up with this scope's commits within wait_timeout"
         return router.primary_target, "no replica has applied this scope's commits"

@@ -12,6 +12,7 @@ from . import exc
 from .causal import CausalContext, causal_context
 from .classify import Classification, Classifier, StatementKind, classify
 from .consistency import LEVELS, ConsistencyLevel, consistency
+from .monitor import ReplicaStatus
 from .router import EngineSource, ReplicaRouter
 from .session import RoutingSession
 from .sticky import sticky
@@ -24,6 +25,7 @@ __all__ = [
     "ConsistencyLevel",
     "EngineSource",
     "ReplicaRouter",
+    "ReplicaStatus",
     "RoutingSession",
     "StatementKind",
     "causal_context",

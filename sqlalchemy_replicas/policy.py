@@ -39,9 +39,6 @@ STRONG: Final = Decision(True, False, "consistency='strong'")
 DECLARED_WRITE: Final = Decision(True, True, "execution option read_only=False")
 DECLARED_READ: Final = Decision(False, False, "execution option read_only=True")
 NO_REPLICAS: Final = Decision(True, False, "no replica configured")
-NOT_YET_OFFLOADED: Final = Decision(
-    True, False, "bounded reads use the primary until lag monitoring lands"
-)
 
 
 def decide(
@@ -72,8 +69,6 @@ def decide(
         return SAVEPOINT
     if level == "strong":
         return STRONG
-    if level == "bounded":
-        return NOT_YET_OFFLOADED
     if read_only is False:
         return DECLARED_WRITE
     if not classification.is_read and read_only is None:

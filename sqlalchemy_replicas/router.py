@@ -27,6 +27,7 @@ from .classify import Classifier
 from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level, validate_seconds
 from .exc import ConfigurationError
+from .monitor import LagMonitor, ReplicaStatus
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .sticky import rank
 from .token import TokenEntry, TokenError, verify
@@ -88,6 +89,8 @@ class ReplicaRouter:
     :param token_max_age: seconds a causal token stays acceptable.
     :param weights: replica name -> relative share of sticky keys (default 1
         each), e.g. ``{"replica1": 2.0}`` for a replica twice the size.
+    :param lag_check_interval: seconds between the lag monitor's checks (it
+        starts with the first routed read).
     :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
         async sources, a negative number or an unknown consistency level.
     """
@@ -107,10 +110,21 @@ class ReplicaRouter:
         read_only_functions: Iterable[str] = (),
         token_max_age: float = 86400.0,
         weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
         self.token_max_age = validate_seconds(token_max_age, argument="token_max_age")
+        self.lag_check_interval = validate_seconds(
+            lag_check_interval, argument="lag_check_interval"
+        )
+        if self.lag_check_interval == 0:
+            raise ConfigurationError("lag_check_interval must be > 0 seconds")
+        #: Operator switch: route reads to lagging replicas too (say, when the
+        #: primary is overloaded). Unreachable replicas still get none.
+        self.ignore_lag = False
+        self._monitor: LagMonitor | None = None
+        self._monitor_lock = threading.Lock()
         self.default_consistency = validate_level(
             default_consistency, argument="default_consistency"
         )
@@ -321,13 +335,38 @@ class ReplicaRouter:
             self._applied[replica] = position if known is None else backend.merge(known, position)
 
     def dispose(self) -> None:
-        """Close the pools of the engines this router created from URLs.
+        """Stop the lag monitor; close the pools of the engines this router
+        created from URLs.
 
         Engines passed in by the caller belong to the caller and are left open.
         """
+        self._stop_monitor()
+        for routed in (self._primary, *self._replicas):
+            if not routed.owned:
+                continue
+            if isinstance(routed.engine, AsyncEngine):
+                # Closing async connections needs the event loop: drop the pool
+                # here, and let adispose() close connections properly.
+                routed.sync_engine.dispose(close=False)
+            else:
+                routed.sync_engine.dispose()
+
+    async def adispose(self) -> None:
+        """Like :meth:`dispose`, closing async engines' connections properly."""
+        self._stop_monitor()
         for routed in (self._primary, *self._replicas):
             if routed.owned:
-                routed.sync_engine.dispose()
+                engine = routed.engine
+                if isinstance(engine, AsyncEngine):
+                    await engine.dispose()
+                else:
+                    engine.dispose()
+
+    def _stop_monitor(self) -> None:
+        with self._monitor_lock:
+            if self._monitor is not None:
+                self._monitor.stop()
+                self._monitor = None
 
     def __repr__(self) -> str:
         return (
@@ -347,17 +386,53 @@ class ReplicaRouter:
         """The replicas as routing targets."""
         return self._replicas
 
-    def replica_order(self, sticky_key: bytes | None) -> list[RoutedEngine]:
-        """The replicas in order of preference for one read: the sticky key's
-        rendezvous order, or without a key, round robin (each read starts at
-        the next replica)."""
+    def replica_order(
+        self, sticky_key: bytes | None, *, max_lag: float | None = None
+    ) -> list[RoutedEngine]:
+        """The replicas that may serve a read, in order of preference: the
+        sticky key's rendezvous order, or without a key, round robin (each
+        read starts at the next replica). Left out: replicas the lag monitor
+        excludes (over ``max_lag`` or unreachable) and, with ``max_lag``,
+        those not measured within it.
+        """
         replicas = self._replicas
         if not replicas:
             return []
         if sticky_key is not None:
-            return [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
-        start = next(self._next_replica) % len(replicas)
-        return [*replicas[start:], *replicas[:start]]
+            order = [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
+        else:
+            start = next(self._next_replica) % len(replicas)
+            order = [*replicas[start:], *replicas[:start]]
+        monitor = self._ensure_monitor()
+        if monitor is None:
+            return order if max_lag is None else []
+        return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
+
+    def may_serve(self, replica: RoutedEngine) -> bool:
+        """Whether the lag monitor lets ``replica`` serve reads now."""
+        monitor = self._ensure_monitor()
+        return monitor is None or monitor.may_serve(replica.name, None, self.ignore_lag)
+
+    def status(self) -> list[ReplicaStatus]:
+        """Each replica as the lag monitor last saw it: name, URL without the
+        password, healthy, lag_seconds, applied position, reason when left out.
+        Starts the monitor if it is not running (the first call may show no
+        measurement yet)."""
+        monitor = self._ensure_monitor()
+        if monitor is None:
+            return [
+                ReplicaStatus(r.name, _safe_url(r), None, None, None, "no replication positions")
+                for r in self._replicas
+            ]
+        return monitor.status(self)
+
+    def _ensure_monitor(self) -> LagMonitor | None:
+        if self._monitor is None and self._replicas:
+            with self._monitor_lock:
+                if self._monitor is None and self.positions is not None:
+                    self._monitor = LagMonitor(self, self.lag_check_interval)
+                    self._monitor.start()
+        return self._monitor
 
     # -- helpers ------------------------------------------------------------------
 

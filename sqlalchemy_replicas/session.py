@@ -164,11 +164,28 @@ class RoutingSession(Session):
         elif level == "monotonic":
             target, reason = self._monotonic_replica(wait=wait)
         else:
-            target = router.replica_order(current_sticky_key())[0]
+            target, reason = self._any_replica(level, reason)
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
             logger.debug("%s -> %s: %s", what, target.name, reason)
         return target
+
+    def _any_replica(self, level: ConsistencyLevel, reason: str) -> tuple[RoutedEngine, str]:
+        """eventual: any replica the monitor lets serve; bounded: one measured
+        within the lag bound in force. Else the primary."""
+        router = self.router
+        bound: float | None = None
+        if level == "bounded":
+            setting = current_consistency()
+            bound = (
+                setting.max_lag
+                if setting is not None and setting.max_lag is not None
+                else router.max_lag
+            )
+        order = router.replica_order(current_sticky_key(), max_lag=bound)
+        if not order:
+            return router.primary_target, "no replica qualifies (lagging or unreachable)"
+        return order[0], reason if bound is None else f"measured lag within {bound}s"
 
     def _causal_target(self) -> tuple[Any | None, bool]:
         """The position reads must see (this session's commits, the enclosing
@@ -200,6 +217,8 @@ class RoutingSession(Session):
         wait on one), else the primary."""
         router = self.router
         order = router.replica_order(current_sticky_key())
+        if not order:
+            return router.primary_target, "no replica qualifies (lagging or unreachable)"
         if position is None:
             return order[0], "no commit to wait for"
         backend = router.positions
@@ -230,7 +249,7 @@ class RoutingSession(Session):
         backend = router.positions
         stay_name = scope.monotonic_replica(router)
         stay = next((r for r in router.replica_targets if r.name == stay_name), None)
-        if stay is not None:
+        if stay is not None and router.may_serve(stay):
             applied = router.known_applied(stay.name)
             if (
                 position is None

@@ -377,8 +377,7 @@ def test_async_read_your_writes_in_concurrent_tasks(
         try:
             return list(await asyncio.gather(*(one(i) for i in range(12))))
         finally:
-            for engine in (router.primary, *router.replicas):
-                await engine.dispose()  # type: ignore[misc]
+            await router.adispose()
 
     with StatementLog(router) as log:
         notes = asyncio.run(main())

@@ -250,8 +250,7 @@ def test_async_scenario_matches_a_plain_session(topology: Topology, engines: sa.
         try:
             return await run(router.async_sessionmaker())
         finally:
-            for engine in (router.primary, *router.replicas):
-                await engine.dispose()  # type: ignore[misc]
+            await router.adispose()
 
     reset_schema(engines)
     expected = asyncio.run(plain())

@@ -175,9 +175,7 @@ def test_async_sessions_route_the_same_way(topology: Topology) -> None:
                 assert (await session.get(Author, 1)) is not None
                 names = (await session.scalars(sa.select(Author.name))).all()
                 assert names == ["ada"]
-        await router.primary.dispose()  # type: ignore[misc]
-        for replica in router.replicas:
-            await replica.dispose()  # type: ignore[misc]
+        await router.adispose()
         return app_statements(log)
 
     router = sr.ReplicaRouter(topology.async_primary_url, topology.async_replica_urls)

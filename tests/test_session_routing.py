@@ -343,8 +343,7 @@ def test_async_session_reruns_a_refused_write_on_the_primary(
                 await session.commit()
                 return touched
         finally:
-            for engine in (router.primary, *router.replicas):
-                await engine.dispose()  # type: ignore[misc]
+            await router.adispose()
 
     router = sr.ReplicaRouter(topology.async_primary_url, topology.async_replica_urls)
     try:

@@ -1,0 +1,262 @@
+"""Replica lag monitor: how far behind each replica is, measured by position.
+
+Every ``lag_check_interval`` a background thread samples the primary's
+position and each replica's applied position. A replica's lag is the time
+since the newest primary sample it has applied: an upper bound, exact to
+within one check interval, the same for every backend, and correct for an
+idle primary (nothing to apply, no lag). A replica lagging more than
+``max_lag`` (or unreachable) is left out of reads until it is back under
+``max_lag`` by a margin (hysteresis).
+
+The monitor uses engines of its own (so its queries never appear in the
+application's pools or events), with the sync driver even for async routers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL, Engine
+
+if TYPE_CHECKING:
+    from .router import ReplicaRouter, RoutedEngine
+
+__all__ = ["LagEstimator", "LagMonitor", "ReplicaStatus"]
+
+logger = logging.getLogger("sqlalchemy_replicas.monitor")
+
+#: A left-out replica is readmitted once its lag is below max_lag times this.
+READMIT_FRACTION: Final = 0.8
+_SYNC_DRIVERS: Final = {
+    "psycopg_async": "psycopg",
+    "asyncpg": "psycopg",
+    "aiomysql": "pymysql",
+    "asyncmy": "pymysql",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One replica as the monitor last saw it.
+
+    :ivar name: the replica's name.
+    :ivar url: its URL, without the password.
+    :ivar healthy: True when it gets reads (reachable, within ``max_lag``);
+        None before the first check.
+    :ivar lag_seconds: measured lag (an upper bound), None when unknown.
+    :ivar position: the position it had applied at the last check (text).
+    :ivar reason: why it gets no reads, when it gets none.
+    """
+
+    name: str
+    url: str
+    healthy: bool | None
+    lag_seconds: float | None
+    position: str | None
+    reason: str | None
+
+
+class LagEstimator:
+    """Lag from a timeline of the primary's positions (pure, no I/O).
+
+    :param reached: the backend's ``reached(applied, target)``.
+    :param horizon: seconds of primary samples to keep.
+    """
+
+    def __init__(self, reached: Callable[[Any, Any], bool], horizon: float) -> None:
+        self._reached = reached
+        self._horizon = horizon
+        self._samples: deque[tuple[float, Any]] = deque()
+
+    def record_primary(self, when: float, position: Any) -> None:
+        """The primary was at ``position`` at monotonic time ``when``."""
+        self._samples.append((when, position))
+        while self._samples and when - self._samples[0][0] > self._horizon:
+            self._samples.popleft()
+
+    def lag(self, applied: Any, now: float) -> tuple[float, bool]:
+        """Seconds since the newest primary sample ``applied`` has reached (0
+        when it has reached the latest one), and whether that is exact to a
+        check interval. When it has reached no sample kept, the time since
+        the oldest one is only a lower bound."""
+        for when, position in reversed(self._samples):
+            if self._reached(applied, position):
+                return (0.0 if when == self._samples[-1][0] else max(0.0, now - when)), True
+        if not self._samples:
+            return 0.0, False
+        return max(0.0, now - self._samples[0][0]), False
+
+
+@dataclass
+class _Health:
+    excluded: bool = False
+    checked: bool = False
+    lag: float | None = None
+    # False while the lag is only a lower bound (not reached any kept sample).
+    lag_exact: bool = False
+    position: Any | None = None
+    reason: str | None = None
+
+
+class LagMonitor:
+    """The background checks of one router's replicas.
+
+    :param router: the router whose replicas to watch.
+    :param interval: seconds between checks.
+    """
+
+    def __init__(self, router: ReplicaRouter, interval: float) -> None:
+        # Weak: a router the application dropped without dispose() is collected,
+        # and then this thread ends by itself.
+        self._router_ref = weakref.ref(router)
+        self._name = router.name
+        self._interval = interval
+        self._health = {r.name: _Health() for r in router.replica_targets}
+        self._estimator: LagEstimator | None = None
+        self._engines: dict[str, Engine] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._run, name=f"sqlalchemy-replicas-monitor-{router.name}", daemon=True
+        )
+        self._all_out_logged = False
+
+    def start(self) -> None:
+        """Start checking in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop checking and close the monitor's own connections."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        for engine in self._engines.values():
+            engine.dispose()
+
+    def may_serve(self, name: str, max_lag: float | None, ignore_lag: bool) -> bool:
+        """Whether replica ``name`` may serve a read: not left out (unless only
+        for lag and ``ignore_lag``), and with ``max_lag``, measured within it."""
+        health = self._health[name]
+        if max_lag is not None:
+            return health.lag is not None and health.lag_exact and health.lag <= max_lag
+        if not health.excluded:
+            return True
+        return ignore_lag and health.lag is not None
+
+    def status(self, router: ReplicaRouter) -> list[ReplicaStatus]:
+        """Every replica of ``router`` (the one this monitor watches) as last seen."""
+        backend = router.positions
+        result = []
+        for replica in router.replica_targets:
+            health = self._health[replica.name]
+            position = (
+                None
+                if health.position is None or backend is None
+                else backend.format(health.position)
+            )
+            result.append(
+                ReplicaStatus(
+                    replica.name,
+                    replica.sync_engine.url.render_as_string(hide_password=True),
+                    (not health.excluded) if health.checked else None,
+                    health.lag,
+                    position,
+                    health.reason,
+                )
+            )
+        return result
+
+    def check_once(self, router: ReplicaRouter) -> None:
+        """Sample the primary, then every replica; update lags and exclusions."""
+        backend = router.positions
+        if backend is None:
+            return
+        if self._estimator is None:
+            horizon = max(10.0, 3 * router.max_lag)
+            self._estimator = LagEstimator(backend.reached, horizon)
+        try:
+            with self._engine(router.primary_target).connect() as conn:
+                primary_position = backend.current(conn)
+        except Exception as error:  # the primary is down: replicas cannot be judged
+            logger.warning("lag check: the primary is unreachable: %s", error)
+            return
+        self._estimator.record_primary(time.monotonic(), primary_position)
+        for replica in router.replica_targets:
+            self._check_replica(router, replica)
+        self._log_when_all_out()
+
+    def _check_replica(self, router: ReplicaRouter, replica: RoutedEngine) -> None:
+        backend = router.positions
+        assert backend is not None
+        assert self._estimator is not None
+        health = self._health[replica.name]
+        try:
+            with self._engine(replica).connect() as conn:
+                applied = backend.applied(conn)
+        except Exception as error:
+            with self._lock:
+                health.checked, health.lag, health.excluded = True, None, True
+                health.lag_exact = False
+                health.reason = f"unreachable: {type(error).__name__}"
+            return
+        if applied is None:
+            with self._lock:
+                health.checked, health.lag, health.excluded = True, None, True
+                health.reason = "not replicating (no applied position)"
+            return
+        lag, exact = self._estimator.lag(applied, time.monotonic())
+        router.note_applied(replica.name, applied)
+        with self._lock:
+            health.checked, health.lag, health.lag_exact = True, lag, exact
+            health.position = applied
+            if lag > router.max_lag:
+                health.excluded = True
+                health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
+            elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
+                health.excluded = False
+                health.reason = None
+
+    def _log_when_all_out(self) -> None:
+        all_out = all(h.excluded for h in self._health.values())
+        if all_out and not self._all_out_logged:
+            logger.warning(
+                "no replica of %s qualifies (lagging or unreachable): reads go to the primary",
+                self._name,
+            )
+        self._all_out_logged = all_out
+
+    def _engine(self, target: RoutedEngine) -> Engine:
+        engine = self._engines.get(target.name)
+        if engine is None:
+            engine = create_engine(_sync_url(target.sync_engine.url), pool_size=1, max_overflow=0)
+            self._engines[target.name] = engine
+        return engine
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            router = self._router_ref()
+            if router is None:
+                break
+            try:
+                self.check_once(router)
+            except Exception:  # never let the thread die; the next round retries
+                logger.exception("lag check failed")
+            del router  # hold no reference while sleeping
+            self._stop.wait(self._interval)
+        for engine in self._engines.values():
+            engine.dispose()
+
+
+def _sync_url(url: URL) -> URL:
+    """The same server through the sync driver of its dialect."""
+    backend, _, driver = url.drivername.partition("+")
+    sync_driver = _SYNC_DRIVERS.get(driver)
+    return url.set(drivername=f"{backend}+{sync_driver}") if sync_driver else url

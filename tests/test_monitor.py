@@ -1,0 +1,140 @@
+"""The lag monitor: lag by position, exclusion with hysteresis, bounded reads, status()."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import sqlalchemy_replicas as sr
+from sqlalchemy_replicas.monitor import LagEstimator
+from sqlalchemy_replicas.testing import StatementLog, Topology
+from sqlalchemy_replicas.testing._process import wait_until
+
+MAX_LAG = 1.0
+INTERVAL = 0.2
+
+
+def test_lag_is_the_age_of_the_newest_primary_sample_applied() -> None:
+    """Applied the latest sample: no lag; an older one: time since it; none kept:
+    a lower bound only."""
+    estimator = LagEstimator(lambda applied, target: applied >= target, horizon=10)
+    for when, position in ((0.0, 10), (1.0, 20), (2.0, 30)):
+        estimator.record_primary(when, position)
+    assert estimator.lag(30, now=2.1) == (0.0, True)
+    assert estimator.lag(25, now=2.1) == pytest.approx((1.1, True))
+    assert estimator.lag(5, now=2.1) == pytest.approx((2.1, False))
+    estimator.record_primary(12.5, 40)  # samples older than the horizon go...
+    assert estimator.lag(40, now=12.6) == (0.0, True)
+    # ...so an applied position older than every kept sample gives a lower bound
+    assert estimator.lag(30, now=12.6) == pytest.approx((0.1, False))
+
+
+@pytest.fixture
+def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
+    router = sr.ReplicaRouter(
+        topology.primary_url,
+        topology.replica_urls,
+        max_lag=MAX_LAG,
+        lag_check_interval=INTERVAL,
+    )
+    primary = router.primary
+    assert isinstance(primary, sa.Engine)
+    with primary.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE tick (id INTEGER PRIMARY KEY)"))
+    topology.wait_for_catchup()
+    yield router
+    router.dispose()
+
+
+def status_of(router: sr.ReplicaRouter, name: str) -> sr.ReplicaStatus:
+    return next(s for s in router.status() if s.name == name)
+
+
+def await_health(router: sr.ReplicaRouter, name: str, healthy: bool, timeout: float) -> None:
+    wait_until(
+        lambda: status_of(router, name).healthy is healthy,
+        timeout=timeout,
+        what=f"{name} to be {'healthy' if healthy else 'left out'}",
+    )
+
+
+def tick(router: sr.ReplicaRouter, n: int) -> None:
+    with router.primary.begin() as conn:  # type: ignore[union-attr]
+        conn.execute(sa.text("INSERT INTO tick (id) VALUES (:id)"), {"id": n})
+
+
+def probe_reads(router: sr.ReplicaRouter, level: sr.ConsistencyLevel, **kw: float) -> set[str]:
+    """Where 6 reads at ``level`` went."""
+    with (
+        StatementLog(router) as log,
+        router.sessionmaker()() as session,
+        sr.consistency(level, **kw),
+    ):
+        for _ in range(6):
+            session.execute(sa.text("SELECT count(*) AS probe FROM tick"))
+    return {s.node for s in log.statements if "probe" in s.sql}
+
+
+def test_status_reports_each_replica(router: sr.ReplicaRouter) -> None:
+    """status(): name, URL without password, healthy, lag, applied position."""
+    router.status()  # starts the monitor
+    await_health(router, "replica1", True, timeout=5)
+    await_health(router, "replica2", True, timeout=5)
+    for status in router.status():
+        assert status.lag_seconds is not None
+        assert status.lag_seconds <= MAX_LAG
+        assert status.position
+        assert status.reason is None
+        assert ":app@" not in status.url
+
+
+def test_lagging_replica_gets_no_reads_until_it_catches_up(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A replica that stops applying while the primary commits is left out of eventual
+    and bounded reads within about max_lag plus two checks, and gets them back once it
+    catches up; with every replica out, reads go to the primary; the operator switch
+    ignores lag."""
+    router.status()
+    await_health(router, "replica1", True, timeout=5)
+    topology.pause_replay(0)
+    tick(router, 1)
+    await_health(router, "replica1", False, timeout=MAX_LAG + 2 * INTERVAL + 2)
+    assert "lag" in (status_of(router, "replica1").reason or "")
+    assert probe_reads(router, "eventual") == {"replica2"}
+    assert probe_reads(router, "bounded", max_lag=0.5) == {"replica2"}
+
+    topology.pause_replay(1)
+    tick(router, 2)
+    await_health(router, "replica2", False, timeout=MAX_LAG + 2 * INTERVAL + 2)
+    assert probe_reads(router, "eventual") == {"primary"}
+    router.ignore_lag = True
+    assert probe_reads(router, "eventual") == {"replica1", "replica2"}
+    router.ignore_lag = False
+
+    topology.resume_replay(0)
+    topology.resume_replay(1)
+    await_health(router, "replica1", True, timeout=5)
+    await_health(router, "replica2", True, timeout=5)
+    assert probe_reads(router, "eventual") == {"replica1", "replica2"}
+
+
+def test_unreachable_replica_is_left_out_and_readmitted(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A killed replica is left out of reads once the monitor sees it down, and gets
+    reads again after it restarts."""
+    router.status()
+    await_health(router, "replica2", True, timeout=5)
+    topology.kill_replica(1)
+    await_health(router, "replica2", False, timeout=5)
+    assert "unreachable" in (status_of(router, "replica2").reason or "")
+    assert probe_reads(router, "eventual") == {"replica1"}
+    topology.start_replica(1)
+    await_health(router, "replica2", True, timeout=10)
+    for replica in router.replicas:
+        assert isinstance(replica, sa.Engine)
+        replica.dispose()  # pooled connections to the killed server are stale
+    assert probe_reads(router, "eventual") == {"replica1", "replica2"}

@@ -9,7 +9,9 @@ PostgreSQL server:
 - ``RoutingSession, replica path``: a router whose replica is a second
   engine on the same server, so reads take the full replica path
   (classification, policy, AUTOCOMMIT read-only connection) against the
-  same server.
+  same server;
+- ``Session, AUTOCOMMIT engine``: the control for the replica path: a plain
+  Session whose connections are in AUTOCOMMIT, as replica connections are.
 
 Rounds run them in shuffled order and ratios of medians are reported: on a
 shared, noisy machine only figures taken side by side in one run mean
@@ -74,11 +76,15 @@ def main() -> None:
             session.add_all(Account(id=i, name=f"user{i}") for i in range(1, ROWS + 1))
             session.commit()
         same_server = sa.create_engine(topology.primary_url)
+        autocommit = sa.create_engine(topology.primary_url, isolation_level="AUTOCOMMIT")
         makers: dict[str, Callable[[], Session]] = {
             "Session": sa.orm.sessionmaker(engine),
+            # Control: replica reads run in AUTOCOMMIT; this is its cost alone.
+            "Session, AUTOCOMMIT engine": sa.orm.sessionmaker(autocommit),
             "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
-            "RoutingSession, replica path": sr.ReplicaRouter(engine, [same_server]).sessionmaker(),
         }
+        replica_router = sr.ReplicaRouter(engine, [same_server])
+        makers["RoutingSession, replica path"] = replica_router.sessionmaker()
         for make in makers.values():
             measure(make, 200)  # warm up caches and the pools
         results: dict[str, list[float]] = {name: [] for name in makers}
@@ -87,8 +93,10 @@ def main() -> None:
             random.shuffle(order)  # no variant always runs first or last
             for name in order:
                 results[name].append(measure(makers[name], args.statements))
+        replica_router.dispose()
         engine.dispose()
         same_server.dispose()
+        autocommit.dispose()
 
     print(f"{version}, {args.rounds} rounds x {args.statements} PK ORM selects, CPU time")
     # Medians, and minimums (the least disturbed rounds on a shared machine).

@@ -1,0 +1,66 @@
+"""CPU cost of RoutingSession's routing work per statement, without a server.
+
+Times the routing step alone (options, classification, policy, replica
+choice) by giving it a no-op in place of Session.execute, for a primary-key
+ORM select whose cache key is already computed (SQLAlchemy computes and
+memoizes it for every execution anyway, so routing reuses it for free).
+Steadier than the side-by-side run of overhead.py on a noisy machine; the
+two together say what routing adds to a real statement.
+
+    python benchmarks/routing_cost.py
+"""
+
+from __future__ import annotations
+
+import timeit
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sqlalchemy_replicas as sr
+from sqlalchemy_replicas.positions import PostgresPositions
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "account"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def main() -> None:
+    # URLs only: nothing connects. The replica router is told its position
+    # backend and gets no lag monitor, so no server is needed.
+    primary = sa.create_engine("postgresql+psycopg://u@127.0.0.1:1/db")
+    primary_bound = sr.ReplicaRouter(primary)
+    with_replicas = sr.ReplicaRouter(
+        primary, ["postgresql+psycopg://u@127.0.0.1:2/db", "postgresql+psycopg://u@127.0.0.1:3/db"]
+    )
+    with_replicas._positions = PostgresPositions()
+    with_replicas._ensure_monitor = lambda: None  # type: ignore[method-assign]
+    statement = sa.select(Account).where(Account.id == 5)
+    statement._generate_cache_key()
+    number = 50_000
+    for label, router in (("primary-bound", primary_bound), ("two replicas", with_replicas)):
+        session = router.sessionmaker()()
+        best = min(
+            timeit.repeat(
+                lambda session=session: session._execute_routed(  # type: ignore[misc]
+                    no_op, statement, None, {}, None, {}
+                ),
+                number=number,
+                repeat=7,
+            )
+        )
+        print(f"routing work, {label:<13} {best / number * 1e6:6.2f} us per statement")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ Configure from settings (environment variables here)::
     python examples/quickstart.py
 
 Without PRIMARY_URL it starts a throw-away local primary with two replicas.
+Pass ``secret=`` to ReplicaRouter to carry read-your-writes across requests
+(see examples/web_request.py).
 """
 
 from __future__ import annotations
@@ -51,11 +53,17 @@ def main() -> None:
             session.commit()  # the INSERT ran on the primary
 
         with Session() as session:
-            # A plain SELECT: served by a replica. This development release
-            # does not yet wait for the replica to replay the commit above,
-            # so the row may not be there yet.
+            # A new session knows nothing of the commit above (wrap both in
+            # sr.causal_context() to share it): any replica may serve this.
             count = session.scalar(sa.select(sa.func.count()).select_from(Note))
-            print(f"notes seen on a replica: {count}")
+            print(f"notes seen (maybe on a lagging replica): {count}")
+
+        with sr.causal_context(), Session() as session:
+            session.add(Note(id=2, text="world"))
+            session.commit()  # the INSERT ran on the primary
+            # Read-your-writes: a replica that has applied the commit, or the primary.
+            count = session.scalar(sa.select(sa.func.count()).select_from(Note))
+            print(f"notes seen after our own commit: {count}")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ class ReplicaRouter:
     :param replicas: the replicas, as a sequence of the same kinds (named
         ``replica1``, ``replica2``, ...) or a mapping of name to source. May be
         empty: then every statement goes to the primary.
-    :param max_lag: seconds; a replica lagging more gets no reads (validated
-        and kept; the lag monitor that applies it is not released yet).
+    :param max_lag: seconds; a replica the lag monitor measures lagging more
+        gets no reads until it is back under ``0.8 * max_lag``.
     :param wait_timeout: seconds a read may wait for a replica to catch up.
     :param default_consistency: the consistency level when nothing else says.
     :param secret: key that signs causal tokens (``str`` or ``bytes``).

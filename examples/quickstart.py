@@ -47,23 +47,18 @@ def main() -> None:
         stack.callback(router.dispose)
         Session = router.sessionmaker()
 
-        Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
-        with Session() as session:
-            session.add(Note(id=1, text="hello"))
-            session.commit()  # the INSERT ran on the primary
-
-        with Session() as session:
-            # A new session knows nothing of the commit above (wrap both in
-            # sr.causal_context() to share it): any replica may serve this.
-            count = session.scalar(sa.select(sa.func.count()).select_from(Note))
-            print(f"notes seen (maybe on a lagging replica): {count}")
-
-        with sr.causal_context(), Session() as session:
-            session.add(Note(id=2, text="world"))
-            session.commit()  # the INSERT ran on the primary
-            # Read-your-writes: a replica that has applied the commit, or the primary.
-            count = session.scalar(sa.select(sa.func.count()).select_from(Note))
-            print(f"notes seen after our own commit: {count}")
+        # One causal context, like one web request: every session in it (and
+        # Core work through router.primary) reads what was committed in it.
+        with sr.causal_context():
+            Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+            with Session() as session:
+                session.add(Note(id=1, text="hello"))
+                session.commit()  # the INSERT ran on the primary
+            with Session() as session:
+                # A replica that has applied the commit serves this (or, if
+                # none catches up within wait_timeout, the primary).
+                count = session.scalar(sa.select(sa.func.count()).select_from(Note))
+                print(f"notes seen after our own commit: {count}")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,12 @@ def main() -> None:
         topology, delays = MariaDBTopology(replicas=2), [0.0, 1.0]
     with topology:
         router = sr.ReplicaRouter(
-            topology.primary_url, topology.replica_urls, secret="bench", wait_timeout=0.5
+            topology.primary_url,
+            topology.replica_urls,
+            secret="bench",
+            wait_timeout=0.5,
+            # Setting an apply delay restarts a PostgreSQL standby.
+            engine_options={"pool_pre_ping": True},
         )
         Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
         with router.primary.begin() as conn:  # type: ignore[union-attr]

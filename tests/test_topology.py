@@ -24,7 +24,8 @@ from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, Topol
 def engines(topology: Topology) -> Iterator[tuple[sa.Engine, list[sa.Engine]]]:
     """Plain engines on the topology's primary and replicas."""
     primary = sa.create_engine(topology.primary_url)
-    replicas = [sa.create_engine(url) for url in topology.replica_urls]
+    # pre-ping: replicas restart in some tests (PostgreSQL apply delay, kills)
+    replicas = [sa.create_engine(url, pool_pre_ping=True) for url in topology.replica_urls]
     with primary.begin() as conn:
         conn.execute(sa.text("CREATE TABLE item (id INTEGER PRIMARY KEY, name VARCHAR(20))"))
     topology.wait_for_catchup()

@@ -66,6 +66,7 @@ class Topology(abc.ABC):
         self._primary: ServerProcess | None = None
         self._replicas: list[ServerProcess] = []
         self._paused: set[int] = set()
+        self._delays: dict[int, float] = {}
         self._lock = threading.RLock()
 
     # -- lifecycle ------------------------------------------------------------
@@ -108,6 +109,7 @@ class Topology(abc.ABC):
             self._primary = None
             self._replicas = []
             self._paused.clear()
+            self._delays.clear()
             if self._dir is not None:
                 remove_tree(self._dir)
                 self._dir = None
@@ -191,11 +193,21 @@ class Topology(abc.ABC):
             self._paused.discard(replica)
 
     def set_apply_delay(self, replica: int, seconds: float) -> None:
-        """Make a replica apply each change ``seconds`` after it was committed; 0 undoes it."""
+        """Make a replica apply each change ``seconds`` after it was committed; 0
+        undoes it. In force for every commit made after this returns (on
+        PostgreSQL the standby restarts for that, so pooled connections to it
+        break: use ``pool_pre_ping``). A paused replica stays paused."""
         if seconds < 0:
             raise ConfigurationError(f"seconds must be >= 0, not {seconds!r}")
         with self._lock:
-            self._set_delay(self._replica(replica), seconds)
+            if self._delays.get(replica, 0) == seconds:
+                return
+            server = self._replica(replica)
+            self._set_delay(server, seconds)
+            self._delays[replica] = seconds
+            if replica in self._paused:
+                # Changing the delay restarted replay (or the whole replica).
+                self._pause(server)
 
     def stop_replica(self, replica: int) -> None:
         """Shut a replica down cleanly."""
@@ -249,7 +261,7 @@ class Topology(abc.ABC):
             for index, server in enumerate(self._replica_servers()):
                 if not server.is_running:
                     self.start_replica(index)
-                self._set_delay(server, 0)
+                self.set_apply_delay(index, 0)
                 self._resume(server)
             self._paused.clear()
             self._drop_data()

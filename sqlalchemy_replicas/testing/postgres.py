@@ -59,7 +59,8 @@ class PostgresTopology(Topology):
         e.g. ``{"synchronous_commit": "off"}``.
 
     Faults: replay pause is ``pg_wal_replay_pause()``, apply delay is
-    ``recovery_min_apply_delay``, a crash is PostgreSQL's immediate shutdown
+    ``recovery_min_apply_delay`` (set with a restart of the standby, the only
+    way to know it is in force), a crash is PostgreSQL's immediate shutdown
     (SIGQUIT), a clean stop is its fast shutdown (SIGINT).
     """
 
@@ -233,7 +234,12 @@ class PostgresTopology(Topology):
                 conn.execute(
                     f"ALTER SYSTEM SET recovery_min_apply_delay = '{round(seconds * 1000)}ms'"
                 )
-            conn.execute("SELECT pg_reload_conf()")
+        # pg_reload_conf() returns before the startup process has re-read the
+        # setting, and nothing shows when it has: a commit right after could
+        # still be applied at once. A restart makes the new delay certain.
+        server.signal_and_wait(self._graceful_signal, timeout=self.stop_timeout)
+        self._start_server(server, retry_port=False)
+        self._await_replicating(server)
 
     # -- positions -------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
+from sqlalchemy_replicas.testing._process import wait_until
 
 USERS = 8
 WINDOW = 2.0
@@ -165,6 +166,13 @@ def main() -> None:
         for delay in delays:
             for replica in (0, 1):
                 topology.set_apply_delay(replica, delay)
+            # A PostgreSQL standby restarts for a new delay: wait until the lag
+            # monitor has seen both back, so that every strategy starts equal.
+            wait_until(
+                lambda: all(status.healthy for status in router.status()),
+                timeout=30,
+                what="both replicas to be back in the lag monitor's view",
+            )
             for name, strategy in STRATEGIES.items():
                 with StatementLog(router) as log:
                     result = run(router, strategy, args.requests, seed=1)

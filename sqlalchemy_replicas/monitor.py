@@ -236,7 +236,11 @@ class LagMonitor:
     def _engine(self, target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
-            engine = create_engine(_sync_url(target.sync_engine.url), pool_size=1, max_overflow=0)
+            # pre-ping: a connection broken by a restart is replaced, not taken
+            # for the server being down.
+            engine = create_engine(
+                _sync_url(target.sync_engine.url), pool_size=1, max_overflow=0, pool_pre_ping=True
+            )
             self._engines[target.name] = engine
         return engine
 

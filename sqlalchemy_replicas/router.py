@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import sessionmaker
 
-from .causal import CAPTURED_KEY, current_scope
+from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard
 from .consistency import ConsistencyLevel, validate_level, validate_seconds
@@ -294,24 +294,32 @@ class ReplicaRouter:
             # whatever it committed, its position cannot be read.
             scope.mark_unknown(self)
             return
+        self.record_commit(DBAPIRunner(dbapi_connection), [scope])
+
+    def record_commit(self, primary: SQLRunner, scopes: list[CausalScope]) -> bool:
+        """Read the position of what was just committed on ``primary`` (the
+        committing connection) into ``scopes``. When it cannot be read, the
+        scopes' reads go to the primary. Returns whether it was read."""
         try:
             backend = self.positions
             if backend is None:
-                return
-            runner = DBAPIRunner(dbapi_connection)
-            self.lineage(runner)
-            position = backend.capture(runner)
-        except Exception as error:  # whatever committed here, its position is lost
+                return False
+            self.lineage(primary)
+            position = backend.capture(primary)
+        except Exception as error:  # the commit is done; only its position is lost
             logger.warning(
-                "could not read the primary's position when a connection of %s was "
-                "returned (%s); reads in this causal_context go to the primary",
+                "could not read the position of a commit on %s (%s); reads in this "
+                "scope go to the primary",
                 self.name,
                 error,
             )
-            scope.mark_unknown(self)
-            return
+            for scope in scopes:
+                scope.mark_unknown(self)
+            return False
         if position is not None:
-            scope.add(self, position)
+            for scope in scopes:
+                scope.add(self, position)
+        return True
 
     def note_wait_failed(self, replica: RoutedEngine) -> None:
         """A wait on ``replica`` timed out: wait on others for a while."""

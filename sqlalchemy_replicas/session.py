@@ -324,26 +324,8 @@ class RoutingSession(Session):
             return  # every read goes to the primary anyway
         context = current_scope()
         scopes = [self._scope] if context is None else [self._scope, context]
-        try:
-            backend = router.positions
-            if backend is None:
-                return
-            router.lineage(connection)
-            position = backend.capture(connection)
-        except Exception as error:  # the commit is done; only its position is lost
-            logger.warning(
-                "could not read the position of a commit on %s (%s); reads in this "
-                "scope go to the primary",
-                router.name,
-                error,
-            )
-            for scope in scopes:
-                scope.mark_unknown(router)
-            return
-        connection.info[CAPTURED_KEY] = True
-        if position is not None:
-            for scope in scopes:
-                scope.add(router, position)
+        if router.record_commit(connection, scopes):
+            connection.info[CAPTURED_KEY] = True
 
     if not TYPE_CHECKING:
         # Defined for the runtime only, so that type checkers keep seeing

@@ -74,13 +74,19 @@ def test_isolated_per_thread_and_per_task() -> None:
     thread.join(5)
     assert seen == {"worker": "strong", "main": None}
 
-    async def task(name: str, chosen: sr.ConsistencyLevel) -> str | None:
-        with sr.consistency(chosen):
-            await asyncio.sleep(0.01)
-            return level()
-
     async def both() -> list[str | None]:
-        return list(await asyncio.gather(task("a", "eventual"), task("b", "strong")))
+        entered: list[str] = []
+        all_inside = asyncio.Event()
+
+        async def task(chosen: sr.ConsistencyLevel) -> str | None:
+            with sr.consistency(chosen):
+                entered.append(chosen)
+                if len(entered) == 2:
+                    all_inside.set()
+                await all_inside.wait()  # both blocks are open at once here
+                return level()
+
+        return list(await asyncio.gather(task("eventual"), task("strong")))
 
     assert asyncio.run(both()) == ["eventual", "strong"]
 

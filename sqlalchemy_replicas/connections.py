@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -9,7 +11,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-__all__ = ["dialect_family", "install_replica_guard", "is_read_only_violation"]
+__all__ = [
+    "dialect_family",
+    "install_replica_guard",
+    "install_stale_connection_check",
+    "is_read_only_violation",
+]
 
 _READ_ONLY_SQL: Final = {
     "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
@@ -17,6 +24,7 @@ _READ_ONLY_SQL: Final = {
     "sqlite": "PRAGMA query_only = ON",
 }
 _GUARD_KEY: Final = "sqlalchemy_replicas.read_only"
+_CONNECTED_AT_KEY: Final = "sqlalchemy_replicas.connected_at"
 
 # PostgreSQL SQLSTATE read_only_sql_transaction; MySQL/MariaDB errors
 # ER_OPTION_PREVENTS_STATEMENT (--read-only) and
@@ -45,9 +53,15 @@ def install_replica_guard(engine: Engine) -> None:
     guard is installed (so connections pooled earlier are covered), through
     the dialect, so that executions pay nothing per statement. Installing it
     twice on one engine is harmless.
+
+    The engine also skips ROLLBACK on these connections (SQLAlchemy's
+    ``skip_autocommit_rollback``): there is nothing to roll back, and a
+    replica that died after a read had returned must not make the
+    session's close raise.
     """
     sql = _READ_ONLY_SQL.get(dialect_family(engine))
     dialect = engine.dialect
+    dialect.skip_autocommit_rollback = True
 
     def guard(
         dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
@@ -69,6 +83,37 @@ def install_replica_guard(engine: Engine) -> None:
     # On the pool, not the engine: engine-level listeners would make every
     # execution on it dispatch (empty) statement events.
     event.listen(engine.pool, "checkout", guard)
+
+
+def install_stale_connection_check(engine: Engine, down_since: Callable[[], float | None]) -> None:
+    """Make a replica engine's pool drop the connections it opened before the
+    replica last went down, when one is next checked out.
+
+    A replica that died and came back leaves broken connections in the pool
+    when nothing used the pool in between (the lag monitor saw it die, not
+    a session). Without this check, the first read after the replica is
+    readmitted would break on one of them and mark the replica down again.
+    SQLAlchemy's ``InvalidatePoolError`` on checkout drops every connection
+    opened before now and connects afresh, so this costs one reconnect.
+
+    :param down_since: returns when (``time.monotonic()``) the replica last
+        went down, or None if it never did.
+    """
+
+    def stamp(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_CONNECTED_AT_KEY] = time.monotonic()
+
+    def drop_stale(
+        dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        went_down = down_since()
+        if went_down is not None and record.info.get(_CONNECTED_AT_KEY, 0.0) < went_down:
+            raise sa_exc.InvalidatePoolError("connection opened before the replica went down")
+
+    event.listen(engine.pool, "connect", stamp)
+    # Before the read-only guard (insert=True): the guard's statements must
+    # not run on a dead connection.
+    event.listen(engine.pool, "checkout", drop_stale, insert=True)
 
 
 def is_read_only_violation(error: BaseException) -> bool:

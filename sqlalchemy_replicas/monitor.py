@@ -8,6 +8,11 @@ idle primary (nothing to apply, no lag). A replica lagging more than
 ``max_lag`` (or unreachable) is left out of reads until it is back under
 ``max_lag`` by a margin (hysteresis).
 
+A replica that fails a check, or that a session saw disconnect
+(:meth:`LagMonitor.mark_down`), is down: it gets no reads and is checked
+again only as its :class:`~sqlalchemy_replicas.breaker.Breaker` allows (1 s,
+then doubling up to 30 s); the first check that gets through readmits it.
+
 The monitor uses engines of its own (so its queries never appear in the
 application's pools or events), with the sync driver even for async routers.
 """
@@ -15,16 +20,19 @@ application's pools or events), with the sync driver even for async routers.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
+
+from .breaker import Breaker
 
 if TYPE_CHECKING:
     from .router import ReplicaRouter, RoutedEngine
@@ -97,7 +105,9 @@ class LagEstimator:
 
 @dataclass
 class _Health:
+    # Left out for lag (or not replicating); being down is the breaker's.
     excluded: bool = False
+    breaker: Breaker = field(default_factory=Breaker)
     checked: bool = False
     lag: float | None = None
     # False while the lag is only a lower bound (not reached any kept sample).
@@ -145,6 +155,8 @@ class LagMonitor:
         """Whether replica ``name`` may serve a read: not left out (unless only
         for lag and ``ignore_lag``), and with ``max_lag``, measured within it."""
         health = self._health[name]
+        if health.breaker.down:
+            return False
         if max_lag is not None:
             return health.lag is not None and health.lag_exact and health.lag <= max_lag
         if not health.excluded:
@@ -166,13 +178,33 @@ class LagMonitor:
                 ReplicaStatus(
                     replica.name,
                     replica.sync_engine.url.render_as_string(hide_password=True),
-                    (not health.excluded) if health.checked else None,
+                    (not health.excluded and not health.breaker.down) if health.checked else None,
                     health.lag,
                     position,
                     health.reason,
                 )
             )
         return result
+
+    def down_since(self, name: str) -> float | None:
+        """When (``time.monotonic()``) replica ``name`` last went down, or None."""
+        return self._health[name].breaker.down_since
+
+    def mark_down(self, name: str, error: BaseException) -> None:
+        """A session lost (or could not open) a connection to replica ``name``:
+        no reads go there until a probe gets through."""
+        health = self._health[name]
+        with self._lock:
+            tripped = health.breaker.trip(time.monotonic())
+            if tripped:
+                health.checked = True
+                health.reason = f"disconnected: {_describe_error(error)}"
+        if tripped:
+            logger.warning(
+                "replica %s is down (%s); no reads go there until a probe succeeds",
+                name,
+                _describe_error(error),
+            )
 
     def check_once(self, router: ReplicaRouter) -> None:
         """Sample the primary, then every replica; update lags and exclusions."""
@@ -198,15 +230,27 @@ class LagMonitor:
         assert backend is not None
         assert self._estimator is not None
         health = self._health[replica.name]
+        if not health.breaker.probe_due(time.monotonic()):
+            return
         try:
             with self._engine(replica).connect() as conn:
                 applied = backend.applied(conn)
         except Exception as error:
             with self._lock:
-                health.checked, health.lag, health.excluded = True, None, True
-                health.lag_exact = False
-                health.reason = f"unreachable: {type(error).__name__}"
+                tripped = health.breaker.check_failed(time.monotonic())
+                health.checked, health.lag, health.lag_exact = True, None, False
+                health.reason = f"unreachable: {_describe_error(error)}"
+            if tripped:
+                logger.warning(
+                    "replica %s is unreachable (%s); no reads go there until a probe succeeds",
+                    replica.name,
+                    _describe_error(error),
+                )
             return
+        with self._lock:
+            came_back = health.breaker.succeed()
+        if came_back:
+            logger.info("replica %s is reachable again; its lag decides its reads", replica.name)
         if applied is None:
             with self._lock:
                 health.checked, health.lag, health.excluded = True, None, True
@@ -223,9 +267,11 @@ class LagMonitor:
             elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
                 health.excluded = False
                 health.reason = None
+            elif came_back:
+                health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
 
     def _log_when_all_out(self) -> None:
-        all_out = all(h.excluded for h in self._health.values())
+        all_out = all(h.excluded or h.breaker.down for h in self._health.values())
         if all_out and not self._all_out_logged:
             logger.warning(
                 "no replica of %s qualifies (lagging or unreachable): reads go to the primary",
@@ -238,8 +284,13 @@ class LagMonitor:
         if engine is None:
             # pre-ping: a connection broken by a restart is replaced, not taken
             # for the server being down.
+            url = _sync_url(target.sync_engine.url)
             engine = create_engine(
-                _sync_url(target.sync_engine.url), pool_size=1, max_overflow=0, pool_pre_ping=True
+                url,
+                pool_size=1,
+                max_overflow=0,
+                pool_pre_ping=True,
+                connect_args=_connect_timeout(url, self._interval),
             )
             self._engines[target.name] = engine
         return engine
@@ -257,6 +308,23 @@ class LagMonitor:
             self._stop.wait(self._interval)
         for engine in self._engines.values():
             engine.dispose()
+
+
+def _connect_timeout(url: URL, interval: float) -> dict[str, Any]:
+    """Connect arguments that bound a check's connect to an unresponsive host
+    (libpq rounds anything under 2 s up to 2 s)."""
+    seconds = max(2, math.ceil(2 * interval))
+    driver = url.get_driver_name()
+    if driver in ("psycopg", "psycopg2", "pymysql", "mysqldb"):
+        return {"connect_timeout": seconds}
+    return {}
+
+
+def _describe_error(error: BaseException) -> str:
+    """One line naming the error: the driver's exception, not SQLAlchemy's wrapper."""
+    orig = getattr(error, "orig", None) or error
+    text = " ".join(str(orig).split())
+    return f"{type(orig).__name__}: {text[:200]}"
 
 
 def _sync_url(url: URL) -> URL:

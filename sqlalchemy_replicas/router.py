@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -24,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 
 from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .classify import Classifier
-from .connections import dialect_family, install_replica_guard
+from .connections import dialect_family, install_replica_guard, install_stale_connection_check
 from .consistency import ConsistencyLevel, validate_level, validate_seconds
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
@@ -155,6 +155,7 @@ class ReplicaRouter:
         self._weights = _weights(weights, self.replica_names)
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine)
+            install_stale_connection_check(replica.sync_engine, self._down_since(replica.name))
         self._next_replica = itertools.count()
         self._positions: PositionBackend | None = None
         self._lineage: str | None = None
@@ -415,6 +416,21 @@ class ReplicaRouter:
         if monitor is None:
             return order if max_lag is None else []
         return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
+
+    def mark_down(self, replica: RoutedEngine, error: BaseException) -> None:
+        """``replica`` lost a connection (or refused one): no reads go there
+        until the lag monitor's probe, spaced by an exponential backoff
+        (1 s to 30 s), gets through."""
+        monitor = self._ensure_monitor()
+        if monitor is not None:
+            monitor.mark_down(replica.name, error)
+
+    def _down_since(self, name: str) -> Callable[[], float | None]:
+        def down_since() -> float | None:
+            monitor = self._monitor
+            return None if monitor is None else monitor.down_since(name)
+
+        return down_since
 
     def may_serve(self, replica: RoutedEngine) -> bool:
         """Whether the lag monitor lets ``replica`` serve reads now."""

@@ -14,6 +14,7 @@ from sqlalchemy.orm.mapper import Mapper
 from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.util import EMPTY_DICT
 
+from .breaker import is_disconnect
 from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .connections import is_read_only_violation
 from .consistency import ConsistencyLevel, current_consistency, validate_level
@@ -279,6 +280,7 @@ class RoutingSession(Session):
             return backend.applied(self.connection(bind_arguments={"bind": replica.sync_engine}))
         except sa_exc.DBAPIError as error:
             logger.warning("reading the position of replica %s failed: %s", replica.name, error)
+            self._replica_failed(replica, error)
             return None
 
     def _raise_floor_after_primary_read(self) -> None:
@@ -310,12 +312,45 @@ class RoutingSession(Session):
             reached = backend.wait(connection, position, router.wait_timeout)
         except sa_exc.DBAPIError as error:
             logger.warning("waiting on replica %s failed: %s", replica.name, error)
+            if self._replica_failed(replica, error):
+                return False
             reached = False
         if reached:
             router.note_applied(replica.name, position)
         else:
             router.note_wait_failed(replica)
         return reached
+
+    def _replica_failed(self, replica: RoutedEngine, error: BaseException) -> bool:
+        """When ``error`` says ``replica`` is gone (not that a statement was
+        bad): mark it down and drop this session's connection to it, so that
+        the session can go on elsewhere. Returns whether it was gone."""
+        if not is_disconnect(error):
+            return False
+        self.router.mark_down(replica, error)
+        self._forget_connection(replica.sync_engine)
+        return True
+
+    def _forget_connection(self, engine: Engine) -> None:
+        """Release the transaction's connection to ``engine``.
+
+        Safe for replica connections only: they are AUTOCOMMIT, so nothing
+        of the transaction lives on them. SQLAlchemy has no public way to
+        release one connection of a transaction (reusing an invalidated one
+        raises PendingRollbackError), hence the private ``_connections``.
+        """
+        transaction = self._transaction
+        while transaction is not None:
+            connections = transaction._connections
+            entry = connections.pop(engine, None)
+            if entry is not None:
+                connection, engine_transaction, _, autoclose = entry
+                connections.pop(connection, None)
+                if transaction._parent is None:
+                    engine_transaction.close()
+                    if autoclose:
+                        connection.close()
+            transaction = transaction._parent
 
     def _record_commit(self, connection: Connection) -> None:
         """Capture the position of the commit just made on ``connection``."""
@@ -389,29 +424,61 @@ class RoutingSession(Session):
             if level == "monotonic" and not decision.pins:
                 self._raise_floor_after_primary_read()
             return result
-        try:
-            return method(
-                statement, params, execution_options=execution_options,
-                bind_arguments=routed, **kw,
-            )  # fmt: skip
-        except sa_exc.DBAPIError as error:
-            if not is_read_only_violation(error):
-                raise
-            logger.warning(
-                "replica %s refused a statement as a write; running it on the primary "
-                "instead. Mark it with .execution_options(read_only=False) or list its "
-                "function in ReplicaRouter(writing_functions=...). Statement: %s",
-                target.name,
-                " ".join(str(error.statement).split())[:500],
-            )
-            # Safe: the replica changed nothing, and nothing of this transaction
-            # has run on the primary yet (else it would be pinned there).
-            self._pinned_to_primary = True
-            routed[_TARGET_KEY] = self.router.primary_target
-            return method(
-                statement, params, execution_options=execution_options,
-                bind_arguments=routed, **kw,
-            )  # fmt: skip
+        # Each failure marks a replica down, so the route ends on the primary.
+        for _ in range(len(self.router.replica_targets)):
+            try:
+                return method(
+                    statement, params, execution_options=execution_options,
+                    bind_arguments=routed, **kw,
+                )  # fmt: skip
+            except sa_exc.DBAPIError as error:
+                if is_read_only_violation(error):
+                    return self._rerun_refused_write(
+                        method, statement, params, execution_options, routed, kw, target, error
+                    )
+                if not self._replica_failed(target, error):
+                    raise
+                logger.warning(
+                    "replica %s went away during a read; running the read elsewhere", target.name
+                )
+            # Nothing was returned yet, and replica reads hold no transaction
+            # state: the read can run again wherever the policy now says.
+            target = self._route(decision, statement, level, wait=True)
+            routed[_TARGET_KEY] = target
+            if target is self.router.primary_target:
+                break
+        return method(
+            statement, params, execution_options=execution_options,
+            bind_arguments=routed, **kw,
+        )  # fmt: skip
+
+    def _rerun_refused_write(
+        self,
+        method: Callable[..., _T],
+        statement: Any,
+        params: Any,
+        execution_options: Mapping[str, Any],
+        routed: dict[str, Any],
+        kw: dict[str, Any],
+        target: RoutedEngine,
+        error: sa_exc.DBAPIError,
+    ) -> _T:
+        """A read-only replica refused ``statement`` as a write: run it on the primary."""
+        logger.warning(
+            "replica %s refused a statement as a write; running it on the primary "
+            "instead. Mark it with .execution_options(read_only=False) or list its "
+            "function in ReplicaRouter(writing_functions=...). Statement: %s",
+            target.name,
+            " ".join(str(error.statement).split())[:500],
+        )
+        # Safe: the replica changed nothing, and nothing of this transaction
+        # has run on the primary yet (else it would be pinned there).
+        self._pinned_to_primary = True
+        routed[_TARGET_KEY] = self.router.primary_target
+        return method(
+            statement, params, execution_options=execution_options,
+            bind_arguments=routed, **kw,
+        )  # fmt: skip
 
 
 def _routing_options(

@@ -133,8 +133,6 @@ def test_unreachable_replica_is_left_out_and_readmitted(
     assert "unreachable" in (status_of(router, "replica2").reason or "")
     assert probe_reads(router, "eventual") == {"replica1"}
     topology.start_replica(1)
-    await_health(router, "replica2", True, timeout=10)
-    for replica in router.replicas:
-        assert isinstance(replica, sa.Engine)
-        replica.dispose()  # pooled connections to the killed server are stale
+    await_health(router, "replica2", True, timeout=40)  # probes back off up to 30 s
+    # Its pooled connections broke with it: they are dropped, not read on.
     assert probe_reads(router, "eventual") == {"replica1", "replica2"}

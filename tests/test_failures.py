@@ -1,0 +1,315 @@
+"""Replica failures: marked down at the first lost connection, reads rerun
+elsewhere, readmitted after a probe; statement errors change nothing.
+
+Every test kills real replica servers (SIGKILL) of the PostgreSQL and the
+MariaDB topology.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+
+import sqlalchemy_replicas as sr
+from sqlalchemy_replicas.testing import StatementLog, Topology
+from sqlalchemy_replicas.testing._process import wait_until
+
+#: Long enough that only sessions, not the lag monitor, can notice a failure.
+NO_MONITOR_CHECKS = 600.0
+QUICK_CHECKS = 0.2
+
+
+def make_router(topology: Topology, interval: float, *, is_async: bool = False) -> sr.ReplicaRouter:
+    if is_async:
+        return sr.ReplicaRouter(
+            topology.async_primary_url,
+            topology.async_replica_urls,
+            lag_check_interval=interval,
+        )
+    return sr.ReplicaRouter(
+        topology.primary_url, topology.replica_urls, lag_check_interval=interval
+    )
+
+
+def create_schema(topology: Topology) -> None:
+    engine = sa.create_engine(topology.primary_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE item (id INTEGER PRIMARY KEY, name VARCHAR(20))"))
+        conn.execute(sa.text("INSERT INTO item VALUES (1, 'one'), (2, 'two')"))
+    engine.dispose()
+    topology.wait_for_catchup()
+
+
+@pytest.fixture
+def sync_router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
+    create_schema(topology)
+    router = make_router(topology, NO_MONITOR_CHECKS)
+    await_all_healthy(router)
+    yield router
+    router.dispose()
+
+
+def status_of(router: sr.ReplicaRouter, name: str) -> sr.ReplicaStatus:
+    return next(s for s in router.status() if s.name == name)
+
+
+def await_all_healthy(router: sr.ReplicaRouter, timeout: float = 40.0) -> None:
+    """Wait for every replica to get reads (a probe is due at most 30 s apart)."""
+    wait_until(
+        lambda: all(s.healthy for s in router.status()),
+        timeout=timeout,
+        what="every replica to be healthy",
+    )
+
+
+def key_preferring(router: sr.ReplicaRouter, name: str) -> str:
+    """A sticky key whose first choice is replica ``name``."""
+    for n in range(1000):
+        if router.replica_order(str(n).encode())[0].name == name:
+            return str(n)
+    raise AssertionError(f"no key prefers {name}")
+
+
+class Traffic:
+    """Statements sent to, and connections attempted on, each server."""
+
+    def __init__(self, router: sr.ReplicaRouter) -> None:
+        self._log = StatementLog(router)
+        self._lock = threading.Lock()
+        self.connects: Counter[str] = Counter()
+        self._listeners = []
+        for target in (router.primary_target, *router.replica_targets):
+
+            def count(*args: Any, _name: str = target.name) -> None:
+                with self._lock:
+                    self.connects[_name] += 1
+
+            event.listen(target.sync_engine, "do_connect", count)
+            self._listeners.append((target.sync_engine, count))
+        self._log.__enter__()
+
+    def to(self, name: str) -> int:
+        with self._lock:
+            return self._log.counts()[name] + self.connects[name]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._log.clear()
+            self.connects.clear()
+
+    def close(self) -> None:
+        self._log.__exit__(None, None, None)
+        for engine, listener in self._listeners:
+            event.remove(engine, "do_connect", listener)
+
+
+def test_a_replica_lost_mid_session_is_marked_down_and_the_read_runs_elsewhere(
+    topology: Topology, sync_router: sr.ReplicaRouter
+) -> None:
+    """The session's replica dies between two reads: the second read returns the
+    right rows from the other replica, the dead one is marked down at once
+    (the lag monitor is not due for minutes), and the session goes on to
+    write and commit."""
+    router = sync_router
+    with sr.sticky(key_preferring(router, "replica1")), router.sessionmaker()() as session:
+        with StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT name FROM item WHERE id = 1")) == "one"
+        assert log.counts() == Counter({"replica1": 1})
+        topology.kill_replica(0)
+
+        with StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT name FROM item WHERE id = 2")) == "two"
+            assert session.scalar(sa.text("SELECT name FROM item WHERE id = 1")) == "one"
+        # The first try broke on replica1; it ran again on replica2, and so
+        # did the next read.
+        assert [s.node for s in log.statements] == ["replica1", "replica2", "replica2"]
+        replica1 = status_of(router, "replica1")
+        assert replica1.healthy is False
+        assert (replica1.reason or "").startswith("disconnected: ")
+        assert status_of(router, "replica2").healthy is True
+
+        session.execute(sa.text("INSERT INTO item VALUES (3, 'three')"))
+        session.commit()
+        assert session.scalar(sa.text("SELECT name FROM item WHERE id = 3")) == "three"
+
+
+def test_statement_errors_do_not_mark_a_replica_down(
+    topology: Topology, sync_router: sr.ReplicaRouter
+) -> None:
+    """A bad statement on a replica raises to the caller, runs nowhere else, and
+    the replica keeps its reads."""
+    router = sync_router
+    with sr.sticky(key_preferring(router, "replica1")), router.sessionmaker()() as session:
+        with StatementLog(router) as log, pytest.raises(sa_exc.ProgrammingError):
+            session.execute(sa.text("SELECT * FROM no_such_table"))
+        assert log.counts() == Counter({"replica1": 1})
+        assert status_of(router, "replica1").healthy is True
+        with StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT name FROM item WHERE id = 1")) == "one"
+        assert log.counts() == Counter({"replica1": 1})
+
+
+@pytest.mark.parametrize("level", ["read_your_writes", "monotonic", "eventual", "bounded"])
+def test_with_every_replica_down_reads_are_served_by_the_primary(
+    topology: Topology, sync_router: sr.ReplicaRouter, level: sr.ConsistencyLevel
+) -> None:
+    """Both replicas die under open sessions: reads at every level succeed on
+    the primary, without an error."""
+    router = sync_router
+    with router.sessionmaker()() as session, sr.consistency(level):
+        for _ in range(2):  # a connection to each replica
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 2
+        topology.kill_replica(0)
+        topology.kill_replica(1)
+        with StatementLog(router) as log:
+            for _ in range(3):
+                assert session.scalar(sa.text("SELECT count(*) FROM item")) == 2
+    # Each replica broke the first read that tried it, then got no more.
+    reads = Counter(s.node for s in log.statements if "count(*)" in s.sql)
+    assert reads["primary"] == 3
+    assert reads["replica1"] <= 1
+    assert reads["replica2"] <= 1
+    assert [s.healthy for s in router.status()] == [False, False]
+
+
+def test_a_down_replica_is_readmitted_after_a_probe_gets_through(topology: Topology) -> None:
+    """Killed and restarted, a replica gets reads again once the monitor's probe
+    reaches it; its pooled connections, broken by the restart, cost no read."""
+    create_schema(topology)
+    router = make_router(topology, QUICK_CHECKS)
+    try:
+        await_all_healthy(router)
+        make = router.sessionmaker()
+        key = key_preferring(router, "replica1")
+        with sr.sticky(key), make() as session:
+            session.scalar(sa.text("SELECT count(*) FROM item"))
+        topology.kill_replica(0)
+        wait_until(lambda: status_of(router, "replica1").healthy is False, timeout=5, what="down")
+        topology.start_replica(0)
+        await_all_healthy(router)
+        with sr.sticky(key), make() as session, StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 2
+        assert log.counts() == Counter({"replica1": 1})
+    finally:
+        router.dispose()
+
+
+class ReadLoad:
+    """Workers reading in a loop, each read in its own session (a request);
+    counts reads that returned the right answer and reads that failed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = 0
+        self.failures: list[BaseException] = []
+        self.stop = threading.Event()
+
+    def record(self, ok: bool, error: BaseException | None = None) -> None:
+        with self.lock:
+            if ok:
+                self.done += 1
+            else:
+                self.failures.append(error or AssertionError("wrong result"))
+
+    def await_reads(self, more: int, timeout: float = 20.0) -> None:
+        target = self.done + more
+        wait_until(
+            lambda: self.done >= target or bool(self.failures), timeout=timeout, what="reads"
+        )
+        assert not self.failures, self.failures[:3]
+
+
+def run_kill_scenario(topology: Topology, router: sr.ReplicaRouter, load: ReadLoad) -> None:
+    """With ``load`` running: kill replica1; once it is marked down it gets no
+    traffic; restarted, it serves again. No read fails throughout."""
+    traffic = Traffic(router)
+    try:
+        load.await_reads(50)
+        assert traffic.to("replica1") > 0
+        topology.kill_replica(0)
+        load.await_reads(50)
+        wait_until(lambda: status_of(router, "replica1").healthy is False, timeout=5, what="down")
+        traffic.clear()
+        load.await_reads(100)
+        assert traffic.to("replica1") == 0
+        assert traffic.to("replica2") > 0
+
+        topology.start_replica(0)
+        await_all_healthy(router)
+        traffic.clear()
+        load.await_reads(100)
+        assert traffic.to("replica1") > 0
+    finally:
+        load.stop.set()
+        traffic.close()
+    assert load.failures == []
+
+
+def test_killing_a_replica_under_threaded_read_load_fails_no_read(topology: Topology) -> None:
+    """Eight threads read continuously while a replica is killed and restarted:
+    zero failed reads; the dead replica gets no traffic once marked down, and
+    reads again after its restart."""
+    create_schema(topology)
+    router = make_router(topology, QUICK_CHECKS)
+    make = router.sessionmaker()
+    load = ReadLoad()
+
+    def worker() -> None:
+        while not load.stop.is_set():
+            try:
+                with make() as session:
+                    load.record(session.scalar(sa.text("SELECT count(*) FROM item")) == 2)
+            except Exception as error:
+                load.record(False, error)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    try:
+        await_all_healthy(router)
+        for thread in threads:
+            thread.start()
+        run_kill_scenario(topology, router, load)
+    finally:
+        load.stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        router.dispose()
+
+
+def test_killing_a_replica_under_asyncio_read_load_fails_no_read(topology: Topology) -> None:
+    """The same with eight asyncio tasks on the async drivers, the scenario
+    driven from a thread so the event loop keeps running."""
+    create_schema(topology)
+    router = make_router(topology, QUICK_CHECKS, is_async=True)
+    load = ReadLoad()
+
+    async def main() -> None:
+        make = router.async_sessionmaker()
+
+        async def worker() -> None:
+            while not load.stop.is_set():
+                try:
+                    async with make() as session:
+                        count = await session.scalar(sa.text("SELECT count(*) FROM item"))
+                        load.record(count == 2)
+                except Exception as error:
+                    load.record(False, error)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(8)]
+        scenario = asyncio.create_task(asyncio.to_thread(run_kill_scenario, topology, router, load))
+        try:
+            await scenario
+        finally:
+            load.stop.set()
+            await asyncio.gather(*tasks)
+            await router.adispose()
+
+    await_all_healthy(router)
+    asyncio.run(main())

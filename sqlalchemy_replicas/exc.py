@@ -8,6 +8,7 @@ catches ``sqlalchemy.exc.SQLAlchemyError`` keeps working::
     │   └── ConfigurationError      bad router/session/topology arguments
     └── sqlalchemy.exc.InvalidRequestError
         └── ReplicasError           everything else raised at run time
+            ├── PrimaryUnavailable  no primary to write to
             └── TopologyError       a local test topology failed
                 └── ServerBinaryNotFound
 
@@ -21,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 
 __all__ = [
     "ConfigurationError",
+    "PrimaryUnavailable",
     "ReplicasError",
     "ServerBinaryNotFound",
     "TopologyError",
@@ -36,6 +38,16 @@ class ConfigurationError(sa_exc.ArgumentError):
 
 class ReplicasError(sa_exc.InvalidRequestError):
     """Base class of run-time errors raised by sqlalchemy-replicas."""
+
+
+class PrimaryUnavailable(ReplicasError):
+    """No primary could be connected to: the configured primary (and every
+    ``primary_candidates`` URL) is down or read-only.
+
+    Raised where a primary connection is needed: writes, ``strong`` reads,
+    and reads with no replica to go to. The message lists each candidate
+    and what was wrong with it; ``__cause__`` is the last driver error.
+    """
 
 
 class TopologyError(ReplicasError):

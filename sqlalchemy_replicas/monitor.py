@@ -215,7 +215,7 @@ class LagMonitor:
             horizon = max(10.0, 3 * router.max_lag)
             self._estimator = LagEstimator(backend.reached, horizon)
         try:
-            with self._engine(router.primary_target).connect() as conn:
+            with self._engine(router, router.primary_target).connect() as conn:
                 primary_position = backend.current(conn)
         except Exception as error:  # the primary is down: replicas cannot be judged
             logger.warning("lag check: the primary is unreachable: %s", error)
@@ -233,7 +233,7 @@ class LagMonitor:
         if not health.breaker.probe_due(time.monotonic()):
             return
         try:
-            with self._engine(replica).connect() as conn:
+            with self._engine(router, replica).connect() as conn:
                 applied = backend.applied(conn)
         except Exception as error:
             with self._lock:
@@ -279,7 +279,7 @@ class LagMonitor:
             )
         self._all_out_logged = all_out
 
-    def _engine(self, target: RoutedEngine) -> Engine:
+    def _engine(self, router: ReplicaRouter, target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
             # pre-ping: a connection broken by a restart is replaced, not taken
@@ -292,6 +292,8 @@ class LagMonitor:
                 pool_pre_ping=True,
                 connect_args=_connect_timeout(url, self._interval),
             )
+            if target is router.primary_target:
+                router.install_discovery(engine)
             self._engines[target.name] = engine
         return engine
 

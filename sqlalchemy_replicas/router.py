@@ -26,6 +26,7 @@ from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard, install_stale_connection_check
 from .consistency import ConsistencyLevel, validate_level, validate_seconds
+from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
@@ -91,6 +92,13 @@ class ReplicaRouter:
         each), e.g. ``{"replica1": 2.0}`` for a replica twice the size.
     :param lag_check_interval: seconds between the lag monitor's checks (it
         starts with the first routed read).
+    :param primary_candidates: the other servers (URLs, or engines whose URL
+        is taken) that may become the primary after a failover. Each new
+        primary connection goes to the candidate that accepts writes
+        (PostgreSQL: not in recovery; MariaDB/MySQL: not ``read_only``), the
+        configured primary first. A replica may be listed here too. When no
+        candidate qualifies, primary connections raise
+        :class:`~sqlalchemy_replicas.exc.PrimaryUnavailable`.
     :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
         async sources, a negative number or an unknown consistency level.
     """
@@ -111,6 +119,7 @@ class ReplicaRouter:
         token_max_age: float = 86400.0,
         weights: Mapping[str, float] | None = None,
         lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
@@ -138,14 +147,29 @@ class ReplicaRouter:
         self.name = name
         options = dict(engine_options or {})
 
-        self._primary = _routed("primary", primary, options)
+        candidates = _as_list(primary_candidates, "primary_candidates")
+        # After a failover every pooled primary connection is dead: pinging on
+        # checkout lets the first write find the new primary instead of failing.
+        primary_options = {"pool_pre_ping": True, **options} if candidates else options
+        self._primary = _routed("primary", primary, primary_options)
         named = (
             list(replicas.items())
             if isinstance(replicas, Mapping)
-            else [(f"replica{i}", src) for i, src in enumerate(_as_list(replicas), start=1)]
+            else [
+                (f"replica{i}", src)
+                for i, src in enumerate(_as_list(replicas, "replicas"), start=1)
+            ]
         )
         self._replicas = tuple(_routed(n, src, options) for n, src in named)
         self._check_uniform()
+        self._discovery = PrimaryDiscovery(
+            [
+                self._primary.sync_engine.url,
+                *_candidate_urls(candidates, self._primary.sync_engine),
+            ],
+            self._primary_moved,
+        )
+        self._discovery.install(self._primary.sync_engine)
         family = dialect_family(self._primary.sync_engine)
         self.classifier = Classifier(
             "postgresql" if family == "postgresql" else "mysql" if family == "mysql" else "generic",
@@ -173,6 +197,22 @@ class ReplicaRouter:
     def primary(self) -> Engine | AsyncEngine:
         """The primary's engine (an ``AsyncEngine`` when the router is async)."""
         return self._primary.engine
+
+    @property
+    def primary_url(self) -> str:
+        """Where primary connections go now, without the password: the
+        configured primary, or the ``primary_candidates`` entry that last
+        answered as the primary."""
+        return self._discovery.current_url.render_as_string(hide_password=True)
+
+    def install_discovery(self, engine: Engine) -> None:
+        """Make ``engine`` (a private engine on the primary, such as the lag
+        monitor's) connect to wherever the primary is now."""
+        self._discovery.install(engine)
+
+    def _primary_moved(self, url: URL) -> None:
+        # Another server: its history may differ (MariaDB names it by address).
+        self._lineage = None
 
     @property
     def replicas(self) -> tuple[Engine | AsyncEngine, ...]:
@@ -487,13 +527,31 @@ class ReplicaRouter:
                 )
 
 
-def _as_list(replicas: Iterable[EngineSource]) -> list[EngineSource]:
-    if isinstance(replicas, (str, URL, Engine, AsyncEngine)):
+def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL]:
+    """The URLs of ``primary_candidates``, checked against the primary's dialect."""
+    urls = []
+    for index, source in enumerate(candidates):
+        routed = _routed(f"primary_candidates[{index}]", source, {})
+        if dialect_family(routed.sync_engine) != dialect_family(primary):
+            raise ConfigurationError(
+                f"primary_candidates[{index}] uses the {routed.sync_engine.dialect.name!r} "
+                f"dialect but the primary uses {primary.dialect.name!r}; a candidate is "
+                "the same database cluster, so the same kind"
+            )
+        urls.append(routed.sync_engine.url)
+        if routed.owned:
+            routed.sync_engine.dispose()
+    return urls
+
+
+def _as_list(sources: Iterable[EngineSource], argument: str) -> list[EngineSource]:
+    if isinstance(sources, (str, URL, Engine, AsyncEngine)):
+        mapping = " (or a mapping of name to URL/engine)" if argument == "replicas" else ""
         raise ConfigurationError(
-            "replicas must be a sequence of URLs or engines (or a mapping of name to "
-            f"URL/engine), not a single {type(replicas).__name__}; wrap it: replicas=[...]"
+            f"{argument} must be a sequence of URLs or engines{mapping}, not a single "
+            f"{type(sources).__name__}; wrap it: {argument}=[...]"
         )
-    return list(replicas)
+    return list(sources)
 
 
 def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:

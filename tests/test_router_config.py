@@ -118,3 +118,22 @@ def test_dispose_closes_only_engines_the_router_created() -> None:
     router.dispose()
     assert given.pool is given_pool
     assert router.replicas[0].pool is not made_pool
+
+
+def test_bad_primary_candidates_are_rejected_where_given() -> None:
+    """primary_candidates: a bare URL, another database kind or a bad URL raise
+    ConfigurationError naming the entry; the password is never echoed."""
+    with pytest.raises(ConfigurationError, match=r"wrap it: primary_candidates=\[\.\.\.\]"):
+        sr.ReplicaRouter(PG, [], primary_candidates=PG)
+    with pytest.raises(ConfigurationError, match=r"primary_candidates\[0\] uses the 'mariadb'"):
+        sr.ReplicaRouter(PG, [], primary_candidates=[MARIADB])
+    with pytest.raises(ConfigurationError, match=r"primary_candidates\[1\]") as caught:
+        sr.ReplicaRouter(PG, [], primary_candidates=[PG, "nosuchdriver://u:secretpw@h/db"])
+    assert "secretpw" not in str(caught.value)
+
+
+def test_primary_url_names_the_configured_primary_without_its_password() -> None:
+    """Before any failover, primary_url is the configured primary, password hidden."""
+    router = sr.ReplicaRouter(PG, [], primary_candidates=[PG.replace(":1/", ":2/")])
+    assert router.primary_url == "postgresql+psycopg://u:***@127.0.0.1:1/db"
+    router.dispose()

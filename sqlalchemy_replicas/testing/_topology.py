@@ -66,6 +66,7 @@ class Topology(abc.ABC):
         self._primary: ServerProcess | None = None
         self._replicas: list[ServerProcess] = []
         self._paused: set[int] = set()
+        self._promoted = False
         self._delays: dict[int, float] = {}
         self._lock = threading.RLock()
 
@@ -238,6 +239,15 @@ class Topology(abc.ABC):
         with self._lock:
             self._start_server(self._primary_server(), retry_port=False)
 
+    def promote_replica(self, replica: int) -> None:
+        """Make a replica a primary that accepts writes (a failover); the old
+        primary keeps running until stopped. The other replicas still follow
+        the old primary. There is no way back: :meth:`reset` refuses a
+        topology after this, so give a failover test a topology of its own."""
+        with self._lock:
+            self._promote(self._replica(replica))
+            self._promoted = True
+
     def wait_for_catchup(self, timeout: float = 30.0) -> None:
         """Wait until every running, unpaused replica has applied all the
         primary has committed so far.
@@ -256,6 +266,11 @@ class Topology(abc.ABC):
         and empties the application database on the primary (replicated).
         """
         with self._lock:
+            if self._promoted:
+                raise TopologyError(
+                    "a replica of this topology was promoted (promote_replica); it cannot "
+                    "be reset: start a new topology"
+                )
             if not self._primary_server().is_running:
                 self.start_primary()
             for index, server in enumerate(self._replica_servers()):
@@ -309,6 +324,9 @@ class Topology(abc.ABC):
 
     @abc.abstractmethod
     def _set_delay(self, server: ServerProcess, seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    def _promote(self, server: ServerProcess) -> None: ...
 
     @abc.abstractmethod
     def _primary_position(self) -> str:

@@ -273,6 +273,14 @@ class MariaDBTopology(Topology):
             "START SLAVE",
         )
 
+    def set_primary_read_only(self, read_only: bool) -> None:
+        """Turn the primary's ``read_only`` on (a demotion, as failover tools
+        do it to the old primary) or off."""
+        self._execute(self._primary_server(), f"SET GLOBAL read_only = {int(read_only)}")
+
+    def _promote(self, server: ServerProcess) -> None:
+        self._execute(server, "STOP SLAVE", "RESET SLAVE ALL", "SET GLOBAL read_only = 0")
+
     # -- positions -------------------------------------------------------------------
 
     def _primary_position(self) -> str:

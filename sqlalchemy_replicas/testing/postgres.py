@@ -241,6 +241,11 @@ class PostgresTopology(Topology):
         self._start_server(server, retry_port=False)
         self._await_replicating(server)
 
+    def _promote(self, server: ServerProcess) -> None:
+        with self._admin(server) as conn:
+            # wait => true: returns once the server accepts writes.
+            conn.execute("SELECT pg_promote(wait => true)")
+
     # -- positions -------------------------------------------------------------------
 
     def _primary_position(self) -> str:

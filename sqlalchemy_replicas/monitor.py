@@ -138,6 +138,7 @@ class LagMonitor:
             target=self._run, name=f"sqlalchemy-replicas-monitor-{router.name}", daemon=True
         )
         self._all_out_logged = False
+        self._primary_down_logged = False
 
     def start(self) -> None:
         """Start checking in the background."""
@@ -217,10 +218,17 @@ class LagMonitor:
         try:
             with self._engine(router, router.primary_target).connect() as conn:
                 primary_position = backend.current(conn)
-        except Exception as error:  # the primary is down: replicas cannot be judged
-            logger.warning("lag check: the primary is unreachable: %s", error)
-            return
-        self._estimator.record_primary(time.monotonic(), primary_position)
+        except Exception as error:
+            # No new sample: lags are judged against the samples kept, and
+            # down replicas are still probed (reads may need them most now).
+            if not self._primary_down_logged:
+                logger.warning("lag check: the primary is unreachable: %s", error)
+            self._primary_down_logged = True
+        else:
+            if self._primary_down_logged:
+                logger.info("lag check: the primary is reachable again")
+            self._primary_down_logged = False
+            self._estimator.record_primary(time.monotonic(), primary_position)
         for replica in router.replica_targets:
             self._check_replica(router, replica)
         self._log_when_all_out()

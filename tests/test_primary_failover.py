@@ -85,7 +85,8 @@ def test_writes_follow_a_failover_to_the_promoted_replica(own_topology: Topology
 def test_without_a_primary_writes_raise_and_eventual_reads_go_on(topology: Topology) -> None:
     """The primary is stopped and no candidate is configured: a write raises
     PrimaryUnavailable naming the primary and the fix; eventual and bounded
-    reads are still served by the replicas."""
+    reads are still served by the replicas, and a replica that dies and
+    comes back meanwhile is readmitted."""
     create_schema(topology)
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, lag_check_interval=0.2)
     make = router.sessionmaker()
@@ -102,6 +103,14 @@ def test_without_a_primary_writes_raise_and_eventual_reads_go_on(topology: Topol
         for level in ("eventual", "bounded"):
             with make() as session, sr.consistency(level):
                 assert session.scalar(sa.text("SELECT body FROM note WHERE id = 1")) == "before"
+
+        # Replicas are still probed while the primary is away.
+        topology.kill_replica(0)
+        with make() as session, sr.consistency("eventual"):
+            for _ in range(2):
+                assert session.scalar(sa.text("SELECT body FROM note WHERE id = 1")) == "before"
+        topology.start_replica(0, await_replicating=False)
+        wait_until(lambda: all(s.healthy for s in router.status()), timeout=40, what="readmitted")
     finally:
         router.dispose()
 

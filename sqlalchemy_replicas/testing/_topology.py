@@ -218,13 +218,16 @@ class Topology(abc.ABC):
         """Crash a replica: no clean shutdown, open connections break."""
         self._replica(replica).signal_and_wait(self._crash_signal, timeout=self.stop_timeout)
 
-    def start_replica(self, replica: int) -> None:
-        """Start a stopped or killed replica again on its old port; wait until it replicates."""
+    def start_replica(self, replica: int, *, await_replicating: bool = True) -> None:
+        """Start a stopped or killed replica again on its old port; wait until it
+        replicates, or with ``await_replicating=False`` (the primary is down,
+        say) only until it accepts connections."""
         with self._lock:
             server = self._replica(replica)
             self._start_server(server, retry_port=False)
             self._paused.discard(replica)
-            self._await_replicating(server)
+            if await_replicating:
+                self._await_replicating(server)
 
     def stop_primary(self) -> None:
         """Shut the primary down cleanly."""

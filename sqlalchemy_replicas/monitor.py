@@ -27,10 +27,11 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from .breaker import Breaker
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["LagEstimator", "LagMonitor", "ReplicaStatus"]
 
 logger = logging.getLogger("sqlalchemy_replicas.monitor")
+_R = TypeVar("_R")
 
 #: A left-out replica is readmitted once its lag is below max_lag times this.
 READMIT_FRACTION: Final = 0.8
@@ -216,8 +218,7 @@ class LagMonitor:
             horizon = max(10.0, 3 * router.max_lag)
             self._estimator = LagEstimator(backend.reached, horizon)
         try:
-            with self._engine(router, router.primary_target).connect() as conn:
-                primary_position = backend.current(conn)
+            primary_position = self._ask(router, router.primary_target, backend.current)
         except Exception as error:
             # No new sample: lags are judged against the samples kept, and
             # down replicas are still probed (reads may need them most now).
@@ -241,8 +242,7 @@ class LagMonitor:
         if not health.breaker.probe_due(time.monotonic()):
             return
         try:
-            with self._engine(router, replica).connect() as conn:
-                applied = backend.applied(conn)
+            applied = self._ask(router, replica, backend.applied)
         except Exception as error:
             with self._lock:
                 tripped = health.breaker.check_failed(time.monotonic())
@@ -287,17 +287,33 @@ class LagMonitor:
             )
         self._all_out_logged = all_out
 
+    def _ask(
+        self, router: ReplicaRouter, target: RoutedEngine, question: Callable[[Connection], _R]
+    ) -> _R:
+        """One query on ``target``. A pooled connection that broke since the
+        last check (the server restarted) is replaced and the query asked
+        once more: a check costs one query, not a ping and a query."""
+        engine = self._engine(router, target)
+        try:
+            with engine.connect() as conn:
+                return question(conn)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+        with engine.connect() as conn:
+            return question(conn)
+
     def _engine(self, router: ReplicaRouter, target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
-            # pre-ping: a connection broken by a restart is replaced, not taken
-            # for the server being down.
             url = _sync_url(target.sync_engine.url)
+            # AUTOCOMMIT, no ROLLBACK on return: a check is one round trip.
             engine = create_engine(
                 url,
                 pool_size=1,
                 max_overflow=0,
-                pool_pre_ping=True,
+                isolation_level="AUTOCOMMIT",
+                skip_autocommit_rollback=True,
                 connect_args=_connect_timeout(url, self._interval),
             )
             if target is router.primary_target:

@@ -64,6 +64,10 @@ class ReplicaStatus:
     :ivar lag_seconds: measured lag (an upper bound), None when unknown.
     :ivar position: the position it had applied at the last check (text).
     :ivar reason: why it gets no reads, when it gets none.
+    :ivar lag_bytes: PostgreSQL: bytes of WAL it had still to replay at the
+        last check (None elsewhere, or when unknown).
+    :ivar lag_transactions: MariaDB/MySQL: transactions it had still to
+        apply at the last check (None elsewhere, or when unknown).
     """
 
     name: str
@@ -72,6 +76,8 @@ class ReplicaStatus:
     lag_seconds: float | None
     position: str | None
     reason: str | None
+    lag_bytes: int | None = None
+    lag_transactions: int | None = None
 
 
 class LagEstimator:
@@ -116,6 +122,8 @@ class _Health:
     lag_exact: bool = False
     position: Any | None = None
     reason: str | None = None
+    # How much it had still to apply at the last check (backend.behind_unit).
+    behind: int | None = None
 
 
 class LagMonitor:
@@ -177,6 +185,7 @@ class LagMonitor:
                 if health.position is None or backend is None
                 else backend.format(health.position)
             )
+            unit = None if backend is None else backend.behind_unit
             result.append(
                 ReplicaStatus(
                     replica.name,
@@ -185,6 +194,8 @@ class LagMonitor:
                     health.lag,
                     position,
                     health.reason,
+                    lag_bytes=health.behind if unit == "bytes" else None,
+                    lag_transactions=health.behind if unit == "transactions" else None,
                 )
             )
         return result
@@ -225,16 +236,19 @@ class LagMonitor:
             if not self._primary_down_logged:
                 logger.warning("lag check: the primary is unreachable: %s", error)
             self._primary_down_logged = True
+            primary_position = None
         else:
             if self._primary_down_logged:
                 logger.info("lag check: the primary is reachable again")
             self._primary_down_logged = False
             self._estimator.record_primary(time.monotonic(), primary_position)
         for replica in router.replica_targets:
-            self._check_replica(router, replica)
+            self._check_replica(router, replica, primary_position)
         self._log_when_all_out()
 
-    def _check_replica(self, router: ReplicaRouter, replica: RoutedEngine) -> None:
+    def _check_replica(
+        self, router: ReplicaRouter, replica: RoutedEngine, primary_position: Any | None
+    ) -> None:
         backend = router.positions
         assert backend is not None
         assert self._estimator is not None
@@ -247,6 +261,7 @@ class LagMonitor:
             with self._lock:
                 tripped = health.breaker.check_failed(time.monotonic())
                 health.checked, health.lag, health.lag_exact = True, None, False
+                health.behind = None
                 health.reason = f"unreachable: {_describe_error(error)}"
             if tripped:
                 logger.warning(
@@ -266,9 +281,10 @@ class LagMonitor:
             return
         lag, exact = self._estimator.lag(applied, time.monotonic())
         router.note_applied(replica.name, applied)
+        behind = None if primary_position is None else backend.behind(primary_position, applied)
         with self._lock:
             health.checked, health.lag, health.lag_exact = True, lag, exact
-            health.position = applied
+            health.position, health.behind = applied, behind
             if lag > router.max_lag:
                 health.excluded = True
                 health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"

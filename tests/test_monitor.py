@@ -77,14 +77,20 @@ def probe_reads(router: sr.ReplicaRouter, level: sr.ConsistencyLevel, **kw: floa
     return {s.node for s in log.statements if "probe" in s.sql}
 
 
-def test_status_reports_each_replica(router: sr.ReplicaRouter) -> None:
-    """status(): name, URL without password, healthy, lag, applied position."""
+def test_status_reports_each_replica(router: sr.ReplicaRouter, topology: Topology) -> None:
+    """status(): name, URL without password, healthy, lag, applied position, and
+    what is left to apply (bytes on PostgreSQL, transactions on MariaDB)."""
     router.status()  # starts the monitor
     await_health(router, "replica1", True, timeout=5)
     await_health(router, "replica2", True, timeout=5)
     for status in router.status():
         assert status.lag_seconds is not None
         assert status.lag_seconds <= MAX_LAG
+        if topology.backend == "mariadb":
+            assert (status.lag_bytes, status.lag_transactions) == (None, 0)
+        else:  # WAL bytes, which even an idle primary writes now and then
+            assert status.lag_transactions is None
+            assert isinstance(status.lag_bytes, int)
         assert status.position
         assert status.reason is None
         assert ":app@" not in status.url
@@ -102,7 +108,14 @@ def test_lagging_replica_gets_no_reads_until_it_catches_up(
     topology.pause_replay(0)
     tick(router, 1)
     await_health(router, "replica1", False, timeout=MAX_LAG + 2 * INTERVAL + 2)
-    assert "lag" in (status_of(router, "replica1").reason or "")
+    replica1 = status_of(router, "replica1")
+    assert "lag" in (replica1.reason or "")
+    if topology.backend == "mariadb":
+        assert (replica1.lag_bytes, replica1.lag_transactions) == (None, 1)  # the tick
+    else:
+        assert replica1.lag_transactions is None
+        assert replica1.lag_bytes is not None
+        assert replica1.lag_bytes > 0
     assert probe_reads(router, "eventual") == {"replica2"}
     assert probe_reads(router, "bounded", max_lag=0.5) == {"replica2"}
 

@@ -98,6 +98,22 @@ def commit_row(primary: sa.Engine, item_id: int) -> object:
         return backend.capture(conn)
 
 
+def test_behind_counts_what_is_left_to_apply() -> None:
+    """behind(): WAL bytes on PostgreSQL; on MariaDB and MySQL, transactions the
+    applied position lacks (per domain / per source, gaps included); 0 when
+    nothing is left or the replica is ahead of a stale primary sample."""
+    pg, maria, mysql, uuid = PG, MARIADB, MYSQL, UUID_A
+    assert pg.behind_unit == "bytes"
+    assert pg.behind(pg.parse("0/3000100"), pg.parse("0/3000000")) == 0x100
+    assert pg.behind(pg.parse("0/3000000"), pg.parse("0/3000100")) == 0
+    assert maria.behind_unit == "transactions"
+    assert maria.behind(maria.parse("0-1-10,1-2-5"), maria.parse("0-1-7")) == 3 + 5
+    assert maria.behind(maria.parse("0-1-10"), maria.parse("0-1-10,1-2-5")) == 0
+    assert mysql.behind_unit == "transactions"
+    assert mysql.behind(mysql.parse(f"{uuid}:1-10"), mysql.parse(f"{uuid}:1-3:5-8")) == 3
+    assert mysql.behind(mysql.parse(f"{uuid}:1-10"), mysql.parse(f"{uuid}:1-20")) == 0
+
+
 def test_captured_position_is_applied_exactly_when_the_row_is_visible(
     topology: Topology, engines: tuple[sa.Engine, sa.Engine]
 ) -> None:

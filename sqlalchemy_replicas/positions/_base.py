@@ -78,6 +78,14 @@ class PositionBackend(abc.ABC):
     def merge(self, a: Any, b: Any) -> Any:
         """The smallest position that has reached both ``a`` and ``b``."""
 
+    #: What :meth:`behind` counts: ``"bytes"`` (of WAL) or ``"transactions"``.
+    behind_unit: str = ""
+
+    @abc.abstractmethod
+    def behind(self, primary: Any, applied: Any) -> int:
+        """How much of ``primary`` a server at ``applied`` has still to apply,
+        in :attr:`behind_unit` (0 when it has it all)."""
+
     # -- I/O ---------------------------------------------------------------
 
     @abc.abstractmethod

@@ -50,6 +50,11 @@ class MariaDBPositions(PositionBackend):
             merged[domain] = max(seq, merged.get(domain, 0))
         return merged
 
+    behind_unit = "transactions"
+
+    def behind(self, primary: GtidPosition, applied: GtidPosition) -> int:
+        return sum(max(0, seq - applied.get(domain, 0)) for domain, seq in primary.items())
+
     def capture(self, primary: SQLRunner) -> dict[int, int] | None:
         # @@last_gtid is this connection's own last commit: read it on the
         # connection that committed, before it goes back to the pool. Empty

@@ -79,6 +79,19 @@ class MySQLPositions(PositionBackend):
             merged.setdefault(uuid, []).extend(intervals)
         return {uuid: _normalize(intervals) for uuid, intervals in merged.items()}
 
+    behind_unit = "transactions"
+
+    def behind(self, primary: GtidSet, applied: GtidSet) -> int:
+        missing = 0
+        for uuid, intervals in primary.items():
+            have = applied.get(uuid, ())
+            for start, end in intervals:
+                covered = sum(
+                    max(0, min(end, e) - max(start, s) + 1) for s, e in have
+                )  # applied intervals are disjoint
+                missing += end - start + 1 - covered
+        return missing
+
     def capture(self, primary: SQLRunner) -> dict[str, tuple[tuple[int, int], ...]] | None:
         text = primary.exec_driver_sql("SELECT @@GLOBAL.gtid_executed").scalar()
         return self.parse(text) if text else None

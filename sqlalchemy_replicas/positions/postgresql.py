@@ -87,6 +87,11 @@ class PostgresPositions(PositionBackend):
     def merge(self, a: int, b: int) -> int:
         return max(a, b)
 
+    behind_unit = "bytes"
+
+    def behind(self, primary: int, applied: int) -> int:
+        return max(0, primary - applied)
+
     def capture(self, primary: SQLRunner) -> int | None:
         row = primary.exec_driver_sql(_CAPTURE).one()
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))

@@ -51,3 +51,16 @@ def test_the_plugin_example_passes_for_a_user() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+@pytest.mark.postgresql
+def test_failover_example_serves_every_read_and_follows_the_primary() -> None:
+    """failover.py: no read fails while a replica is dead, the dead one is reported
+    and readmitted, and a write after the failover reaches the promoted replica."""
+    output = run_example("failover.py")
+    assert "reads served while replica1 was down: 20 of 20" in output
+    # "disconnected: ..." or, if the lag monitor noticed first, "unreachable: ..."
+    assert "replica1: healthy=False reason=" in output
+    assert "replica1 restarted and readmitted" in output
+    assert "write after failover: coffee" in output
+    assert "primary moved: True" in output

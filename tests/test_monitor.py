@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -132,6 +134,36 @@ def test_lagging_replica_gets_no_reads_until_it_catches_up(
     await_health(router, "replica1", True, timeout=5)
     await_health(router, "replica2", True, timeout=5)
     assert probe_reads(router, "eventual") == {"replica1", "replica2"}
+
+
+def test_apply_delay_over_max_lag_leaves_a_replica_out_until_removed(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """replica1 applies every commit 3 s late while the primary commits steadily:
+    it gets no reads within max_lag plus two checks (plus slack for a busy
+    machine), and reads again once the delay is removed."""
+    router.status()
+    await_health(router, "replica1", True, timeout=5)
+    topology.set_apply_delay(0, 3.0)
+    stop = threading.Event()
+    ticks = itertools.count(1)
+
+    def ticking() -> None:
+        while not stop.wait(0.05):
+            tick(router, next(ticks))
+
+    writer = threading.Thread(target=ticking)
+    writer.start()
+    try:
+        await_health(router, "replica1", False, timeout=MAX_LAG + 2 * INTERVAL + 1.5)
+        assert (status_of(router, "replica1").reason or "").startswith("lag ")
+        assert probe_reads(router, "eventual") == {"replica2"}
+        topology.set_apply_delay(0, 0)
+        await_health(router, "replica1", True, timeout=40)  # caught up (and, on PG, restarted)
+        assert probe_reads(router, "eventual") == {"replica1", "replica2"}
+    finally:
+        stop.set()
+        writer.join()
 
 
 def test_unreachable_replica_is_left_out_and_readmitted(

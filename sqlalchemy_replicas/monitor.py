@@ -19,6 +19,7 @@ application's pools or events), with the sync driver even for async routers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -111,6 +112,44 @@ class LagEstimator:
         return max(0.0, now - self._samples[0][0]), False
 
 
+class _StillRunning(Exception):
+    """A server's previous check is still waiting for its answer."""
+
+
+class _Check:
+    """One query on one server, in a thread of its own, so that a server that
+    never answers costs a thread, not the monitor."""
+
+    def __init__(self, question: Callable[[], Any], timeout: float) -> None:
+        self._question = question
+        self._timeout = timeout
+        self._answer: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout: float) -> Any:
+        """The answer, waiting up to ``timeout`` seconds for it.
+
+        :raises TimeoutError: when there is none by then.
+        """
+        self._thread.join(max(0.0, timeout))
+        if self._thread.is_alive():
+            raise TimeoutError(f"no answer within {self._timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self._answer
+
+    def _run(self) -> None:
+        try:
+            self._answer = self._question()
+        except BaseException as error:  # handed to result()
+            self._error = error
+
+
 @dataclass
 class _Health:
     # Left out for lag (or not replicating); being down is the breaker's.
@@ -149,6 +188,11 @@ class LagMonitor:
         )
         self._all_out_logged = False
         self._primary_down_logged = False
+        #: Seconds a check may take (connect included) before its server
+        #: counts as unreachable.
+        self.check_timeout = check_timeout(interval)
+        # Server name -> its check still waiting for an answer.
+        self._in_flight: dict[str, _Check] = {}
 
     def start(self) -> None:
         """Start checking in the background."""
@@ -221,55 +265,94 @@ class LagMonitor:
             )
 
     def check_once(self, router: ReplicaRouter) -> None:
-        """Sample the primary, then every replica; update lags and exclusions."""
+        """Sample the primary, then every replica that is due (in parallel);
+        update lags and exclusions. Each query gets :attr:`check_timeout`
+        seconds: a server that accepts connections but answers nothing (a
+        paused VM, a black-holed host) counts as unreachable, and cannot
+        stall the checks of the others."""
         backend = router.positions
         if backend is None:
             return
         if self._estimator is None:
             horizon = max(10.0, 3 * router.max_lag)
             self._estimator = LagEstimator(backend.reached, horizon)
+        self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
+        primary = router.primary_target
+        primary_position = None
         try:
-            primary_position = self._ask(router, router.primary_target, backend.current)
+            check = self._start(
+                primary.name, functools.partial(self._ask, router, primary, backend.current)
+            )
+            primary_position = check.result(self.check_timeout)
         except Exception as error:
             # No new sample: lags are judged against the samples kept, and
             # down replicas are still probed (reads may need them most now).
             if not self._primary_down_logged:
                 logger.warning("lag check: the primary is unreachable: %s", error)
             self._primary_down_logged = True
-            primary_position = None
         else:
             if self._primary_down_logged:
                 logger.info("lag check: the primary is reachable again")
             self._primary_down_logged = False
             self._estimator.record_primary(time.monotonic(), primary_position)
-        for replica in router.replica_targets:
-            self._check_replica(router, replica, primary_position)
+        now = time.monotonic()
+        due = [
+            replica
+            for replica in router.replica_targets
+            if self._health[replica.name].breaker.probe_due(now)
+        ]
+        checks = {}
+        for replica in due:
+            try:
+                checks[replica.name] = self._start(
+                    replica.name, functools.partial(self._ask, router, replica, backend.applied)
+                )
+            except _StillRunning as error:
+                self._check_failed(replica, error)
+        deadline = time.monotonic() + self.check_timeout
+        for replica in due:
+            if replica.name not in checks:
+                continue
+            try:
+                applied = checks[replica.name].result(deadline - time.monotonic())
+            except Exception as error:
+                self._check_failed(replica, error)
+            else:
+                self._check_succeeded(router, replica, applied, primary_position)
         self._log_when_all_out()
 
-    def _check_replica(
-        self, router: ReplicaRouter, replica: RoutedEngine, primary_position: Any | None
+    def _start(self, name: str, question: Callable[[], Any]) -> _Check:
+        if name in self._in_flight:
+            raise _StillRunning("the previous check has not answered yet")
+        check = _Check(question, self.check_timeout)
+        self._in_flight[name] = check
+        return check
+
+    def _check_failed(self, replica: RoutedEngine, error: BaseException) -> None:
+        health = self._health[replica.name]
+        with self._lock:
+            tripped = health.breaker.check_failed(time.monotonic())
+            health.checked, health.lag, health.lag_exact = True, None, False
+            health.behind = None
+            health.reason = f"unreachable: {_describe_error(error)}"
+        if tripped:
+            logger.warning(
+                "replica %s is unreachable (%s); no reads go there until a probe succeeds",
+                replica.name,
+                _describe_error(error),
+            )
+
+    def _check_succeeded(
+        self,
+        router: ReplicaRouter,
+        replica: RoutedEngine,
+        applied: Any | None,
+        primary_position: Any | None,
     ) -> None:
         backend = router.positions
         assert backend is not None
         assert self._estimator is not None
         health = self._health[replica.name]
-        if not health.breaker.probe_due(time.monotonic()):
-            return
-        try:
-            applied = self._ask(router, replica, backend.applied)
-        except Exception as error:
-            with self._lock:
-                tripped = health.breaker.check_failed(time.monotonic())
-                health.checked, health.lag, health.lag_exact = True, None, False
-                health.behind = None
-                health.reason = f"unreachable: {_describe_error(error)}"
-            if tripped:
-                logger.warning(
-                    "replica %s is unreachable (%s); no reads go there until a probe succeeds",
-                    replica.name,
-                    _describe_error(error),
-                )
-            return
         with self._lock:
             came_back = health.breaker.succeed()
         if came_back:
@@ -352,13 +435,22 @@ class LagMonitor:
             engine.dispose()
 
 
+def check_timeout(interval: float) -> float:
+    """Seconds a check may take: 2, or twice the interval when that is longer."""
+    return max(2.0, 2 * interval)
+
+
 def _connect_timeout(url: URL, interval: float) -> dict[str, Any]:
     """Connect arguments that bound a check's connect to an unresponsive host
     (libpq rounds anything under 2 s up to 2 s)."""
-    seconds = max(2, math.ceil(2 * interval))
+    seconds = math.ceil(check_timeout(interval))
     driver = url.get_driver_name()
-    if driver in ("psycopg", "psycopg2", "pymysql", "mysqldb"):
-        return {"connect_timeout": seconds}
+    if driver in ("psycopg", "psycopg2"):
+        return {"connect_timeout": seconds}  # the whole handshake
+    if driver in ("pymysql", "mysqldb"):
+        # connect_timeout covers only the TCP connect, which the kernel
+        # completes even for a frozen server: bound the reads too.
+        return {"connect_timeout": seconds, "read_timeout": seconds}
     return {}
 
 

@@ -313,3 +313,44 @@ def test_killing_a_replica_under_asyncio_read_load_fails_no_read(topology: Topol
 
     await_all_healthy(router)
     asyncio.run(main())
+
+
+def test_a_frozen_replica_is_left_out_without_stalling_the_other_checks(
+    topology: Topology,
+) -> None:
+    """replica1 is frozen (SIGSTOP: it accepts connections, answers nothing): its
+    check times out and it is left out, reads go to replica2, replica2's checks
+    go on (its applied position follows new commits), and once thawed replica1
+    is readmitted."""
+    create_schema(topology)
+    router = make_router(topology, QUICK_CHECKS)
+    make = router.sessionmaker()
+    key = key_preferring(router, "replica1")
+    try:
+        await_all_healthy(router)
+        topology.freeze_replica(0)
+        wait_until(lambda: status_of(router, "replica1").healthy is False, timeout=10, what="out")
+        assert "no answer within" in (status_of(router, "replica1").reason or "")
+
+        with sr.sticky(key), make() as session, StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 2
+        assert log.counts() == Counter({"replica2": 1})
+
+        before = status_of(router, "replica2").position
+        with make() as session:
+            session.execute(sa.text("INSERT INTO item VALUES (3, 'three')"))
+            session.commit()
+        wait_until(
+            lambda: status_of(router, "replica2").position != before,
+            timeout=10,
+            what="replica2's checks to go on",
+        )
+
+        topology.thaw_replica(0)
+        await_all_healthy(router)
+        with sr.sticky(key), make() as session, StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 3
+        assert log.counts() == Counter({"replica1": 1})
+    finally:
+        topology.thaw_replica(0)
+        router.dispose()

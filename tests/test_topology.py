@@ -18,6 +18,7 @@ from sqlalchemy.engine import URL
 
 from sqlalchemy_replicas.exc import ConfigurationError, TopologyError
 from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, Topology
+from sqlalchemy_replicas.testing._process import _descendants
 
 
 @pytest.fixture
@@ -129,6 +130,38 @@ def test_killed_replica_refuses_connections_and_comes_back(
         assert visible(fresh, 5)
     finally:
         fresh.dispose()
+
+
+def test_frozen_replica_answers_nothing_until_thawed_and_stops_cleanly(
+    topology: Topology, engines: tuple[sa.Engine, list[sa.Engine]]
+) -> None:
+    """A frozen replica (every process of it stopped) lets a connect time out; thawed,
+    it serves again; frozen and then stopped, none of its processes is left."""
+    primary, _ = engines
+    insert(primary, 6)
+    topology.wait_for_catchup()
+    # libpq's connect_timeout covers the handshake; PyMySQL's only the TCP
+    # connect (the kernel completes that for a frozen server): read_timeout too.
+    timeout: dict[str, int] = {"connect_timeout": 2}
+    if topology.backend == "mariadb":
+        timeout["read_timeout"] = 2
+    probe = sa.create_engine(topology.replica_urls[0], connect_args=timeout, poolclass=sa.NullPool)
+    try:
+        topology.freeze_replica(0)
+        with pytest.raises(sa_exc.OperationalError), probe.connect():
+            pass
+        topology.thaw_replica(0)
+        assert visible(probe, 6)
+
+        replica_pid = topology.server_pids[1]  # the primary's comes first
+        processes = [replica_pid, *_descendants(replica_pid)]
+        topology.freeze_replica(0)
+        topology.stop_replica(0)
+        assert not topology.is_running(0)
+        assert [p for p in processes if pid_alive(p)] == []
+    finally:
+        topology.thaw_replica(0)
+        probe.dispose()
 
 
 def test_stopped_primary_comes_back_and_replication_resumes(

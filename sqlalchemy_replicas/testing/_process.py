@@ -132,6 +132,7 @@ class ServerProcess:
         self._argv_for_port = argv_for_port
         self._user = user
         self._process: subprocess.Popen[bytes] | None = None
+        self._frozen = False
 
     @property
     def pid(self) -> int | None:
@@ -198,8 +199,35 @@ class ServerProcess:
         self.send_signal(signum)
         self.wait_exit(timeout=timeout)
 
+    def freeze(self) -> None:
+        """Stop every process of the server (SIGSTOP): it accepts TCP
+        connections into the kernel's backlog but answers nothing, like a
+        paused VM."""
+        self._signal_tree(signal.SIGSTOP)
+        self._frozen = True
+
+    def thaw(self) -> None:
+        """Undo :meth:`freeze`."""
+        if self._frozen:
+            self._signal_tree(signal.SIGCONT)
+            self._frozen = False
+
+    def _signal_tree(self, signum: int) -> None:
+        # The server and every process it forked: PostgreSQL's children each
+        # start a session of their own (setsid), so no process group holds
+        # them all. The server first, so that it forks no one meanwhile.
+        pid = self.pid
+        if pid is None:
+            return
+        for target in (pid, *_descendants(pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signum)
+
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the server if it still runs."""
+        """Send ``signum`` to the server if it still runs (thawing it first: a
+        frozen server cannot act on a signal, and its frozen children would
+        outlive it)."""
+        self.thaw()
         process = self._process
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -215,6 +243,28 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pids of every process below ``pid``, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # The command name may hold spaces and parentheses: fields follow the last ")".
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        below = children.get(pending.pop(), [])
+        found.extend(below)
+        pending.extend(below)
+    return found
 
 
 def _port_in_use(log_path: Path, offset: int) -> bool:

@@ -218,6 +218,15 @@ class Topology(abc.ABC):
         """Crash a replica: no clean shutdown, open connections break."""
         self._replica(replica).signal_and_wait(self._crash_signal, timeout=self.stop_timeout)
 
+    def freeze_replica(self, replica: int) -> None:
+        """Freeze a replica (SIGSTOP): connections open but nothing answers, as
+        with a paused VM or a black-holed host."""
+        self._replica(replica).freeze()
+
+    def thaw_replica(self, replica: int) -> None:
+        """Undo :meth:`freeze_replica`."""
+        self._replica(replica).thaw()
+
     def start_replica(self, replica: int, *, await_replicating: bool = True) -> None:
         """Start a stopped or killed replica again on its old port; wait until it
         replicates, or with ``await_replicating=False`` (the primary is down,
@@ -265,8 +274,9 @@ class Topology(abc.ABC):
     def reset(self) -> None:
         """Undo all fault injection and drop all data, then wait for catch-up.
 
-        Starts stopped servers, resumes paused replicas, removes apply delays,
-        and empties the application database on the primary (replicated).
+        Starts stopped servers, thaws frozen ones, resumes paused replicas,
+        removes apply delays, and empties the application database on the
+        primary (replicated).
         """
         with self._lock:
             if self._promoted:
@@ -277,6 +287,7 @@ class Topology(abc.ABC):
             if not self._primary_server().is_running:
                 self.start_primary()
             for index, server in enumerate(self._replica_servers()):
+                server.thaw()
                 if not server.is_running:
                     self.start_replica(index)
                 self.set_apply_delay(index, 0)

@@ -354,3 +354,32 @@ def test_a_frozen_replica_is_left_out_without_stalling_the_other_checks(
     finally:
         topology.thaw_replica(0)
         router.dispose()
+
+
+@pytest.mark.mariadb
+def test_a_read_timeout_on_a_frozen_replica_runs_the_read_elsewhere(
+    fresh_mariadb_topology: Topology,
+) -> None:
+    """With PyMySQL's read_timeout set, a read on a replica that froze after the
+    session connected gives up after the timeout, counts as a lost connection,
+    and is answered by the other replica."""
+    topology = fresh_mariadb_topology
+    create_schema(topology)
+    router = sr.ReplicaRouter(
+        topology.primary_url,
+        topology.replica_urls,
+        lag_check_interval=NO_MONITOR_CHECKS,
+        engine_options={"connect_args": {"connect_timeout": 2, "read_timeout": 2}},
+    )
+    try:
+        await_all_healthy(router)
+        with sr.sticky(key_preferring(router, "replica1")), router.sessionmaker()() as session:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 2
+            topology.freeze_replica(0)
+            with StatementLog(router) as log:
+                assert session.scalar(sa.text("SELECT count(*) FROM item")) == 2
+        assert [s.node for s in log.statements] == ["replica1", "replica2"]
+        assert "timed out" in (status_of(router, "replica1").reason or "")
+    finally:
+        topology.thaw_replica(0)
+        router.dispose()

@@ -38,9 +38,10 @@ class CausalScope:
         self._lock = threading.Lock()
         # router name -> (the router that recorded it, position)
         self._positions: dict[str, tuple[ReplicaRouter, Any]] = {}
-        # Routers whose last commit's position could not be read: their reads
-        # go to the primary for the rest of the scope.
-        self._unknown: set[str] = set()
+        # Routers with a commit whose position could not be read (or a token
+        # position that cannot be compared): until the primary's current
+        # position stands in for it, their reads go to the primary.
+        self._unknown: dict[str, ReplicaRouter] = {}
         # Token entries not yet verified by their router (each verifies its own).
         self._incoming = dict(incoming or {})
         self._issued_at: dict[str, float] = {}
@@ -67,26 +68,51 @@ class CausalScope:
                 self._monotonic_replica[router.name] = replica
 
     def mark_unknown(self, router: ReplicaRouter) -> None:
-        """A commit happened whose position is unknown: send reads to the primary."""
+        """A commit happened whose position is unknown: send reads to the
+        primary until :meth:`target` can read the primary's current position
+        (which includes that commit) instead."""
         with self._lock:
-            self._unknown.add(router.name)
+            self._unknown[router.name] = router
 
     def target(self, router: ReplicaRouter) -> tuple[Any | None, bool]:
         """The position ``router``'s replicas must have applied, and whether
-        reads must go to the primary regardless (an unknown position)."""
+        reads must go to the primary regardless (an unknown position that the
+        primary's current position could not replace: it is unreachable)."""
         self._absorb_incoming(router)
+        if router.name in self._unknown:
+            self._resolve_unknown(router)
         with self._lock:
             known = self._positions.get(router.name)
             return (None if known is None else known[1]), router.name in self._unknown
 
+    def _resolve_unknown(self, router: ReplicaRouter) -> None:
+        """Replace an unknown position by the primary's current one: a later
+        position than the lost one, so a replica that has applied it has
+        applied the lost commit too (and every later read is as fresh)."""
+        try:
+            position = router.current_position()
+        except Exception as error:  # the primary is unreachable: keep reading from it
+            logger.debug("an unknown position of %s stays unknown: %s", router.name, error)
+            return
+        with self._lock:
+            if position is not None:
+                self._merge(router, position)
+            self._unknown.pop(router.name, None)
+
     def entries(self) -> dict[str, tokens.TokenEntry]:
         """Signed token entries: fresh ones for the routers that recorded
-        positions here, and incoming entries of routers this process never
-        used, unchanged."""
+        positions here (an unknown position that cannot be resolved yet
+        travels as :data:`~sqlalchemy_replicas.token.UNKNOWN_POSITION`, so
+        the next request resolves it or reads from the primary), and incoming
+        entries of routers this process never used, unchanged."""
+        for router in list(self._unknown.values()):
+            self._resolve_unknown(router)
         now = time.time()
         with self._lock:
             result = dict(self._incoming)
-            for name, (router, position) in self._positions.items():
+            routers = {name: router for name, (router, _) in self._positions.items()}
+            routers.update(self._unknown)
+            for name, router in routers.items():
                 secret = router.secret
                 if secret is None:
                     raise ConfigurationError(
@@ -96,14 +122,19 @@ class CausalScope:
                     )
                 backend = router.positions
                 assert backend is not None
-                issued_at = self._issued_at.get(name, now)
+                lineage = router.known_lineage
+                if lineage is None:  # never read, and the primary is unreachable now
+                    logger.warning(
+                        "the causal token leaves out %s: its primary's history is unknown", name
+                    )
+                    continue
+                text = (
+                    tokens.UNKNOWN_POSITION
+                    if name in self._unknown
+                    else backend.format(self._positions[name][1])
+                )
                 result[name] = tokens.sign(
-                    secret,
-                    name,
-                    backend.kind,
-                    router.lineage(),
-                    backend.format(position),
-                    issued_at,
+                    secret, name, backend.kind, lineage, text, self._issued_at.get(name, now)
                 )
             return result
 
@@ -123,15 +154,18 @@ class CausalScope:
             if error.reason == "other_lineage":
                 # Genuine, but its position cannot be compared with ours.
                 with self._lock:
-                    self._unknown.add(router.name)
+                    self._unknown[router.name] = router
             return
         except Exception as error:  # the primary's lineage could not be read
             logger.warning("could not check a causal token for %s: %s", router.name, error)
             with self._lock:
-                self._unknown.add(router.name)
+                self._unknown[router.name] = router
             return
         with self._lock:
-            self._merge(router, position)
+            if position is None:  # the earlier request lost a commit's position
+                self._unknown[router.name] = router
+            else:
+                self._merge(router, position)
             self._issued_at[router.name] = entry.issued_at
 
     def _merge(self, router: ReplicaRouter, position: Any) -> None:

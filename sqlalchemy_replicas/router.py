@@ -31,7 +31,7 @@ from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .sticky import rank
-from .token import TokenEntry, TokenError, verify
+from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
     from .session import RoutingSession
@@ -301,8 +301,27 @@ class ReplicaRouter:
                     self._lineage = backend.lineage(connection)
         return self._lineage
 
+    @property
+    def known_lineage(self) -> str | None:
+        """The primary's history if it was read already, else None (no I/O)."""
+        return self._lineage
+
+    def current_position(self) -> Any | None:
+        """Everything committed on the primary so far, asked on a connection
+        of its own (the lineage too, when not known yet).
+
+        :raises Exception: whatever the driver raises when the primary is unreachable.
+        """
+        backend = self.positions
+        assert backend is not None
+        with self._primary.sync_engine.connect() as connection:
+            connection.info[CAPTURED_KEY] = True  # nothing to capture
+            self.lineage(connection)
+            return backend.current(connection)
+
     def accept_token_entry(self, entry: TokenEntry) -> Any:
-        """Verify this router's entry of a causal token; return its position.
+        """Verify this router's entry of a causal token; return its position
+        (None for :data:`~sqlalchemy_replicas.token.UNKNOWN_POSITION`).
 
         :raises TokenError: with the reason, for any entry not to be trusted.
         """
@@ -313,10 +332,12 @@ class ReplicaRouter:
         if backend is None or entry.kind != backend.kind:
             # Another database kind under the same name and secret.
             raise TokenError("wrong_database", f"a {entry.kind!r} position")
-        try:
-            position = backend.parse(entry.position)
-        except ValueError as exc:
-            raise TokenError("malformed", str(exc)) from None
+        position = None
+        if entry.position != UNKNOWN_POSITION:
+            try:
+                position = backend.parse(entry.position)
+            except ValueError as exc:
+                raise TokenError("malformed", str(exc)) from None
         if entry.lineage != self.lineage():
             raise TokenError("other_lineage", f"position from {entry.lineage!r}")
         return position

@@ -18,7 +18,16 @@ import json
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["MAX_TOKEN_LENGTH", "TokenEntry", "TokenError", "decode", "encode", "sign", "verify"]
+__all__ = [
+    "MAX_TOKEN_LENGTH",
+    "UNKNOWN_POSITION",
+    "TokenEntry",
+    "TokenError",
+    "decode",
+    "encode",
+    "sign",
+    "verify",
+]
 
 #: Tokens longer than this are rejected unread (they come from cookies and headers).
 MAX_TOKEN_LENGTH: Final = 4096
@@ -32,6 +41,12 @@ class TokenError(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+#: The position text of an entry whose scope lost a commit's position (the
+#: primary could not be asked): the next request reads the primary's current
+#: position instead, or from the primary.
+UNKNOWN_POSITION: Final = "unknown"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import causal
+from sqlalchemy_replicas import token as tokens
 from sqlalchemy_replicas.exc import ConfigurationError
 from sqlalchemy_replicas.router import WAIT_SUSPECT_SECONDS
 from sqlalchemy_replicas.testing import PostgresTopology, StatementLog, Topology
@@ -404,8 +405,9 @@ def test_token_from_another_primary_history_sends_reads_to_the_primary(
     router: sr.ReplicaRouter, topology: Topology
 ) -> None:
     """A genuine token (same name and secret) whose position comes from another
-    cluster cannot be compared with this one's positions: reads go to the primary,
-    and the token is counted as other_lineage."""
+    cluster cannot be compared with this one's positions: reads must see all the
+    primary has (here only the primary does), and the token is counted as
+    other_lineage."""
     other_cluster = type(topology)(replicas=1).start()
     try:
         elsewhere = make_router(other_cluster.replica_urls, other_cluster.primary_url)
@@ -417,8 +419,60 @@ def test_token_from_another_primary_history_sends_reads_to_the_primary(
         elsewhere.dispose()
     finally:
         other_cluster.stop()
+    topology.pause_replay(0)
+    topology.pause_replay(1)
+    with router.primary.begin() as conn:  # type: ignore[union-attr]
+        conn.execute(sa.insert(Item).values(id=1, note="here"))
     before = causal.rejected_tokens["other_lineage"]
     with StatementLog(router) as log, sr.causal_context(token), router.sessionmaker()() as session:
-        session.scalar(sa.select(Item.note))
+        assert session.scalar(sa.select(Item.note)) == "here"
+    # Everything the primary has must be read: the paused replicas do not.
     assert item_reads(log) == ["primary"]
     assert causal.rejected_tokens["other_lineage"] == before + 1
+
+
+def test_a_lost_commit_position_is_replaced_by_the_primary_s_current_one(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A commit whose position could not be read (the scope is marked unknown):
+    reads see it (from the primary while the replicas lag), and once the replicas
+    have the primary's position of then, reads go back to them."""
+    topology.pause_replay(0)
+    topology.pause_replay(1)
+    with router.primary.begin() as conn:  # type: ignore[union-attr]
+        conn.execute(sa.insert(Item).values(id=1, note="lost position"))
+    make = router.sessionmaker()
+    with sr.causal_context() as ctx:
+        ctx.scope.mark_unknown(router)
+        with StatementLog(router) as log, make() as session:
+            assert session.get(Item, 1) is not None
+        assert item_reads(log) == ["primary"]
+        topology.resume_replay(0)
+        topology.resume_replay(1)
+        topology.wait_for_catchup()
+        with StatementLog(router) as log, make() as session:
+            assert session.get(Item, 1) is not None
+        assert item_reads(log) in (["replica1"], ["replica2"])
+
+
+def test_a_token_carries_a_position_that_could_not_be_read(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """The scope lost a commit's position and the primary is down when the token
+    is made: the token says so, and the next request (primary back) reads all
+    the primary has, not a lagging replica's state."""
+    router.lineage()  # read while the primary was up, as any earlier commit does
+    with sr.causal_context() as ctx:
+        ctx.scope.mark_unknown(router)
+        topology.stop_primary()
+        token = ctx.token
+    assert token is not None
+    assert [e.position for e in tokens.decode(token).values()] == [tokens.UNKNOWN_POSITION]
+
+    topology.start_primary()
+    topology.pause_replay(0)
+    topology.pause_replay(1)
+    with router.primary.begin() as conn:  # type: ignore[union-attr]
+        conn.execute(sa.insert(Item).values(id=2, note="after"))
+    with sr.causal_context(token), router.sessionmaker()() as session:
+        assert session.get(Item, 2) is not None

@@ -7,6 +7,7 @@ Promotions cannot be undone, so those tests start topologies of their own.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -80,6 +81,37 @@ def test_writes_follow_a_failover_to_the_promoted_replica(own_topology: Topology
         assert bodies_on(other) == ["before", "old primary"]  # a replica: written nowhere
     finally:
         router.dispose()
+
+
+def test_async_writes_follow_a_failover(own_topology: Topology) -> None:
+    """The same through the async drivers (psycopg async, aiomysql): discovery
+    runs inside the event loop's connection attempts."""
+    topology = own_topology
+    create_schema(topology)
+    new_primary = topology.replica_urls[0]
+    router = sr.ReplicaRouter(
+        topology.async_primary_url,
+        topology.async_replica_urls,
+        primary_candidates=topology.async_replica_urls,
+    )
+
+    async def main() -> object:
+        make = router.async_sessionmaker()
+        async with make() as session:  # pools a connection to the old primary
+            await session.execute(sa.text("INSERT INTO note VALUES (2, 'old primary')"))
+            await session.commit()
+        topology.wait_for_catchup()
+        topology.promote_replica(0)
+        topology.stop_primary()
+        async with make() as session:
+            await session.execute(sa.text("INSERT INTO note VALUES (3, 'new primary')"))
+            await session.commit()
+            body = await session.scalar(sa.text("SELECT body FROM note WHERE id = 3"))
+        await router.adispose()
+        return body
+
+    assert asyncio.run(main()) == "new primary"
+    assert bodies_on(new_primary) == ["before", "old primary", "new primary"]
 
 
 def test_without_a_primary_writes_raise_and_eventual_reads_go_on(topology: Topology) -> None:

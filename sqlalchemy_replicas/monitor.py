@@ -13,8 +13,11 @@ A replica that fails a check, or that a session saw disconnect
 again only as its :class:`~sqlalchemy_replicas.breaker.Breaker` allows (1 s,
 then doubling up to 30 s); the first check that gets through readmits it.
 
-The monitor uses engines of its own (so its queries never appear in the
-application's pools or events), with the sync driver even for async routers.
+Each check is one query, run in a thread of its own with a timeout, so a
+server that never answers is counted unreachable without stalling the
+checks of the others. The monitor uses engines of its own (so its queries
+never appear in the application's pools or events), AUTOCOMMIT, with the
+sync driver even for async routers.
 """
 
 from __future__ import annotations

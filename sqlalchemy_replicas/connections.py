@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 __all__ = [
@@ -33,9 +33,9 @@ _PG_READ_ONLY_SQLSTATE: Final = "25006"
 _MYSQL_READ_ONLY_ERRNOS: Final = frozenset({1290, 1792})
 
 
-def dialect_family(engine: Engine) -> str:
+def dialect_family(engine: Engine | Dialect) -> str:
     """``postgresql``, ``mysql`` (MySQL and MariaDB) or the dialect's own name."""
-    name = engine.dialect.name
+    name = (engine.dialect if isinstance(engine, Engine) else engine).name
     return "mysql" if name in ("mysql", "mariadb") else name
 
 

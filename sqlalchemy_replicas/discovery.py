@@ -21,7 +21,7 @@ from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from .connections import is_read_only_violation
+from .connections import dialect_family, is_read_only_violation
 from .exc import PrimaryUnavailable
 
 __all__ = ["PrimaryDiscovery"]
@@ -123,7 +123,7 @@ class PrimaryDiscovery:
 
 
 def _accepts_writes(dialect: Dialect, dbapi_connection: Any) -> bool:
-    sql = _ROLE_SQL.get(_family(dialect))
+    sql = _ROLE_SQL.get(dialect_family(dialect))
     if sql is None:
         return True
     cursor = dbapi_connection.cursor()
@@ -135,10 +135,6 @@ def _accepts_writes(dialect: Dialect, dbapi_connection: Any) -> bool:
     # End the transaction the question opened (the pool starts clean).
     dbapi_connection.rollback()
     return bool(row[0])
-
-
-def _family(dialect: Dialect) -> str:
-    return "mysql" if dialect.name in ("mysql", "mariadb") else dialect.name
 
 
 def _demoted_is_a_disconnect(context: ExceptionContext) -> None:

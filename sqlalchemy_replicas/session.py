@@ -229,9 +229,13 @@ class RoutingSession(Session):
         if caught_up is not None:
             return caught_up, "known to have applied this scope's commits"
         if wait and router.wait_timeout > 0:
-            candidate = wait_candidate(order, router.wait_recently_failed)
-            if candidate is not None and self._wait_on(candidate, position):
-                return candidate, "caught up with this scope's commits within wait_timeout"
+            candidates, suspect = order, router.wait_recently_failed
+            while (candidate := wait_candidate(candidates, suspect)) is not None:
+                if self._wait_on(candidate, position):
+                    return candidate, "caught up with this scope's commits within wait_timeout"
+                if router.may_serve(candidate):
+                    break  # up but behind: a wait on another would double the delay
+                candidates = [r for r in candidates if r is not candidate]  # it went down
         return router.primary_target, "no replica has applied this scope's commits"
 
     def _monotonic_replica(self, *, wait: bool) -> tuple[RoutedEngine, str]:

@@ -165,6 +165,26 @@ def test_statement_errors_do_not_mark_a_replica_down(
         assert log.counts() == Counter({"replica1": 1})
 
 
+def test_a_causal_wait_on_a_dead_replica_moves_on_to_the_next_one(
+    topology: Topology, sync_router: sr.ReplicaRouter
+) -> None:
+    """After a commit, the read waits for its replica; that replica has died (its
+    pooled connection breaks): the wait moves on to the other replica, which
+    serves the read with the commit, rather than sending it to the primary."""
+    router = sync_router
+    make = router.sessionmaker()
+    key = key_preferring(router, "replica1")
+    assert sticky_count(router, key) == (2, ["replica1"])  # a pooled connection
+    with sr.sticky(key), make() as session:
+        session.execute(sa.text("INSERT INTO item VALUES (3, 'three')"))
+        session.commit()
+        topology.kill_replica(0)
+        with StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 3
+    assert [s.node for s in log.statements if "item" in s.sql] == ["replica2"]
+    assert status_of(router, "replica1").healthy is False
+
+
 @pytest.mark.parametrize("level", ["read_your_writes", "monotonic", "eventual", "bounded"])
 def test_with_every_replica_down_reads_are_served_by_the_primary(
     topology: Topology, sync_router: sr.ReplicaRouter, level: sr.ConsistencyLevel

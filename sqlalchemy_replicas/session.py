@@ -77,6 +77,14 @@ class RoutingSession(Session):
     ) -> None:
         if not isinstance(router, ReplicaRouter):
             raise ConfigurationError(f"router must be a ReplicaRouter, not {type(router).__name__}")
+        if kwargs.get("binds"):
+            # Routing would send those mappers' statements to the router's
+            # servers instead: data written to the wrong database.
+            raise ConfigurationError(
+                "RoutingSession does not support binds=: it routes every statement "
+                "between the router's primary and replicas. Use a separate plain "
+                "Session for tables that live in another database"
+            )
         self.router = router
         self.default_consistency: ConsistencyLevel | None = (
             None if consistency is None else validate_level(consistency, argument="consistency")

@@ -99,6 +99,17 @@ def test_session_class_must_route() -> None:
         sr.RoutingSession(router="nope")  # type: ignore[arg-type]
 
 
+def test_binds_are_refused_rather_than_ignored() -> None:
+    """binds= would be overridden by routing (rows written to the wrong database):
+    the session refuses it, naming the alternative; bind= still works as is."""
+    router = sr.ReplicaRouter(PG, [PG])
+    other = sa.create_engine(PG.replace(":1/", ":2/"))
+    with pytest.raises(ConfigurationError, match="does not support binds="):
+        router.sessionmaker(binds={sa.table("t"): other})()
+    assert sr.RoutingSession(router=router, bind=other).get_bind() is other
+    other.dispose()
+
+
 def test_replicas_may_be_named_by_a_mapping() -> None:
     """A mapping of name to URL names the replicas."""
     router = sr.ReplicaRouter(PG, {"eu": PG, "us": PG})

@@ -116,7 +116,7 @@ def install_stale_connection_check(engine: Engine, down_since: Callable[[], floa
     event.listen(engine.pool, "checkout", drop_stale, insert=True)
 
 
-def is_read_only_violation(error: BaseException) -> bool:
+def is_read_only_violation(error: BaseException | None) -> bool:
     """True when ``error`` is a server refusing to write on a read-only connection."""
     if not isinstance(error, sa_exc.DBAPIError):
         return False

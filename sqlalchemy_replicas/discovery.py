@@ -57,18 +57,39 @@ class PrimaryDiscovery:
         return self._candidates[self._current]
 
     def install(self, engine: Engine) -> None:
-        """Make ``engine`` connect to the discovered primary.
+        """Make ``engine`` connect to the discovered primary, and report a
+        primary that cannot be connected to as :class:`PrimaryUnavailable`.
 
-        With several candidates, a write that a node refuses as read-only
-        also empties the pool (the node was demoted), like a lost connection.
+        With one candidate the engine connects as usual (``do_connect``
+        listeners of the application, e.g. one that sets an IAM token, work
+        unchanged). With several, a listener of ours opens each connection
+        on the candidate that accepts writes, with the connect arguments the
+        application's earlier listeners left; and a write that a node
+        refuses as read-only empties the pool (the node was demoted), like a
+        lost connection.
         """
-
-        def connect(dialect: Dialect, record: ConnectionPoolEntry, cargs: Any, cparams: Any) -> Any:
-            return self._connect(dialect, list(cargs), dict(cparams))
-
-        event.listen(engine, "do_connect", connect)
+        event.listen(engine, "handle_error", self._on_error)
         if len(self._candidates) > 1:
-            event.listen(engine, "handle_error", _demoted_is_a_disconnect)
+
+            def connect(
+                dialect: Dialect, record: ConnectionPoolEntry, cargs: Any, cparams: Any
+            ) -> Any:
+                return self._connect(dialect, list(cargs), dict(cparams))
+
+            event.listen(engine, "do_connect", connect)
+
+    def _on_error(self, context: ExceptionContext) -> BaseException | None:
+        if context.connection is None and not context.is_pre_ping:
+            # No connection could be opened (a failed pre-ping reconnects by itself).
+            url = self._candidates[self._current]
+            return self._unavailable([_problem(url, context.original_exception)])
+        if len(self._candidates) > 1 and is_read_only_violation(context.sqlalchemy_exception):
+            # A write refused as read-only on the primary: the node was
+            # demoted. As a lost connection, it makes SQLAlchemy empty the
+            # pool, and the next connection asks the candidates again.
+            context.is_disconnect = True
+            context.invalidate_pool_on_disconnect = True
+        return None
 
     def _connect(self, dialect: Dialect, cargs: list[Any], cparams: dict[str, Any]) -> Any:
         start = self._current
@@ -83,14 +104,14 @@ class PrimaryDiscovery:
                     *(candidate_cargs or cargs), **{**cparams, **candidate_cparams}
                 )
             except dialect.loaded_dbapi.Error as error:
-                problems.append(f"{_show(url)}: {' '.join(str(error).split())[:200]}")
+                problems.append(_problem(url, error))
                 last_error = error
                 continue
             try:
-                writable = len(self._candidates) == 1 or _accepts_writes(dialect, connection)
+                writable = _accepts_writes(dialect, connection)
             except dialect.loaded_dbapi.Error as error:
                 connection.close()
-                problems.append(f"{_show(url)}: {' '.join(str(error).split())[:200]}")
+                problems.append(_problem(url, error))
                 last_error = error
                 continue
             if not writable:
@@ -100,16 +121,19 @@ class PrimaryDiscovery:
             if index != self._current:
                 self._switch(index)
             return connection
+        raise self._unavailable(problems) from last_error
+
+    def _unavailable(self, problems: list[str]) -> PrimaryUnavailable:
         hint = (
             "if the primary failed over, list the servers it may move to in "
             "ReplicaRouter(primary_candidates=[...])"
             if len(self._candidates) == 1
-            else "no candidate accepts writes; reads at 'eventual' or 'bounded' "
-            "consistency still go to replicas"
+            else "no candidate accepts writes"
         )
-        raise PrimaryUnavailable(
-            f"no reachable primary ({'; '.join(problems)}); {hint}"
-        ) from last_error
+        return PrimaryUnavailable(
+            f"no reachable primary ({'; '.join(problems)}); {hint}; reads at 'eventual' "
+            "or 'bounded' consistency still go to replicas"
+        )
 
     def _switch(self, index: int) -> None:
         with self._lock:
@@ -137,15 +161,8 @@ def _accepts_writes(dialect: Dialect, dbapi_connection: Any) -> bool:
     return bool(row[0])
 
 
-def _demoted_is_a_disconnect(context: ExceptionContext) -> None:
-    # A write refused as read-only on the primary: the node was demoted.
-    # Treat it as a lost connection, so that SQLAlchemy empties the pool and
-    # the next connection asks the candidates again.
-    if context.sqlalchemy_exception is not None and is_read_only_violation(
-        context.sqlalchemy_exception
-    ):
-        context.is_disconnect = True
-        context.invalidate_pool_on_disconnect = True
+def _problem(url: URL, error: BaseException | None) -> str:
+    return f"{_show(url)}: {' '.join(str(error).split())[:200]}"
 
 
 def _show(url: URL) -> str:

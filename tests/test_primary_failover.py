@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -193,3 +194,34 @@ def test_a_write_refused_by_a_demoted_primary_sends_the_next_one_to_the_new_prim
             assert bodies_on(old_primary) == ["before", "old primary"]
         finally:
             router.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("with_candidates", [False, True], ids=["alone", "candidates"])
+def test_the_application_s_do_connect_listener_still_applies(
+    fresh_postgres_topology: Topology, with_candidates: bool
+) -> None:
+    """A do_connect listener that edits the connect arguments (as one that sets
+    an IAM token does) still shapes every primary connection: without
+    candidates whenever it is registered (the router adds no do_connect
+    listener then), with candidates when registered before the router."""
+    topology = fresh_postgres_topology
+    primary = sa.create_engine(topology.primary_url)
+
+    def name_the_app(dialect: object, record: object, cargs: object, cparams: Any) -> None:
+        cparams["application_name"] = "shaped-by-the-app"
+
+    if with_candidates:
+        sa.event.listen(primary, "do_connect", name_the_app)
+        router = sr.ReplicaRouter(
+            primary, topology.replica_urls, primary_candidates=topology.replica_urls
+        )
+    else:
+        router = sr.ReplicaRouter(primary, topology.replica_urls)
+        sa.event.listen(primary, "do_connect", name_the_app)
+    try:
+        with router.sessionmaker()() as session, sr.consistency("strong"):
+            assert session.scalar(sa.text("SHOW application_name")) == "shaped-by-the-app"
+    finally:
+        router.dispose()
+        primary.dispose()

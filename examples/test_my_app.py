@@ -53,3 +53,16 @@ def test_report_survives_a_paused_replica(
     with replica.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM visit")).scalar() == 0
     replica.dispose()
+
+
+def test_report_survives_a_dead_replica(
+    router: sr.ReplicaRouter, fresh_postgres_topology: PostgresTopology
+) -> None:
+    """Fault injection: with replica 0 killed, every report still succeeds (the
+    router reruns a read that hit the dead replica elsewhere)."""
+    fresh_postgres_topology.kill_replica(0)
+    visit = sa.table("visit", sa.column("page"))
+    for _ in range(4):  # round robin: some reads try the dead replica first
+        with router.sessionmaker()() as session:
+            assert session.scalar(sa.select(sa.func.count()).select_from(visit)) == 0
+    assert router.status()[0].healthy is False  # reported down

@@ -50,7 +50,7 @@ def test_the_plugin_example_passes_for_a_user() -> None:
         cwd=EXAMPLES,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
+    assert "3 passed" in result.stdout
 
 
 @pytest.mark.postgresql

@@ -1,7 +1,7 @@
 """Primary discovery: which of several candidate servers is the primary now.
 
-The router's primary engine keeps one pool. Each new connection of that pool
-goes to the candidate that says it is the primary (PostgreSQL: not in
+The router's primary engine keeps one pool. Given candidates, each new
+connection of that pool goes to the candidate that says it is the primary (PostgreSQL: not in
 recovery; MariaDB/MySQL: not ``read_only``), asked on the new connection
 itself, so a connection is never handed out to a node that would refuse
 writes. After a failover the pool's connections to the old primary break (or,

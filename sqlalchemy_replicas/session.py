@@ -262,7 +262,13 @@ class RoutingSession(Session):
         backend = router.positions
         stay_name = scope.monotonic_replica(router)
         stay = next((r for r in router.replica_targets if r.name == stay_name), None)
-        if stay is not None and router.may_serve(stay):
+        if stay is not None and not router.may_serve(stay):
+            # Left out (down or lagging): another replica may be behind what
+            # the scope read there. The primary is not, and reading there
+            # raises the floor for the next replica to the primary's position.
+            scope.stay_on(router, None)
+            return router.primary_target, "monotonic: the replica this scope read from is out"
+        if stay is not None:
             applied = router.known_applied(stay.name)
             if (
                 position is None
@@ -428,41 +434,38 @@ class RoutingSession(Session):
         routed = (
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
-        if target is self.router.primary_target:
-            result = method(
-                statement, params, execution_options=execution_options,
-                bind_arguments=routed, **kw,
-            )  # fmt: skip
-            if level == "monotonic" and not decision.pins:
-                self._raise_floor_after_primary_read()
-            return result
-        # Each failure marks a replica down, so the route ends on the primary.
-        for _ in range(len(self.router.replica_targets)):
-            try:
-                return method(
-                    statement, params, execution_options=execution_options,
-                    bind_arguments=routed, **kw,
-                )  # fmt: skip
-            except sa_exc.DBAPIError as error:
-                if is_read_only_violation(error):
-                    return self._rerun_refused_write(
-                        method, statement, params, execution_options, routed, kw, target, error
+        if target is not self.router.primary_target:
+            # Each failure marks a replica down, so the route ends on the primary.
+            for _ in range(len(self.router.replica_targets)):
+                try:
+                    return method(
+                        statement, params, execution_options=execution_options,
+                        bind_arguments=routed, **kw,
+                    )  # fmt: skip
+                except sa_exc.DBAPIError as error:
+                    if is_read_only_violation(error):
+                        return self._rerun_refused_write(
+                            method, statement, params, execution_options, routed, kw, target, error
+                        )
+                    if not self._replica_failed(target, error):
+                        raise
+                    logger.warning(
+                        "replica %s went away during a read; running the read elsewhere",
+                        target.name,
                     )
-                if not self._replica_failed(target, error):
-                    raise
-                logger.warning(
-                    "replica %s went away during a read; running the read elsewhere", target.name
-                )
-            # Nothing was returned yet, and replica reads hold no transaction
-            # state: the read can run again wherever the policy now says.
-            target = self._route(decision, statement, level, wait=True)
-            routed[_TARGET_KEY] = target
-            if target is self.router.primary_target:
-                break
-        return method(
+                # Nothing was returned yet, and replica reads hold no transaction
+                # state: the read can run again wherever the policy now says.
+                target = self._route(decision, statement, level, wait=True)
+                routed[_TARGET_KEY] = target
+                if target is self.router.primary_target:
+                    break
+        result = method(
             statement, params, execution_options=execution_options,
             bind_arguments=routed, **kw,
         )  # fmt: skip
+        if target is self.router.primary_target and level == "monotonic" and not decision.pins:
+            self._raise_floor_after_primary_read()
+        return result
 
     def _rerun_refused_write(
         self,

@@ -185,6 +185,30 @@ def test_a_causal_wait_on_a_dead_replica_moves_on_to_the_next_one(
     assert status_of(router, "replica1").healthy is False
 
 
+def test_monotonic_reads_do_not_go_back_in_time_when_their_replica_dies(
+    topology: Topology, sync_router: sr.ReplicaRouter
+) -> None:
+    """A monotonic scope read three items on replica1; replica2 is paused with
+    two. replica1 dies: the next read must not return two (older than what the
+    scope saw); it is served by the primary instead."""
+    router = sync_router
+    topology.pause_replay(1)
+    engine = sa.create_engine(topology.primary_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO item VALUES (3, 'three')"))
+    engine.dispose()
+    topology.wait_for_catchup()  # replica1 only: replica2 is paused
+    key = key_preferring(router, "replica1")
+    with sr.sticky(key), sr.consistency("monotonic"), router.sessionmaker()() as session:
+        with StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 3
+        assert [s.node for s in log.statements] == ["replica1"]
+        topology.kill_replica(0)
+        with StatementLog(router) as log:
+            assert session.scalar(sa.text("SELECT count(*) FROM item")) == 3
+        assert "replica2" not in [s.node for s in log.statements if "item" in s.sql]
+
+
 @pytest.mark.parametrize("level", ["read_your_writes", "monotonic", "eventual", "bounded"])
 def test_with_every_replica_down_reads_are_served_by_the_primary(
     topology: Topology, sync_router: sr.ReplicaRouter, level: sr.ConsistencyLevel

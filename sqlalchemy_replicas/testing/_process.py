@@ -202,9 +202,13 @@ class ServerProcess:
     def freeze(self) -> None:
         """Stop every process of the server (SIGSTOP): it accepts TCP
         connections into the kernel's backlog but answers nothing, like a
-        paused VM."""
-        self._signal_tree(signal.SIGSTOP)
+        paused VM. Returns once every thread of it has stopped (a signal is
+        acted on a moment after it is sent)."""
+        pids = self._signal_tree(signal.SIGSTOP)
         self._frozen = True
+        wait_until(
+            lambda: all(_stopped(pid) for pid in pids), timeout=10, what=f"{self.name} to stop"
+        )
 
     def thaw(self) -> None:
         """Undo :meth:`freeze`."""
@@ -212,16 +216,18 @@ class ServerProcess:
             self._signal_tree(signal.SIGCONT)
             self._frozen = False
 
-    def _signal_tree(self, signum: int) -> None:
+    def _signal_tree(self, signum: int) -> list[int]:
         # The server and every process it forked: PostgreSQL's children each
         # start a session of their own (setsid), so no process group holds
         # them all. The server first, so that it forks no one meanwhile.
         pid = self.pid
         if pid is None:
-            return
-        for target in (pid, *_descendants(pid)):
+            return []
+        targets = [pid, *_descendants(pid)]
+        for target in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(target, signum)
+        return targets
 
     def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the server if it still runs (thawing it first: a
@@ -243,6 +249,22 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
+
+
+def _stopped(pid: int) -> bool:
+    """True when every thread of process ``pid`` is stopped (or it is gone)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # the thread exited
+        if state not in ("T", "t"):
+            return False
+    return True
 
 
 def _descendants(pid: int) -> list[int]:

@@ -16,6 +16,7 @@ __all__ = [
     "install_replica_guard",
     "install_stale_connection_check",
     "is_read_only_violation",
+    "is_recovery_conflict",
 ]
 
 _READ_ONLY_SQL: Final = {
@@ -114,6 +115,22 @@ def install_stale_connection_check(engine: Engine, down_since: Callable[[], floa
     # Before the read-only guard (insert=True): the guard's statements must
     # not run on a dead connection.
     event.listen(engine.pool, "checkout", drop_stale, insert=True)
+
+
+#: PostgreSQL cancels a standby's query that holds back replay (a lock, a
+#: snapshot or a buffer pin the primary's changes need) with these SQLSTATEs;
+#: a read-only AUTOCOMMIT read on a replica gets them for no other reason.
+_PG_RECOVERY_CONFLICT_SQLSTATES: Final = frozenset({"40001", "40P01"})
+
+
+def is_recovery_conflict(error: BaseException) -> bool:
+    """True when a replica cancelled a read to let replay go on ("canceling
+    statement due to conflict with recovery"): the replica is fine, the read
+    just has to run elsewhere."""
+    return (
+        isinstance(error, sa_exc.DBAPIError)
+        and getattr(error.orig, "sqlstate", None) in _PG_RECOVERY_CONFLICT_SQLSTATES
+    )
 
 
 def is_read_only_violation(error: BaseException | None) -> bool:

@@ -16,7 +16,7 @@ from sqlalchemy.util import EMPTY_DICT
 
 from .breaker import is_disconnect
 from .causal import CAPTURED_KEY, CausalScope, current_scope
-from .connections import is_read_only_violation
+from .connections import is_read_only_violation, is_recovery_conflict
 from .consistency import ConsistencyLevel, current_consistency, validate_level
 from .exc import ConfigurationError
 from .policy import Decision, decide, first_caught_up, wait_candidate
@@ -447,6 +447,16 @@ class RoutingSession(Session):
                         return self._rerun_refused_write(
                             method, statement, params, execution_options, routed, kw, target, error
                         )
+                    if is_recovery_conflict(error):
+                        # The replica is fine; replay needed what this read held.
+                        logger.warning(
+                            "replica %s cancelled a read (conflict with recovery); running "
+                            "it on the primary",
+                            target.name,
+                        )
+                        target = self.router.primary_target
+                        routed[_TARGET_KEY] = target
+                        break
                     if not self._replica_failed(target, error):
                         raise
                     logger.warning(

@@ -427,3 +427,60 @@ def test_a_read_timeout_on_a_frozen_replica_runs_the_read_elsewhere(
     finally:
         topology.thaw_replica(0)
         router.dispose()
+
+
+@pytest.mark.postgresql
+def test_a_read_cancelled_by_a_recovery_conflict_runs_on_the_primary(
+    fresh_postgres_topology: Topology,
+) -> None:
+    """A standby cancels a long read that holds a lock replay needs ("conflict
+    with recovery"): the caller still gets its rows, from the primary, and the
+    replica, which is fine, keeps its reads."""
+    topology = fresh_postgres_topology
+    create_schema(topology)
+    standby = sa.create_engine(topology.replica_urls[0], isolation_level="AUTOCOMMIT")
+    primary = sa.create_engine(topology.primary_url)
+    router = sr.ReplicaRouter(
+        topology.primary_url, topology.replica_urls, lag_check_interval=NO_MONITOR_CHECKS
+    )
+    outcome: dict[str, Any] = {}
+
+    def long_read() -> None:
+        key = key_preferring(router, "replica1")
+        try:
+            with sr.sticky(key), router.sessionmaker()() as session, StatementLog(router) as log:
+                outcome["count"] = session.scalar(sa.text("SELECT count(*) FROM item, pg_sleep(2)"))
+            outcome["nodes"] = [s.node for s in log.statements]
+        except Exception as error:
+            outcome["error"] = error
+
+    def read_is_running() -> bool:
+        with standby.connect() as conn:
+            found = conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()"
+                )
+            )
+        return bool(found == 1)
+
+    try:
+        with standby.connect() as conn:
+            conn.execute(sa.text("ALTER SYSTEM SET max_standby_streaming_delay = '100ms'"))
+            conn.execute(sa.text("SELECT pg_reload_conf()"))
+        await_all_healthy(router)
+        reader = threading.Thread(target=long_read)
+        reader.start()
+        wait_until(read_is_running, timeout=10, what="the long read on replica1")
+        with primary.begin() as conn:  # replayed on the standby: it conflicts
+            conn.execute(sa.text("LOCK TABLE item IN ACCESS EXCLUSIVE MODE"))
+        reader.join(timeout=30)
+        assert outcome == {"count": 2, "nodes": ["replica1", "primary"]}
+        assert status_of(router, "replica1").healthy is True
+    finally:
+        with standby.connect() as conn:
+            conn.execute(sa.text("ALTER SYSTEM RESET max_standby_streaming_delay"))
+            conn.execute(sa.text("SELECT pg_reload_conf()"))
+        router.dispose()
+        standby.dispose()
+        primary.dispose()

@@ -1,8 +1,8 @@
 """Replica failures: marked down at the first lost connection, reads rerun
 elsewhere, readmitted after a probe; statement errors change nothing.
 
-Every test kills real replica servers (SIGKILL) of the PostgreSQL and the
-MariaDB topology.
+The faults are real: replica servers of the PostgreSQL and the MariaDB
+topology are killed, frozen (SIGSTOP), or made to cancel a read for replay.
 """
 
 from __future__ import annotations

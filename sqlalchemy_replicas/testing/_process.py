@@ -206,9 +206,13 @@ class ServerProcess:
         acted on a moment after it is sent)."""
         pids = self._signal_tree(signal.SIGSTOP)
         self._frozen = True
-        wait_until(
-            lambda: all(_stopped(pid) for pid in pids), timeout=10, what=f"{self.name} to stop"
-        )
+        try:
+            wait_until(
+                lambda: all(_stopped(pid) for pid in pids), timeout=10, what=f"{self.name} to stop"
+            )
+        except TopologyError as error:
+            running = [pid for pid in pids if not _stopped(pid)]
+            raise TopologyError(f"{error}; still running: pids {running}") from None
 
     def thaw(self) -> None:
         """Undo :meth:`freeze`."""
@@ -252,7 +256,8 @@ class ServerProcess:
 
 
 def _stopped(pid: int) -> bool:
-    """True when every thread of process ``pid`` is stopped (or it is gone)."""
+    """True when every thread of process ``pid`` is stopped, or dead: a child
+    that exited as its frozen parent stopped stays a zombie until thawed."""
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
@@ -262,7 +267,7 @@ def _stopped(pid: int) -> bool:
             state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue  # the thread exited
-        if state not in ("T", "t"):
+        if state not in ("T", "t", "Z", "X"):
             return False
     return True
 

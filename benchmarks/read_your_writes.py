@@ -31,8 +31,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
-from sqlalchemy_replicas.testing._process import wait_until
+from sqlalchemy_replicas.testing import (
+    MariaDBTopology,
+    PostgresTopology,
+    StatementLog,
+    Topology,
+    wait_until,
+)
 
 USERS = 8
 WINDOW = 2.0

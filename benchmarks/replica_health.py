@@ -33,8 +33,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, Topology
-from sqlalchemy_replicas.testing._process import wait_until
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, Topology, wait_until
 
 MAX_LAG = 1.0
 INTERVALS = (0.25, 0.5, 1.0)

@@ -16,8 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.testing import PostgresTopology
-from sqlalchemy_replicas.testing._process import wait_until
+from sqlalchemy_replicas.testing import PostgresTopology, wait_until
 
 
 class Base(DeclarativeBase):

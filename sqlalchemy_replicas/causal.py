@@ -247,3 +247,7 @@ def causal_context(token: str | None = None) -> Iterator[CausalContext]:
 #: Set in a primary connection's info once its commit's position is recorded,
 #: so that the pool's check-in does not capture it again.
 CAPTURED_KEY = "sqlalchemy_replicas.captured"
+
+#: Set in a primary connection's info when it commits: the pool's check-in
+#: reads the position of connections that committed, and only of those.
+COMMITTED_KEY = "sqlalchemy_replicas.committed"

@@ -17,6 +17,7 @@ __all__ = [
     "install_stale_connection_check",
     "is_read_only_violation",
     "is_recovery_conflict",
+    "is_schema_behind",
 ]
 
 _READ_ONLY_SQL: Final = {
@@ -144,3 +145,23 @@ def is_read_only_violation(error: BaseException | None) -> bool:
     if args and isinstance(args[0], int) and args[0] in _MYSQL_READ_ONLY_ERRNOS:
         return True
     return "attempt to write a readonly database" in str(orig)
+
+
+#: "No such table / column / function / schema / type": on a replica right
+#: after a migration, the replica has not applied the DDL yet.
+_PG_UNDEFINED_SQLSTATES: Final = frozenset({"42P01", "42703", "42883", "3F000", "42704"})
+#: ER_NO_SUCH_TABLE, ER_BAD_FIELD_ERROR, ER_SP_DOES_NOT_EXIST.
+_MYSQL_UNDEFINED_ERRNOS: Final = frozenset({1146, 1054, 1305})
+
+
+def is_schema_behind(error: BaseException) -> bool:
+    """True when a read failed because an object it names does not exist on
+    the server (table, column, function, schema or type): on a replica,
+    typically a migration it has not applied yet."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    orig = error.orig
+    if getattr(orig, "sqlstate", None) in _PG_UNDEFINED_SQLSTATES:
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in _MYSQL_UNDEFINED_ERRNOS

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import sessionmaker
 
-from .causal import CAPTURED_KEY, CausalScope, current_scope
+from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard, install_stale_connection_check
 from .consistency import ConsistencyLevel, validate_level, validate_seconds
@@ -36,7 +36,7 @@ from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 if TYPE_CHECKING:
     from .session import RoutingSession
 
-__all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
+__all__ = ["CausalScopeKind", "EngineSource", "ReplicaRouter", "RoutedEngine"]
 
 logger = logging.getLogger("sqlalchemy_replicas.causal")
 
@@ -46,6 +46,11 @@ WAIT_SUSPECT_SECONDS = 1.0
 
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
+
+CausalScopeKind: TypeAlias = Literal["router", "session"]
+"""Whose commits a ``read_your_writes`` or ``monotonic`` read must see:
+``"router"`` (every commit acknowledged through the router, process-wide) or
+``"session"`` (the session's own, plus its ``causal_context()`` and token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,18 @@ class ReplicaRouter:
         each), e.g. ``{"replica1": 2.0}`` for a replica twice the size.
     :param lag_check_interval: seconds between the lag monitor's checks (it
         starts with the first routed read).
+    :param causal_scope: whose commits ``read_your_writes`` and ``monotonic``
+        reads must see. ``"router"`` (the default): every commit acknowledged
+        through this router before the read began, by any session, thread or
+        task (Core commits through :attr:`primary` included), and everything
+        the primary had committed when the router first served a read (one
+        position query), so a process started after a migration or seed
+        script never reads older than that. ``"session"``: only the
+        session's own commits, plus the enclosing ``causal_context()`` and
+        its token; more reads land on replicas without waiting, but a
+        session does not see what another session of the app just
+        committed unless a token or context carries it. Sessions may
+        override it with ``RoutingSession(causal_scope=...)``.
     :param primary_candidates: the other servers (URLs, or engines whose URL
         is taken) that may become the primary after a failover. Each new
         primary connection goes to the candidate that accepts writes
@@ -120,6 +137,7 @@ class ReplicaRouter:
         weights: Mapping[str, float] | None = None,
         lag_check_interval: float = 1.0,
         primary_candidates: Iterable[EngineSource] = (),
+        causal_scope: CausalScopeKind = "router",
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
@@ -136,6 +154,9 @@ class ReplicaRouter:
         self._monitor_lock = threading.Lock()
         self.default_consistency = validate_level(
             default_consistency, argument="default_consistency"
+        )
+        self.causal_scope: CausalScopeKind = validate_causal_scope(
+            causal_scope, argument="causal_scope"
         )
         if secret is not None and not isinstance(secret, (str, bytes)):
             raise ConfigurationError(f"secret must be str or bytes, not {type(secret).__name__}")
@@ -189,6 +210,15 @@ class ReplicaRouter:
         self._applied_lock = threading.Lock()
         # Replica name -> when a wait on it last timed out (monotonic seconds).
         self._wait_failed_at: dict[str, float] = {}
+        # Every commit acknowledged through this router. It starts "unknown",
+        # so the first read that consults it replaces that by the primary's
+        # current position (one query): what a migration or seed script
+        # committed before this process started is included, and until the
+        # primary answers, such reads go to the primary.
+        self._process_scope = CausalScope()
+        if self._replicas and family in ("postgresql", "mysql"):  # it has positions
+            self._process_scope.mark_unknown(self)
+        event.listen(self._primary.sync_engine, "commit", _note_commit)
         event.listen(self._primary.sync_engine.pool, "reset", self._capture_core_commit)
 
     # -- public -------------------------------------------------------------
@@ -342,21 +372,69 @@ class ReplicaRouter:
             raise TokenError("other_lineage", f"position from {entry.lineage!r}")
         return position
 
+    def start(self) -> None:
+        """Read the start of the router's causal scope (the primary's current
+        position) and start the lag monitor now, instead of at the first read.
+
+        Optional: call it at application start-up (a FastAPI lifespan, a
+        Flask app factory) so that the first request does not pay the one
+        position query; tests that count statements call it before counting.
+        Calling it again costs nothing.
+
+        :raises Exception: whatever the driver raises when the primary is
+            unreachable (the first read then tries again).
+        """
+        if self.is_async:
+            raise ConfigurationError(
+                "this router was configured with async engines; use await router.astart()"
+            )
+        self._start()
+
+    async def astart(self) -> None:
+        """:meth:`start` for routers with async engines."""
+        from sqlalchemy.util import greenlet_spawn
+
+        await greenlet_spawn(self._start)
+
+    def _start(self) -> None:
+        _, unknown = self._process_scope.target(self)
+        if unknown:  # the primary did not answer: raise its error here
+            self.current_position()
+        self._ensure_monitor()
+
+    @property
+    def process_scope(self) -> CausalScope:
+        """The causal scope of every commit acknowledged through this router
+        (by any session, thread or task, and Core commits through
+        :attr:`primary`), seeded with the primary's position at first use.
+        ``read_your_writes`` and ``monotonic`` reads consult it when
+        :attr:`causal_scope` is ``"router"``."""
+        return self._process_scope
+
+    def commit_scopes(self) -> list[CausalScope]:
+        """The scopes a commit acknowledged here belongs to: the router's,
+        and the enclosing ``causal_context()``'s, if any."""
+        context = current_scope()
+        return [self._process_scope] if context is None else [self._process_scope, context]
+
     def _capture_core_commit(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
-        """Pool reset of a primary connection: inside a causal_context, record
-        the position of what Core code (``with router.primary.begin()``) may
-        have committed on it. Sessions record their own commits and mark the
-        connection, so it is not captured twice."""
+        """Pool reset of a primary connection: record the position of what
+        Core code (``with router.primary.begin()``) committed on it, in the
+        router's scope and the enclosing causal_context's. Sessions record
+        their own commits and mark the connection, so it is not captured
+        twice; a connection that committed nothing costs no query."""
         captured = record.info.pop(CAPTURED_KEY, False)
-        scope = current_scope()
-        if scope is None or captured or not self._replicas:
+        committed = record.info.pop(COMMITTED_KEY, False)
+        if captured or not committed or not self._replicas:
             return
+        scopes = self.commit_scopes()
         if reset_state.terminate_only or not reset_state.asyncio_safe:
             # The connection is being discarded (or cannot be used from here):
             # whatever it committed, its position cannot be read.
-            scope.mark_unknown(self)
+            for scope in scopes:
+                scope.mark_unknown(self)
             return
-        self.record_commit(DBAPIRunner(dbapi_connection), [scope])
+        self.record_commit(DBAPIRunner(dbapi_connection), scopes)
 
     def record_commit(self, primary: SQLRunner, scopes: list[CausalScope]) -> bool:
         """Read the position of what was just committed on ``primary`` (the
@@ -546,6 +624,25 @@ class ReplicaRouter:
                     "URLs with sync drivers (e.g. postgresql+psycopg://) or all with async "
                     "drivers (e.g. postgresql+psycopg_async://)"
                 )
+
+
+def _note_commit(connection: Any) -> None:
+    """A Connection on the primary is about to commit: its position is read
+    when it goes back to the pool (see ``ReplicaRouter._capture_core_commit``)."""
+    connection.info[COMMITTED_KEY] = True
+
+
+def validate_causal_scope(value: object, *, argument: str) -> CausalScopeKind:
+    """``value`` if it names a causal scope; else ConfigurationError naming ``argument``."""
+    if value == "router":
+        return "router"
+    if value == "session":
+        return "session"
+    raise ConfigurationError(
+        f"{argument}={value!r} is not a causal scope; use 'router' (every commit made "
+        "through the router, the default) or 'session' (the session's own commits, plus "
+        "causal_context() and its token)"
+    )
 
 
 def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL]:

@@ -16,11 +16,11 @@ from sqlalchemy.util import EMPTY_DICT
 
 from .breaker import is_disconnect
 from .causal import CAPTURED_KEY, CausalScope, current_scope
-from .connections import is_read_only_violation, is_recovery_conflict
+from .connections import is_read_only_violation, is_recovery_conflict, is_schema_behind
 from .consistency import ConsistencyLevel, current_consistency, validate_level
 from .exc import ConfigurationError
 from .policy import Decision, decide, first_caught_up, wait_candidate
-from .router import ReplicaRouter, RoutedEngine
+from .router import CausalScopeKind, ReplicaRouter, RoutedEngine, validate_causal_scope
 from .sticky import current_sticky_key
 
 __all__ = ["RoutingSession"]
@@ -61,6 +61,11 @@ class RoutingSession(Session):
     :param router: the :class:`ReplicaRouter` to route through.
     :param consistency: this session's default consistency level (default:
         the router's); ``consistency()`` blocks and statement options win.
+    :param causal_scope: whose commits this session's ``read_your_writes``
+        and ``monotonic`` reads must see (default: the router's
+        ``causal_scope``): ``"router"``, every commit made through the
+        router; ``"session"``, this session's own, plus the enclosing
+        ``causal_context()`` and its token.
     :param kwargs: everything else a ``Session`` accepts. A session given an
         explicit ``bind`` (e.g. Alembic's connection) uses it unchanged.
 
@@ -73,6 +78,7 @@ class RoutingSession(Session):
         *args: Any,
         router: ReplicaRouter,
         consistency: ConsistencyLevel | None = None,
+        causal_scope: CausalScopeKind | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(router, ReplicaRouter):
@@ -88,6 +94,11 @@ class RoutingSession(Session):
         self.router = router
         self.default_consistency: ConsistencyLevel | None = (
             None if consistency is None else validate_level(consistency, argument="consistency")
+        )
+        self.causal_scope: CausalScopeKind = (
+            router.causal_scope
+            if causal_scope is None
+            else validate_causal_scope(causal_scope, argument="causal_scope")
         )
         # True from the first statement that wrote or locked on the primary
         # until the outermost transaction ends.
@@ -197,21 +208,26 @@ class RoutingSession(Session):
         return order[0], reason if bound is None else f"measured lag within {bound}s"
 
     def _causal_target(self) -> tuple[Any | None, bool]:
-        """The position reads must see (this session's commits, the enclosing
-        causal_context's, its token's), and whether only the primary will do."""
+        """The position reads must see, and whether only the primary will do.
+
+        The position covers this session's commits, the router's (every
+        commit made through it) unless the session's causal scope is
+        ``"session"``, and the enclosing causal_context's with its token's.
+        """
         router = self.router
         position, unknown = self._scope.target(router)
+        others = [router.process_scope] if self.causal_scope == "router" else []
         context = current_scope()
         if context is not None:
-            context_position, context_unknown = context.target(router)
-            unknown = unknown or context_unknown
-            if context_position is not None:
+            others.append(context)
+        for scope in others:
+            other_position, other_unknown = scope.target(router)
+            unknown = unknown or other_unknown
+            if other_position is not None:
                 backend = router.positions
                 assert backend is not None
                 position = (
-                    context_position
-                    if position is None
-                    else backend.merge(position, context_position)
+                    other_position if position is None else backend.merge(position, other_position)
                 )
         return position, unknown
 
@@ -375,9 +391,7 @@ class RoutingSession(Session):
         router = self.router
         if not router.replica_targets:
             return  # every read goes to the primary anyway
-        context = current_scope()
-        scopes = [self._scope] if context is None else [self._scope, context]
-        if router.record_commit(connection, scopes):
+        if router.record_commit(connection, [self._scope, *router.commit_scopes()]):
             connection.info[CAPTURED_KEY] = True
 
     if not TYPE_CHECKING:
@@ -453,6 +467,19 @@ class RoutingSession(Session):
                             "replica %s cancelled a read (conflict with recovery); running "
                             "it on the primary",
                             target.name,
+                        )
+                        target = self.router.primary_target
+                        routed[_TARGET_KEY] = target
+                        break
+                    if is_schema_behind(error):
+                        # Most likely a migration the replica has not applied
+                        # yet. If the primary has no such object either, its
+                        # own error is what the caller sees.
+                        logger.warning(
+                            "replica %s lacks an object this read names (a migration it has "
+                            "not applied yet?); running it on the primary: %s",
+                            target.name,
+                            _first_line(error.orig),
                         )
                         target = self.router.primary_target
                         routed[_TARGET_KEY] = target
@@ -540,8 +567,14 @@ def _capture_commit_position(session: Session) -> None:
     if not isinstance(session, RoutingSession) or session.in_nested_transaction():
         return
     connection = session._primary_connection
-    if connection is not None and session._pinned_to_primary:
+    if connection is None:
+        return
+    if session._pinned_to_primary:
         session._record_commit(connection)
+    else:
+        # Nothing of this transaction wrote (every write pins): the pool's
+        # check-in has no position to read either.
+        connection.info[CAPTURED_KEY] = True
 
 
 @event.listens_for(RoutingSession, "after_transaction_end")
@@ -549,6 +582,11 @@ def _unpin_after_root_transaction(session: Session, transaction: SessionTransact
     if transaction.parent is None and isinstance(session, RoutingSession):
         session._pinned_to_primary = False
         session._primary_connection = None
+
+
+def _first_line(error: BaseException | None) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _describe(clause: Any) -> str:

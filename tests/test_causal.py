@@ -149,19 +149,23 @@ def test_all_replicas_paused_reads_fall_back_to_the_primary_within_wait_timeout(
 def test_token_carries_a_commit_to_another_app_server(
     router: sr.ReplicaRouter, topology: Topology
 ) -> None:
-    """A commit's token, given to a new router (new engines, as another app server has)
-    with the same name and secret, makes its first read see the row although its only
-    replica lags; without the token that replica serves a stale read."""
-    topology.pause_replay(0)
-    with sr.causal_context() as ctx:
-        with router.sessionmaker()() as session:
-            session.add(Item(id=1, note="carried"))
-            session.commit()
-        token = ctx.token
-    assert token is not None
-
+    """A commit's token, given to another router (new engines, as another app server has,
+    already serving before the commit) with the same name and secret, makes its read see
+    the row although its only replica lags; without the token that replica serves a stale
+    read: the other server's own scope holds only what it committed and what the primary
+    had when it started."""
     other_server = make_router(topology.replica_urls[:1], topology.primary_url)
     try:
+        with other_server.sessionmaker()() as session:  # serving: its start position is read
+            assert session.scalar(sa.select(Item.note)) is None
+        topology.pause_replay(0)
+        with sr.causal_context() as ctx:
+            with router.sessionmaker()() as session:
+                session.add(Item(id=1, note="carried"))
+                session.commit()
+            token = ctx.token
+        assert token is not None
+
         with StatementLog(other_server) as log:
             with sr.causal_context(token), other_server.sessionmaker()() as session:
                 assert session.scalar(sa.select(Item.note)) == "carried"

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.testing import StatementLog, Topology
+from sqlalchemy_replicas.testing import StatementLog, Topology, wait_until
 
 
 class Base(DeclarativeBase):
@@ -41,6 +41,7 @@ def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     assert isinstance(primary, sa.Engine)
     Base.metadata.create_all(primary)
     topology.wait_for_catchup()
+    router.start()  # its start position is read now: the logs below hold only reads
     yield router
     router.dispose()
 
@@ -55,6 +56,20 @@ def seed(router: sr.ReplicaRouter, topology: Topology) -> None:
         session.add(Author(id=1, name="ada", posts=[Post(id=1, title="a"), Post(id=2, title="b")]))
         session.commit()
     topology.wait_for_catchup()
+
+
+def await_both_known_caught_up(router: sr.ReplicaRouter) -> None:
+    """Until the lag monitor has seen every replica apply the router's commits, a
+    read prefers a replica known to have applied them over the round-robin turn."""
+    backend = router.positions
+    assert backend is not None
+
+    def known() -> bool:
+        target, unknown = router.process_scope.target(router)
+        applied = [router.known_applied(name) for name in router.replica_names]
+        return not unknown and all(a is not None and backend.reached(a, target) for a in applied)
+
+    wait_until(known, timeout=10, what="the lag monitor to see both replicas caught up")
 
 
 def test_flush_and_dml_go_to_the_primary(router: sr.ReplicaRouter) -> None:
@@ -73,6 +88,7 @@ def test_plain_reads_go_round_robin_to_replicas(
 ) -> None:
     """Plain ORM and Core SELECTs alternate between the replicas, none on the primary."""
     seed(router, topology)
+    await_both_known_caught_up(router)
     with StatementLog(router) as log, router.sessionmaker()() as session:
         assert session.get(Author, 1) is not None
         assert session.scalars(sa.select(Post).order_by(Post.id)).all()[0].title == "a"
@@ -165,6 +181,7 @@ def test_async_sessions_route_the_same_way(topology: Topology) -> None:
     async def scenario(router: sr.ReplicaRouter) -> list[str]:
         async with router.primary.begin() as conn:  # type: ignore[union-attr]
             await conn.run_sync(Base.metadata.create_all)
+        await router.astart()  # its start position is read now, not in the log
         make = router.async_sessionmaker()
         with StatementLog(router) as log:
             async with make() as session:

@@ -253,7 +253,8 @@ def test_replica_connections_refuse_writes_even_on_a_writable_server(
     """Replica connections are read-only at the server: with the *primary's* URL given as
     the replica, the misclassified write still fails there without writing, and runs
     exactly once, on the primary."""
-    router = sr.ReplicaRouter(topology.primary_url, [topology.primary_url])
+    # Session scope: the read needs no position, so the "replica" serves it at once.
+    router = sr.ReplicaRouter(topology.primary_url, [topology.primary_url], causal_scope="session")
     try:
         primary = router.primary
         assert isinstance(primary, sa.Engine)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.exc import ConfigurationError
 from sqlalchemy_replicas.sticky import current_sticky_key, key_bytes, rank
-from sqlalchemy_replicas.testing import StatementLog, Topology
+from sqlalchemy_replicas.testing import StatementLog, Topology, wait_until
 
 NAMES = ("replica1", "replica2", "replica3")
 KEYS = [key_bytes(f"user-{i}") for i in range(10_000)]
@@ -101,6 +101,14 @@ def test_sticky_reads_stay_on_the_keys_replica(topology: Topology) -> None:
     """Real servers: every read of a sticky key goes to the same replica, and
     different keys use both replicas."""
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+    router.start()
+    # Once the lag monitor has seen both replicas, both are known to have applied the
+    # router's start position: no read prefers a replica merely known to be caught up.
+    wait_until(
+        lambda: all(status.position is not None for status in router.status()),
+        timeout=10,
+        what="the lag monitor's first check of both replicas",
+    )
     try:
         used: dict[str, set[str]] = {}
         with StatementLog(router) as log, router.sessionmaker()() as session:

@@ -5,8 +5,10 @@ standbys, :class:`MariaDBTopology` a MariaDB primary with GTID replicas; each
 server is a real process on a free 127.0.0.1 port under a temporary
 directory, and faults are injected through the servers' own controls.
 
-The pytest plugin (:mod:`sqlalchemy_replicas.testing.pytest_plugin`, loaded
-automatically when the package is installed) offers them as fixtures.
+The pytest plugin (the top-level module ``_sqlalchemy_replicas_pytest``,
+loaded automatically when the package is installed, or by name as
+:mod:`sqlalchemy_replicas.testing.pytest_plugin`) offers them as fixtures;
+it imports this package only when a fixture is used.
 """
 
 from __future__ import annotations

@@ -1,81 +1,37 @@
-"""pytest fixtures for real replication topologies.
+"""The pytest plugin, by a name inside the package, for loading it explicitly.
 
-Loaded automatically (entry point ``pytest11``) when sqlalchemy-replicas is
-installed. Fixtures:
+Installed, the plugin loads automatically from the top-level module
+``_sqlalchemy_replicas_pytest`` (entry point ``pytest11``, name
+``sqlalchemy_replicas``), which lives outside this package so that pytest
+can load it without importing sqlalchemy-replicas or SQLAlchemy. Projects
+that turn plugin auto-loading off (``PYTEST_DISABLE_PLUGIN_AUTOLOAD=1``)
+name this module instead: ``-p sqlalchemy_replicas.testing.pytest_plugin``
+or ``pytest_plugins = ["sqlalchemy_replicas.testing.pytest_plugin"]`` in
+their root ``conftest.py``. Naming it while the plugin is also auto-loaded
+changes nothing.
 
-``postgres_topology`` / ``mariadb_topology``
-    session-scoped: one :class:`~sqlalchemy_replicas.testing.PostgresTopology`
-    / :class:`~sqlalchemy_replicas.testing.MariaDBTopology` with two
-    replicas, started on first use and stopped (every process, the temp
-    dir) when the test session ends.
-``fresh_postgres_topology`` / ``fresh_mariadb_topology``
-    function-scoped: the same topology after :meth:`~Topology.reset`:
-    no fault injected, every server up, the application database empty and
-    replicated.
-
-A missing server binary fails the fixture with
-:class:`~sqlalchemy_replicas.exc.ServerBinaryNotFound`, it never skips: a
-suite that silently stops testing replication proves nothing. Set
-``SQLALCHEMY_REPLICAS_PG_BINDIR`` to choose the PostgreSQL binaries.
+Fixtures: ``postgres_topology``, ``mariadb_topology`` (session-scoped),
+``fresh_postgres_topology``, ``fresh_mariadb_topology`` (reset per test);
+see :mod:`_sqlalchemy_replicas_pytest`. No I/O on import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from ..exc import ServerBinaryNotFound
-from ._binaries import mariadb_binaries, postgres_bindir
-from .mariadb import MariaDBTopology
-from .postgres import PostgresTopology
+import _sqlalchemy_replicas_pytest
 
-__all__ = [
-    "fresh_mariadb_topology",
-    "fresh_postgres_topology",
-    "mariadb_topology",
-    "postgres_topology",
-]
+__all__: list[str] = []
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    """Name the server binaries the topologies will use, or why there are none."""
-    lines = []
-    for label, find in (("PostgreSQL", postgres_bindir), ("MariaDB", mariadb_binaries)):
-        try:
-            found = find()
-        except ServerBinaryNotFound as exc:
-            lines.append(f"sqlalchemy-replicas {label}: MISSING ({exc})")
-        else:
-            where = found if isinstance(found, Path) else found[0]
-            lines.append(f"sqlalchemy-replicas {label} binaries: {where}")
-    return lines
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the plugin module, unless pytest already auto-loaded it.
 
-
-@pytest.fixture(scope="session")
-def postgres_topology() -> Iterator[PostgresTopology]:
-    """A PostgreSQL primary with two streaming replicas, for the whole test session."""
-    with PostgresTopology(replicas=2) as topology:
-        yield topology
-
-
-@pytest.fixture(scope="session")
-def mariadb_topology() -> Iterator[MariaDBTopology]:
-    """A MariaDB primary with two GTID replicas, for the whole test session."""
-    with MariaDBTopology(replicas=2) as topology:
-        yield topology
-
-
-@pytest.fixture
-def fresh_postgres_topology(postgres_topology: PostgresTopology) -> PostgresTopology:
-    """The session's PostgreSQL topology, reset: no faults, all up, no data."""
-    postgres_topology.reset()
-    return postgres_topology
-
-
-@pytest.fixture
-def fresh_mariadb_topology(mariadb_topology: MariaDBTopology) -> MariaDBTopology:
-    """The session's MariaDB topology, reset: no faults, all up, no data."""
-    mariadb_topology.reset()
-    return mariadb_topology
+    The fixtures are not re-exported here: the same fixture functions in two
+    plugins make ``pytest --fixtures`` fail (it cannot order the duplicates),
+    and registering a module a second time, under another name, is an error.
+    The module goes in under its own name, as ``-p`` would register it.
+    """
+    manager = config.pluginmanager
+    if not manager.is_registered(_sqlalchemy_replicas_pytest):
+        manager.register(_sqlalchemy_replicas_pytest)

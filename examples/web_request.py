@@ -47,7 +47,7 @@ def main() -> None:
     with PostgresTopology(replicas=1) as topology:
         server_a = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, secret=SECRET)
         server_b = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, secret=SECRET)
-        Base.metadata.create_all(server_a.primary)  # type: ignore[arg-type]
+        Base.metadata.create_all(server_a.primary)
         topology.wait_for_catchup()
 
         topology.pause_replay(0)  # the replica stops applying: lag grows from here

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, cast, overload
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import sessionmaker
+from typing_extensions import TypeVar
 
 from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .classify import Classifier
@@ -34,6 +35,9 @@ from .sticky import rank
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
+    import sqlalchemy.ext.asyncio as sa_asyncio
+    import sqlalchemy.orm as sa_orm
+
     from .session import RoutingSession
 
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
@@ -46,6 +50,11 @@ WAIT_SUSPECT_SECONDS = 1.0
 
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
+
+_E = TypeVar("_E", bound="Engine | AsyncEngine", default=Engine, covariant=True)
+"""The kind of engine a router hands out: ``Engine`` (the default) or ``AsyncEngine``."""
+_S = TypeVar("_S", bound="RoutingSession")
+_AS = TypeVar("_AS", bound="AsyncSession")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +73,16 @@ class RoutedEngine:
     owned: bool
 
 
-class ReplicaRouter:
+class ReplicaRouter(Generic[_E]):
     """A primary database and its read replicas.
+
+    For type checkers the router is generic in the kind of engine it hands
+    out (:attr:`primary`, :attr:`replicas`): ``ReplicaRouter[Engine]`` (also
+    spelled plain ``ReplicaRouter``) or ``ReplicaRouter[AsyncEngine]``. Given
+    engines, the kind is theirs. Given only URLs, which cannot say statically
+    whether their driver is async, it is ``Engine`` unless you say
+    otherwise: write ``ReplicaRouter[AsyncEngine](url, ...)`` (or annotate the
+    variable) for async URLs. At run time the URL decides, as always.
 
     :param primary: the primary, as a URL string, :class:`~sqlalchemy.engine.URL`,
         :class:`~sqlalchemy.engine.Engine` or
@@ -103,6 +120,65 @@ class ReplicaRouter:
         async sources, a negative number or an unknown consistency level.
     """
 
+    # The overloads differ only in ``self`` and the sources' types; keep the
+    # keyword arguments identical in all four signatures.
+    @overload
+    def __init__(
+        self,
+        primary: str | URL,
+        replicas: Iterable[str | URL] | Mapping[str, str | URL] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: ReplicaRouter[Engine],
+        primary: str | URL | Engine,
+        replicas: Iterable[str | URL | Engine] | Mapping[str, str | URL | Engine] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: ReplicaRouter[AsyncEngine],
+        primary: str | URL | AsyncEngine,
+        replicas: Iterable[str | URL | AsyncEngine] | Mapping[str, str | URL | AsyncEngine] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
+    ) -> None: ...
     def __init__(
         self,
         primary: EngineSource,
@@ -194,9 +270,9 @@ class ReplicaRouter:
     # -- public -------------------------------------------------------------
 
     @property
-    def primary(self) -> Engine | AsyncEngine:
+    def primary(self) -> _E:
         """The primary's engine (an ``AsyncEngine`` when the router is async)."""
-        return self._primary.engine
+        return cast("_E", self._primary.engine)
 
     @property
     def primary_url(self) -> str:
@@ -215,9 +291,9 @@ class ReplicaRouter:
         self._lineage = None
 
     @property
-    def replicas(self) -> tuple[Engine | AsyncEngine, ...]:
+    def replicas(self) -> tuple[_E, ...]:
         """The replicas' engines, in configuration order."""
-        return tuple(r.engine for r in self._replicas)
+        return tuple(cast("_E", r.engine) for r in self._replicas)
 
     @property
     def replica_names(self) -> tuple[str, ...]:
@@ -229,12 +305,22 @@ class ReplicaRouter:
         """True when the router was given async URLs or ``AsyncEngine`` objects."""
         return isinstance(self._primary.engine, AsyncEngine)
 
-    def sessionmaker(self, **session_kwargs: Any) -> sessionmaker[RoutingSession]:
-        """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`.
+    @overload
+    def sessionmaker(
+        self: ReplicaRouter[Engine], *, class_: type[_S], **session_kwargs: Any
+    ) -> sa_orm.sessionmaker[_S]: ...
+    @overload
+    def sessionmaker(
+        self: ReplicaRouter[Engine], **session_kwargs: Any
+    ) -> sa_orm.sessionmaker[RoutingSession]: ...
+    def sessionmaker(self, **session_kwargs: Any) -> sa_orm.sessionmaker[Any]:
+        """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`,
+        typed ``sessionmaker[AppSession]`` when ``class_=AppSession`` is given.
 
         :param session_kwargs: passed to every session, as for ``sessionmaker``;
             ``class_`` may name a subclass of :class:`RoutingSession`.
-        :raises ConfigurationError: when the router is async.
+        :raises ConfigurationError: when the router is async (for type
+            checkers: only a ``ReplicaRouter[Engine]`` has this method).
         """
         from .session import RoutingSession
 
@@ -247,13 +333,25 @@ class ReplicaRouter:
         _require_routing_class(class_, "class_")
         return sessionmaker(class_=class_, router=self, **session_kwargs)
 
-    def async_sessionmaker(self, **session_kwargs: Any) -> async_sessionmaker[AsyncSession]:
+    @overload
+    def async_sessionmaker(
+        self: ReplicaRouter[AsyncEngine], *, class_: type[_AS], **session_kwargs: Any
+    ) -> sa_asyncio.async_sessionmaker[_AS]: ...
+    @overload
+    def async_sessionmaker(
+        self: ReplicaRouter[AsyncEngine], **session_kwargs: Any
+    ) -> sa_asyncio.async_sessionmaker[AsyncSession]: ...
+    def async_sessionmaker(self, **session_kwargs: Any) -> sa_asyncio.async_sessionmaker[Any]:
         """Return an :class:`~sqlalchemy.ext.asyncio.async_sessionmaker` whose
-        sessions route through :class:`RoutingSession`.
+        sessions route through :class:`RoutingSession`, typed
+        ``async_sessionmaker[AppAsyncSession]`` when ``class_=AppAsyncSession``
+        (an ``AsyncSession`` subclass) is given.
 
         :param session_kwargs: passed to every session; ``sync_session_class``
             may name a subclass of :class:`RoutingSession`.
-        :raises ConfigurationError: when the router is not async.
+        :raises ConfigurationError: when the router is not async (for type
+            checkers: only a ``ReplicaRouter[AsyncEngine]`` has this method;
+            for async URLs write ``ReplicaRouter[AsyncEngine](url, ...)``).
         """
         from .session import RoutingSession
 

@@ -23,6 +23,9 @@ from .policy import Decision, decide, first_caught_up, wait_candidate
 from .router import ReplicaRouter, RoutedEngine
 from .sticky import current_sticky_key
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 __all__ = ["RoutingSession"]
 
 logger = logging.getLogger("sqlalchemy_replicas.routing")
@@ -71,7 +74,7 @@ class RoutingSession(Session):
     def __init__(
         self,
         *args: Any,
-        router: ReplicaRouter,
+        router: ReplicaRouter[Engine | AsyncEngine],
         consistency: ConsistencyLevel | None = None,
         **kwargs: Any,
     ) -> None:

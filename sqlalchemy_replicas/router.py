@@ -53,8 +53,8 @@ EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 
 _E = TypeVar("_E", bound="Engine | AsyncEngine", default=Engine, covariant=True)
 """The kind of engine a router hands out: ``Engine`` (the default) or ``AsyncEngine``."""
-_S = TypeVar("_S", bound="RoutingSession")
-_AS = TypeVar("_AS", bound="AsyncSession")
+_S = TypeVar("_S", bound="RoutingSession", default="RoutingSession")
+_AS = TypeVar("_AS", bound="AsyncSession", default="AsyncSession")
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,20 +305,17 @@ class ReplicaRouter(Generic[_E]):
         """True when the router was given async URLs or ``AsyncEngine`` objects."""
         return isinstance(self._primary.engine, AsyncEngine)
 
-    @overload
     def sessionmaker(
-        self: ReplicaRouter[Engine], *, class_: type[_S], **session_kwargs: Any
-    ) -> sa_orm.sessionmaker[_S]: ...
-    @overload
-    def sessionmaker(
-        self: ReplicaRouter[Engine], **session_kwargs: Any
-    ) -> sa_orm.sessionmaker[RoutingSession]: ...
-    def sessionmaker(self, **session_kwargs: Any) -> sa_orm.sessionmaker[Any]:
+        self: ReplicaRouter[Engine], *, class_: type[_S] | None = None, **session_kwargs: Any
+    ) -> sa_orm.sessionmaker[_S]:
         """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`,
-        typed ``sessionmaker[AppSession]`` when ``class_=AppSession`` is given.
+        or of ``class_``: typed ``sessionmaker[AppSession]`` for
+        ``class_=AppSession``, so the subclass keeps its own methods for type
+        checkers too.
 
-        :param session_kwargs: passed to every session, as for ``sessionmaker``;
-            ``class_`` may name a subclass of :class:`RoutingSession`.
+        :param class_: :class:`RoutingSession` (the default) or a subclass of it,
+            e.g. ``class AppSession(RoutingSession, sqlmodel.Session)``.
+        :param session_kwargs: passed to every session, as for ``sessionmaker``.
         :raises ConfigurationError: when the router is async (for type
             checkers: only a ``ReplicaRouter[Engine]`` has this method).
         """
@@ -329,26 +326,27 @@ class ReplicaRouter(Generic[_E]):
                 "this router was configured with async engines; use "
                 "router.async_sessionmaker() instead of router.sessionmaker()"
             )
-        class_ = session_kwargs.pop("class_", RoutingSession)
-        _require_routing_class(class_, "class_")
-        return sessionmaker(class_=class_, router=self, **session_kwargs)
+        chosen: type[Any] = RoutingSession if class_ is None else class_
+        _require_routing_class(chosen, "class_")
+        return sessionmaker(class_=chosen, router=self, **session_kwargs)
 
-    @overload
     def async_sessionmaker(
-        self: ReplicaRouter[AsyncEngine], *, class_: type[_AS], **session_kwargs: Any
-    ) -> sa_asyncio.async_sessionmaker[_AS]: ...
-    @overload
-    def async_sessionmaker(
-        self: ReplicaRouter[AsyncEngine], **session_kwargs: Any
-    ) -> sa_asyncio.async_sessionmaker[AsyncSession]: ...
-    def async_sessionmaker(self, **session_kwargs: Any) -> sa_asyncio.async_sessionmaker[Any]:
+        self: ReplicaRouter[AsyncEngine],
+        *,
+        class_: type[_AS] | None = None,
+        sync_session_class: type[RoutingSession] | None = None,
+        **session_kwargs: Any,
+    ) -> sa_asyncio.async_sessionmaker[_AS]:
         """Return an :class:`~sqlalchemy.ext.asyncio.async_sessionmaker` whose
-        sessions route through :class:`RoutingSession`, typed
-        ``async_sessionmaker[AppAsyncSession]`` when ``class_=AppAsyncSession``
-        (an ``AsyncSession`` subclass) is given.
+        sessions route through :class:`RoutingSession`: typed
+        ``async_sessionmaker[AsyncSession]``, or
+        ``async_sessionmaker[AppAsyncSession]`` for ``class_=AppAsyncSession``.
 
-        :param session_kwargs: passed to every session; ``sync_session_class``
-            may name a subclass of :class:`RoutingSession`.
+        :param class_: the ``AsyncSession`` class (default ``AsyncSession``)
+            or a subclass of it.
+        :param sync_session_class: :class:`RoutingSession` (the default) or a
+            subclass of it, the sync session each async session wraps.
+        :param session_kwargs: passed to every session.
         :raises ConfigurationError: when the router is not async (for type
             checkers: only a ``ReplicaRouter[AsyncEngine]`` has this method;
             for async URLs write ``ReplicaRouter[AsyncEngine](url, ...)``).
@@ -361,8 +359,10 @@ class ReplicaRouter(Generic[_E]):
                 "or give async URLs (e.g. postgresql+psycopg_async://, mysql+aiomysql://) "
                 "or AsyncEngine objects for router.async_sessionmaker()"
             )
-        sync_class = session_kwargs.pop("sync_session_class", RoutingSession)
+        sync_class = RoutingSession if sync_session_class is None else sync_session_class
         _require_routing_class(sync_class, "sync_session_class")
+        if class_ is not None:
+            session_kwargs["class_"] = class_
         return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import sqlalchemy_replicas as sr
@@ -92,12 +92,44 @@ def test_sessionmaker_kind_must_match_the_engines() -> None:
 
 
 def test_session_class_must_route() -> None:
-    """A sessionmaker class_ that is not a RoutingSession would silently not route."""
+    """A sessionmaker class_ (or an async maker's sync_session_class) that is not a
+    RoutingSession would silently not route: refused at run time as by type checkers."""
     router = sr.ReplicaRouter(PG, [PG])
-    with pytest.raises(ConfigurationError, match="must be RoutingSession or a subclass"):
-        router.sessionmaker(class_=Session)
+    with pytest.raises(ConfigurationError, match=r"class_=.* must be RoutingSession or a sub"):
+        router.sessionmaker(class_=Session)  # type: ignore[type-var]
+    async_router = sr.ReplicaRouter(create_async_engine(PG_ASYNC))
+    with pytest.raises(ConfigurationError, match=r"sync_session_class=.* must be RoutingSession"):
+        async_router.async_sessionmaker(sync_session_class=Session)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="router must be a ReplicaRouter"):
         sr.RoutingSession(router="nope")  # type: ignore[arg-type]
+
+
+def test_session_makers_make_the_classes_they_are_given() -> None:
+    """sessionmaker(class_=X) makes X sessions (RoutingSession without class_), and
+    async_sessionmaker(class_=Y, sync_session_class=Z) makes Y sessions around a Z,
+    as their types say (tests/test_typing.py); ReplicaRouter[AsyncEngine](url)
+    builds the same router as ReplicaRouter(url)."""
+
+    class AppSession(sr.RoutingSession):
+        pass
+
+    class AppAsyncSession(AsyncSession):
+        pass
+
+    router = sr.ReplicaRouter(PG, [PG])
+    assert isinstance(router.sessionmaker()(), sr.RoutingSession)
+    session = router.sessionmaker(class_=AppSession)()
+    assert isinstance(session, AppSession)
+    assert session.router is router
+    async_router = sr.ReplicaRouter[AsyncEngine](PG_ASYNC, [PG_ASYNC])
+    assert isinstance(async_router.primary, AsyncEngine)
+    assert isinstance(async_router.async_sessionmaker()().sync_session, sr.RoutingSession)
+    make = async_router.async_sessionmaker(class_=AppAsyncSession, sync_session_class=AppSession)
+    async_session = make()
+    assert isinstance(async_session, AppAsyncSession)
+    assert isinstance(async_session.sync_session, AppSession)
+    router.dispose()
+    async_router.dispose()
 
 
 def test_binds_are_refused_rather_than_ignored() -> None:

@@ -79,10 +79,13 @@ class ReplicaRouter(Generic[_E]):
     For type checkers the router is generic in the kind of engine it hands
     out (:attr:`primary`, :attr:`replicas`): ``ReplicaRouter[Engine]`` (also
     spelled plain ``ReplicaRouter``) or ``ReplicaRouter[AsyncEngine]``. Given
-    engines, the kind is theirs. Given only URLs, which cannot say statically
-    whether their driver is async, it is ``Engine`` unless you say
-    otherwise: write ``ReplicaRouter[AsyncEngine](url, ...)`` (or annotate the
-    variable) for async URLs. At run time the URL decides, as always.
+    an engine as the primary (or async engines in a replicas sequence), the
+    kind is the engines'. A URL cannot tell a type checker whether its driver
+    is async, so a router from URLs is a ``ReplicaRouter[Engine]`` unless you
+    say otherwise: ``ReplicaRouter[AsyncEngine](url, ...)``, or an annotated
+    variable. At run time the URL decides, as always, and only
+    ``ReplicaRouter[AsyncEngine]`` has :meth:`async_sessionmaker` for type
+    checkers, so a mistyped async router is caught at its session maker.
 
     :param primary: the primary, as a URL string, :class:`~sqlalchemy.engine.URL`,
         :class:`~sqlalchemy.engine.Engine` or
@@ -120,8 +123,9 @@ class ReplicaRouter(Generic[_E]):
         async sources, a negative number or an unknown consistency level.
     """
 
-    # The overloads differ only in ``self`` and the sources' types; keep the
-    # keyword arguments identical in all four signatures.
+    # The overloads differ only in ``self`` and the sources' types (URLs alone
+    # leave the engine kind to the default or to ReplicaRouter[AsyncEngine](...)).
+    # Keep the keyword arguments identical in all four signatures.
     @overload
     def __init__(
         self,
@@ -326,7 +330,9 @@ class ReplicaRouter(Generic[_E]):
                 "this router was configured with async engines; use "
                 "router.async_sessionmaker() instead of router.sessionmaker()"
             )
-        chosen: type[Any] = RoutingSession if class_ is None else class_
+        chosen: type[Any] = RoutingSession
+        if class_ is not None:
+            chosen = class_
         _require_routing_class(chosen, "class_")
         return sessionmaker(class_=chosen, router=self, **session_kwargs)
 

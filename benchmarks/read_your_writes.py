@@ -112,7 +112,7 @@ def request_scope(use_tokens: bool, cookie: str | None) -> Iterator[sr.CausalCon
 def run(router: sr.ReplicaRouter, strategy: Strategy, requests: int, seed: int) -> Run:
     rng = random.Random(seed)
     result = Run()
-    with router.primary.connect() as conn:  # type: ignore[union-attr]
+    with router.primary.connect() as conn:
         written: dict[int, int] = dict(conn.execute(sa.select(Counter.id, Counter.value)).all())
     last_write = dict.fromkeys(range(USERS), 0.0)
     cookies: dict[int, str | None] = dict.fromkeys(range(USERS))
@@ -161,8 +161,8 @@ def main() -> None:
             # Setting an apply delay restarts a PostgreSQL standby.
             engine_options={"pool_pre_ping": True},
         )
-        Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
-        with router.primary.begin() as conn:  # type: ignore[union-attr]
+        Base.metadata.create_all(router.primary)
+        with router.primary.begin() as conn:
             conn.execute(sa.insert(Counter), [{"id": u, "value": 0} for u in range(USERS)])
         topology.wait_for_catchup()
         print(f"{topology.server_version()}, 2 replicas, {args.requests} requests x 3 reads")

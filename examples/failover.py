@@ -68,7 +68,7 @@ def main() -> None:
         with Session() as session:
             session.add(Order(id=2, item="coffee"))
             session.commit()
-            print(f"write after failover: {session.get(Order, 2).item}")  # type: ignore[union-attr]
+            print(f"write after failover: {session.get_one(Order, 2).item}")
         print(f"primary moved: {router.primary_url != before}")
         router.dispose()
 

@@ -50,7 +50,7 @@ def main() -> None:
         # One causal context, like one web request: every session in it (and
         # Core work through router.primary) reads what was committed in it.
         with sr.causal_context():
-            Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+            Base.metadata.create_all(router.primary)
             with Session() as session:
                 session.add(Note(id=1, text="hello"))
                 session.commit()  # the INSERT ran on the primary

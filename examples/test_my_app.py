@@ -21,7 +21,7 @@ def router(fresh_postgres_topology: PostgresTopology) -> Iterator[sr.ReplicaRout
     """A router over a reset topology: no faults, empty database."""
     topology = fresh_postgres_topology
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
-    with router.primary.begin() as conn:  # type: ignore[union-attr]
+    with router.primary.begin() as conn:
         conn.execute(sa.text("CREATE TABLE visit (id SERIAL PRIMARY KEY, page TEXT)"))
     topology.wait_for_catchup()
     yield router
@@ -50,7 +50,7 @@ def test_report_survives_a_paused_replica(
 ) -> None:
     """Fault injection: with replica 0 paused, it does not see new rows."""
     fresh_postgres_topology.pause_replay(0)
-    with router.primary.begin() as conn:  # type: ignore[union-attr]
+    with router.primary.begin() as conn:
         conn.execute(sa.text("INSERT INTO visit (page) VALUES ('/late')"))
     replica = sa.create_engine(fresh_postgres_topology.replica_urls[0])
     with replica.connect() as conn:

@@ -49,7 +49,7 @@ def main() -> None:
     with PostgresTopology(replicas=1) as topology:
         server_a = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, secret=SECRET)
         server_b = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, secret=SECRET)
-        Base.metadata.create_all(server_a.primary)  # type: ignore[arg-type]
+        Base.metadata.create_all(server_a.primary)
         topology.wait_for_catchup()
         # Server B is already serving: its own scope starts at what the primary
         # had then, so only the cookie can tell it about server A's later write.

@@ -134,9 +134,7 @@ def _run(topology: Topology, out: TextIO) -> None:
             print(f"   {name:<9} {url.render_as_string(hide_password=True)}", file=out)
         router = ReplicaRouter(topology.primary_url, topology.replica_urls)
         try:
-            primary = router.primary
-            assert isinstance(primary, sa.Engine)
-            _Base.metadata.create_all(primary)
+            _Base.metadata.create_all(router.primary)
             topology.wait_for_catchup()
             with StatementLog(router, on_statement=_echo_statement(out)) as log:
                 _workload(router, topology, out)

@@ -37,29 +37,29 @@ class CausalScope:
     def __init__(self, incoming: dict[str, tokens.TokenEntry] | None = None) -> None:
         self._lock = threading.Lock()
         # router name -> (the router that recorded it, position)
-        self._positions: dict[str, tuple[ReplicaRouter, Any]] = {}
+        self._positions: dict[str, tuple[ReplicaRouter[Any], Any]] = {}
         # Routers with a commit whose position could not be read (or a token
         # position that cannot be compared): until the primary's current
         # position stands in for it, their reads go to the primary.
-        self._unknown: dict[str, ReplicaRouter] = {}
+        self._unknown: dict[str, ReplicaRouter[Any]] = {}
         # Token entries not yet verified by their router (each verifies its own).
         self._incoming = dict(incoming or {})
         self._issued_at: dict[str, float] = {}
         # router name -> the replica this scope's monotonic reads stay on.
         self._monotonic_replica: dict[str, str] = {}
 
-    def add(self, router: ReplicaRouter, position: Any) -> None:
+    def add(self, router: ReplicaRouter[Any], position: Any) -> None:
         """Record a commit's position."""
         self._absorb_incoming(router)
         with self._lock:
             self._merge(router, position)
             self._issued_at.pop(router.name, None)
 
-    def monotonic_replica(self, router: ReplicaRouter) -> str | None:
+    def monotonic_replica(self, router: ReplicaRouter[Any]) -> str | None:
         """The replica this scope's monotonic reads on ``router`` stay on, if any."""
         return self._monotonic_replica.get(router.name)
 
-    def stay_on(self, router: ReplicaRouter, replica: str | None) -> None:
+    def stay_on(self, router: ReplicaRouter[Any], replica: str | None) -> None:
         """Make ``replica`` (None: none) the one monotonic reads stay on."""
         with self._lock:
             if replica is None:
@@ -67,14 +67,14 @@ class CausalScope:
             else:
                 self._monotonic_replica[router.name] = replica
 
-    def mark_unknown(self, router: ReplicaRouter) -> None:
+    def mark_unknown(self, router: ReplicaRouter[Any]) -> None:
         """A commit happened whose position is unknown: send reads to the
         primary until :meth:`target` can read the primary's current position
         (which includes that commit) instead."""
         with self._lock:
             self._unknown[router.name] = router
 
-    def target(self, router: ReplicaRouter) -> tuple[Any | None, bool]:
+    def target(self, router: ReplicaRouter[Any]) -> tuple[Any | None, bool]:
         """The position ``router``'s replicas must have applied, and whether
         reads must go to the primary regardless (an unknown position that the
         primary's current position could not replace: it is unreachable)."""
@@ -85,7 +85,7 @@ class CausalScope:
             known = self._positions.get(router.name)
             return (None if known is None else known[1]), router.name in self._unknown
 
-    def _resolve_unknown(self, router: ReplicaRouter) -> None:
+    def _resolve_unknown(self, router: ReplicaRouter[Any]) -> None:
         """Replace an unknown position by the primary's current one: a later
         position than the lost one, so a replica that has applied it has
         applied the lost commit too (and every later read is as fresh)."""
@@ -138,7 +138,7 @@ class CausalScope:
                 )
             return result
 
-    def _absorb_incoming(self, router: ReplicaRouter) -> None:
+    def _absorb_incoming(self, router: ReplicaRouter[Any]) -> None:
         """Verify and absorb ``router``'s token entry, once. Verification may
         read the primary's lineage, so it runs without the lock held."""
         if not self._incoming:  # the common case: no token, or already absorbed
@@ -168,7 +168,7 @@ class CausalScope:
                 self._merge(router, position)
             self._issued_at[router.name] = entry.issued_at
 
-    def _merge(self, router: ReplicaRouter, position: Any) -> None:
+    def _merge(self, router: ReplicaRouter[Any], position: Any) -> None:
         """Merge ``position`` into the router's (lock held)."""
         backend = router.positions
         assert backend is not None

@@ -175,7 +175,7 @@ class LagMonitor:
     :param interval: seconds between checks.
     """
 
-    def __init__(self, router: ReplicaRouter, interval: float) -> None:
+    def __init__(self, router: ReplicaRouter[Any], interval: float) -> None:
         # Weak: a router the application dropped without dispose() is collected,
         # and then this thread ends by itself.
         self._router_ref = weakref.ref(router)
@@ -221,7 +221,7 @@ class LagMonitor:
             return True
         return ignore_lag and health.lag is not None
 
-    def status(self, router: ReplicaRouter) -> list[ReplicaStatus]:
+    def status(self, router: ReplicaRouter[Any]) -> list[ReplicaStatus]:
         """Every replica of ``router`` (the one this monitor watches) as last seen."""
         backend = router.positions
         result = []
@@ -267,7 +267,7 @@ class LagMonitor:
                 _describe_error(error),
             )
 
-    def check_once(self, router: ReplicaRouter) -> None:
+    def check_once(self, router: ReplicaRouter[Any]) -> None:
         """Sample the primary, then every replica that is due (in parallel);
         update lags and exclusions. Each query gets :attr:`check_timeout`
         seconds: a server that accepts connections but answers nothing (a
@@ -347,7 +347,7 @@ class LagMonitor:
 
     def _check_succeeded(
         self,
-        router: ReplicaRouter,
+        router: ReplicaRouter[Any],
         replica: RoutedEngine,
         applied: Any | None,
         primary_position: Any | None,
@@ -390,7 +390,7 @@ class LagMonitor:
         self._all_out_logged = all_out
 
     def _ask(
-        self, router: ReplicaRouter, target: RoutedEngine, question: Callable[[Connection], _R]
+        self, router: ReplicaRouter[Any], target: RoutedEngine, question: Callable[[Connection], _R]
     ) -> _R:
         """One query on ``target``. A pooled connection that broke since the
         last check (the server restarted) is replaced and the query asked
@@ -405,7 +405,7 @@ class LagMonitor:
         with engine.connect() as conn:
             return question(conn)
 
-    def _engine(self, router: ReplicaRouter, target: RoutedEngine) -> Engine:
+    def _engine(self, router: ReplicaRouter[Any], target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
             url = _sync_url(target.sync_engine.url)

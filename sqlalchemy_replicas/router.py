@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, cast, overload
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import sessionmaker
+from typing_extensions import TypeVar
 
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
@@ -34,6 +35,9 @@ from .sticky import rank
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
+    import sqlalchemy.ext.asyncio as sa_asyncio
+    import sqlalchemy.orm as sa_orm
+
     from .session import RoutingSession
 
 __all__ = ["CausalScopeKind", "EngineSource", "ReplicaRouter", "RoutedEngine"]
@@ -52,6 +56,11 @@ CausalScopeKind: TypeAlias = Literal["router", "session"]
 ``"router"`` (every commit acknowledged through the router, process-wide) or
 ``"session"`` (the session's own, plus its ``causal_context()`` and token)."""
 
+_E = TypeVar("_E", bound="Engine | AsyncEngine", default=Engine, covariant=True)
+"""The kind of engine a router hands out: ``Engine`` (the default) or ``AsyncEngine``."""
+_S = TypeVar("_S", bound="RoutingSession", default="RoutingSession")
+_AS = TypeVar("_AS", bound="AsyncSession", default="AsyncSession")
+
 
 @dataclass(frozen=True, slots=True)
 class RoutedEngine:
@@ -69,8 +78,19 @@ class RoutedEngine:
     owned: bool
 
 
-class ReplicaRouter:
+class ReplicaRouter(Generic[_E]):
     """A primary database and its read replicas.
+
+    For type checkers the router is generic in the kind of engine it hands
+    out (:attr:`primary`, :attr:`replicas`): ``ReplicaRouter[Engine]`` (also
+    spelled plain ``ReplicaRouter``) or ``ReplicaRouter[AsyncEngine]``. Given
+    an engine as the primary (or async engines in a replicas sequence), the
+    kind is the engines'. A URL cannot tell a type checker whether its driver
+    is async, so a router from URLs is a ``ReplicaRouter[Engine]`` unless you
+    say otherwise: ``ReplicaRouter[AsyncEngine](url, ...)``, or an annotated
+    variable. At run time the URL decides, as always, and only
+    ``ReplicaRouter[AsyncEngine]`` has :meth:`async_sessionmaker` for type
+    checkers, so a mistyped async router is caught at its session maker.
 
     :param primary: the primary, as a URL string, :class:`~sqlalchemy.engine.URL`,
         :class:`~sqlalchemy.engine.Engine` or
@@ -120,6 +140,69 @@ class ReplicaRouter:
         async sources, a negative number or an unknown consistency level.
     """
 
+    # The overloads differ only in ``self`` and the sources' types (URLs alone
+    # leave the engine kind to the default or to ReplicaRouter[AsyncEngine](...)).
+    # Keep the keyword arguments identical in all four signatures.
+    @overload
+    def __init__(
+        self,
+        primary: str | URL,
+        replicas: Iterable[str | URL] | Mapping[str, str | URL] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
+        causal_scope: CausalScopeKind = "router",
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: ReplicaRouter[Engine],
+        primary: str | URL | Engine,
+        replicas: Iterable[str | URL | Engine] | Mapping[str, str | URL | Engine] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
+        causal_scope: CausalScopeKind = "router",
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: ReplicaRouter[AsyncEngine],
+        primary: str | URL | AsyncEngine,
+        replicas: Iterable[str | URL | AsyncEngine] | Mapping[str, str | URL | AsyncEngine] = (),
+        *,
+        max_lag: float = 5.0,
+        wait_timeout: float = 0.5,
+        default_consistency: ConsistencyLevel = "read_your_writes",
+        secret: str | bytes | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        name: str = "default",
+        writing_functions: Iterable[str] = (),
+        read_only_functions: Iterable[str] = (),
+        token_max_age: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        lag_check_interval: float = 1.0,
+        primary_candidates: Iterable[EngineSource] = (),
+        causal_scope: CausalScopeKind = "router",
+    ) -> None: ...
     def __init__(
         self,
         primary: EngineSource,
@@ -224,9 +307,9 @@ class ReplicaRouter:
     # -- public -------------------------------------------------------------
 
     @property
-    def primary(self) -> Engine | AsyncEngine:
+    def primary(self) -> _E:
         """The primary's engine (an ``AsyncEngine`` when the router is async)."""
-        return self._primary.engine
+        return cast("_E", self._primary.engine)
 
     @property
     def primary_url(self) -> str:
@@ -245,9 +328,9 @@ class ReplicaRouter:
         self._lineage = None
 
     @property
-    def replicas(self) -> tuple[Engine | AsyncEngine, ...]:
+    def replicas(self) -> tuple[_E, ...]:
         """The replicas' engines, in configuration order."""
-        return tuple(r.engine for r in self._replicas)
+        return tuple(cast("_E", r.engine) for r in self._replicas)
 
     @property
     def replica_names(self) -> tuple[str, ...]:
@@ -259,12 +342,19 @@ class ReplicaRouter:
         """True when the router was given async URLs or ``AsyncEngine`` objects."""
         return isinstance(self._primary.engine, AsyncEngine)
 
-    def sessionmaker(self, **session_kwargs: Any) -> sessionmaker[RoutingSession]:
-        """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`.
+    def sessionmaker(
+        self: ReplicaRouter[Engine], *, class_: type[_S] | None = None, **session_kwargs: Any
+    ) -> sa_orm.sessionmaker[_S]:
+        """Return a :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession`,
+        or of ``class_``: typed ``sessionmaker[AppSession]`` for
+        ``class_=AppSession``, so the subclass keeps its own methods for type
+        checkers too.
 
-        :param session_kwargs: passed to every session, as for ``sessionmaker``;
-            ``class_`` may name a subclass of :class:`RoutingSession`.
-        :raises ConfigurationError: when the router is async.
+        :param class_: :class:`RoutingSession` (the default) or a subclass of it,
+            e.g. ``class AppSession(RoutingSession, sqlmodel.Session)``.
+        :param session_kwargs: passed to every session, as for ``sessionmaker``.
+        :raises ConfigurationError: when the router is async (for type
+            checkers: only a ``ReplicaRouter[Engine]`` has this method).
         """
         from .session import RoutingSession
 
@@ -273,17 +363,32 @@ class ReplicaRouter:
                 "this router was configured with async engines; use "
                 "router.async_sessionmaker() instead of router.sessionmaker()"
             )
-        class_ = session_kwargs.pop("class_", RoutingSession)
-        _require_routing_class(class_, "class_")
-        return sessionmaker(class_=class_, router=self, **session_kwargs)
+        chosen: type[Any] = RoutingSession
+        if class_ is not None:
+            chosen = class_
+        _require_routing_class(chosen, "class_")
+        return sessionmaker(class_=chosen, router=self, **session_kwargs)
 
-    def async_sessionmaker(self, **session_kwargs: Any) -> async_sessionmaker[AsyncSession]:
+    def async_sessionmaker(
+        self: ReplicaRouter[AsyncEngine],
+        *,
+        class_: type[_AS] | None = None,
+        sync_session_class: type[RoutingSession] | None = None,
+        **session_kwargs: Any,
+    ) -> sa_asyncio.async_sessionmaker[_AS]:
         """Return an :class:`~sqlalchemy.ext.asyncio.async_sessionmaker` whose
-        sessions route through :class:`RoutingSession`.
+        sessions route through :class:`RoutingSession`: typed
+        ``async_sessionmaker[AsyncSession]``, or
+        ``async_sessionmaker[AppAsyncSession]`` for ``class_=AppAsyncSession``.
 
-        :param session_kwargs: passed to every session; ``sync_session_class``
-            may name a subclass of :class:`RoutingSession`.
-        :raises ConfigurationError: when the router is not async.
+        :param class_: the ``AsyncSession`` class (default ``AsyncSession``)
+            or a subclass of it.
+        :param sync_session_class: :class:`RoutingSession` (the default) or a
+            subclass of it, the sync session each async session wraps.
+        :param session_kwargs: passed to every session.
+        :raises ConfigurationError: when the router is not async (for type
+            checkers: only a ``ReplicaRouter[AsyncEngine]`` has this method;
+            for async URLs write ``ReplicaRouter[AsyncEngine](url, ...)``).
         """
         from .session import RoutingSession
 
@@ -293,8 +398,10 @@ class ReplicaRouter:
                 "or give async URLs (e.g. postgresql+psycopg_async://, mysql+aiomysql://) "
                 "or AsyncEngine objects for router.async_sessionmaker()"
             )
-        sync_class = session_kwargs.pop("sync_session_class", RoutingSession)
+        sync_class = RoutingSession if sync_session_class is None else sync_session_class
         _require_routing_class(sync_class, "sync_session_class")
+        if class_ is not None:
+            session_kwargs["class_"] = class_
         return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
 
     @property

@@ -23,6 +23,9 @@ from .policy import Decision, decide, first_caught_up, wait_candidate
 from .router import CausalScopeKind, ReplicaRouter, RoutedEngine, validate_causal_scope
 from .sticky import current_sticky_key
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 __all__ = ["RoutingSession"]
 
 logger = logging.getLogger("sqlalchemy_replicas.routing")
@@ -76,7 +79,7 @@ class RoutingSession(Session):
     def __init__(
         self,
         *args: Any,
-        router: ReplicaRouter,
+        router: ReplicaRouter[Engine | AsyncEngine],
         consistency: ConsistencyLevel | None = None,
         causal_scope: CausalScopeKind | None = None,
         **kwargs: Any,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
@@ -35,16 +36,17 @@ class Item(Base):
     note: Mapped[str] = mapped_column(sa.String(50))
 
 
-def make_router(urls: tuple[sa.URL, ...], primary: sa.URL, **kw: object) -> sr.ReplicaRouter:
-    options: dict[str, object] = {"secret": SECRET, "wait_timeout": WAIT, **kw}
-    return sr.ReplicaRouter(primary, urls, **options)  # type: ignore[arg-type]
+def make_router(
+    urls: tuple[sa.URL, ...], primary: sa.URL, *, wait_timeout: float = WAIT
+) -> sr.ReplicaRouter:
+    return sr.ReplicaRouter(primary, urls, secret=SECRET, wait_timeout=wait_timeout)
 
 
 @pytest.fixture
 def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     """A router over both replicas, with the item table created and replicated."""
     router = make_router(topology.replica_urls, topology.primary_url)
-    Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+    Base.metadata.create_all(router.primary)
     topology.wait_for_catchup()
     yield router
     router.dispose()
@@ -79,7 +81,7 @@ def test_read_your_writes_is_never_stale_while_replicas_pause_and_resume(
     replica when its suspicion ends), else to the primary."""
     wait = 0.2
     router = make_router(topology.replica_urls, topology.primary_url, wait_timeout=wait)
-    Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+    Base.metadata.create_all(router.primary)
     topology.wait_for_catchup()
     settle, observe = WAIT_SUSPECT_SECONDS + wait, 0.5
     item_id = 0
@@ -198,7 +200,6 @@ def test_core_commits_in_a_causal_context_belong_to_its_scope(
     causal context, with one replica paused."""
     topology.pause_replay(0)
     primary = router.primary
-    assert isinstance(primary, sa.Engine)
     with StatementLog(router) as log, sr.causal_context():
         for i in range(4):
             with primary.begin() as conn:
@@ -247,7 +248,6 @@ def test_monotonic_reads_never_go_back_in_time(
     monotonic reads never go back, also when they move to another replica (after a
     commit the first cannot apply) or to the primary and back to a replica."""
     primary = router.primary
-    assert isinstance(primary, sa.Engine)
 
     def set_note(version: int) -> None:  # outside any causal scope
         with primary.begin() as conn:
@@ -346,7 +346,7 @@ def test_token_without_a_secret_is_a_configuration_error(topology: Topology) -> 
     """Producing a token needs the router's secret: a clear error names the fix."""
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
     try:
-        Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+        Base.metadata.create_all(router.primary)
         with sr.causal_context() as ctx, router.sessionmaker()() as session:
             session.add(Item(id=1, note="x"))
             session.commit()
@@ -362,7 +362,9 @@ def test_async_read_your_writes_in_concurrent_tasks(
     """Async drivers, concurrent tasks, each its own causal context: no stale read,
     and the paused replica serves none of them."""
     topology.pause_replay(0)
-    router = make_router(topology.async_replica_urls, topology.async_primary_url)
+    router = sr.ReplicaRouter[AsyncEngine](
+        topology.async_primary_url, topology.async_replica_urls, secret=SECRET, wait_timeout=WAIT
+    )
 
     async def one(item_id: int) -> str | None:
         maker = router.async_sessionmaker()
@@ -377,7 +379,7 @@ def test_async_read_your_writes_in_concurrent_tasks(
                 return note
 
     async def main() -> list[str | None]:
-        async with router.primary.begin() as conn:  # type: ignore[union-attr]
+        async with router.primary.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
         try:
             return list(await asyncio.gather(*(one(i) for i in range(12))))
@@ -398,7 +400,7 @@ def test_read_your_writes_with_synchronous_commit_off() -> None:
     with PostgresTopology(replicas=1, settings={"synchronous_commit": "off"}) as topology:
         router = make_router(topology.replica_urls, topology.primary_url)
         try:
-            Base.metadata.create_all(router.primary)  # type: ignore[arg-type]
+            Base.metadata.create_all(router.primary)
             notes = [write_then_read(router, i) for i in range(30)]
             assert notes == [f"n{i}" for i in range(30)]
         finally:
@@ -415,7 +417,7 @@ def test_token_from_another_primary_history_sends_reads_to_the_primary(
     other_cluster = type(topology)(replicas=1).start()
     try:
         elsewhere = make_router(other_cluster.replica_urls, other_cluster.primary_url)
-        Base.metadata.create_all(elsewhere.primary)  # type: ignore[arg-type]
+        Base.metadata.create_all(elsewhere.primary)
         with sr.causal_context() as ctx, elsewhere.sessionmaker()() as session:
             session.add(Item(id=1, note="elsewhere"))
             session.commit()
@@ -425,7 +427,7 @@ def test_token_from_another_primary_history_sends_reads_to_the_primary(
         other_cluster.stop()
     topology.pause_replay(0)
     topology.pause_replay(1)
-    with router.primary.begin() as conn:  # type: ignore[union-attr]
+    with router.primary.begin() as conn:
         conn.execute(sa.insert(Item).values(id=1, note="here"))
     before = causal.rejected_tokens["other_lineage"]
     with StatementLog(router) as log, sr.causal_context(token), router.sessionmaker()() as session:
@@ -443,7 +445,7 @@ def test_a_lost_commit_position_is_replaced_by_the_primary_s_current_one(
     have the primary's position of then, reads go back to them."""
     topology.pause_replay(0)
     topology.pause_replay(1)
-    with router.primary.begin() as conn:  # type: ignore[union-attr]
+    with router.primary.begin() as conn:
         conn.execute(sa.insert(Item).values(id=1, note="lost position"))
     make = router.sessionmaker()
     with sr.causal_context() as ctx:
@@ -476,7 +478,7 @@ def test_a_token_carries_a_position_that_could_not_be_read(
     topology.start_primary()
     topology.pause_replay(0)
     topology.pause_replay(1)
-    with router.primary.begin() as conn:  # type: ignore[union-attr]
+    with router.primary.begin() as conn:
         conn.execute(sa.insert(Item).values(id=2, note="after"))
     with sr.causal_context(token), router.sessionmaker()() as session:
         assert session.get(Item, 2) is not None

@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -246,7 +251,7 @@ def test_async_scenario_matches_a_plain_session(topology: Topology, engines: sa.
         finally:
             await engine.dispose()
 
-    async def routed(router: sr.ReplicaRouter) -> list[Any]:
+    async def routed(router: sr.ReplicaRouter[AsyncEngine]) -> list[Any]:
         try:
             return await run(router.async_sessionmaker())
         finally:
@@ -256,7 +261,7 @@ def test_async_scenario_matches_a_plain_session(topology: Topology, engines: sa.
     expected = asyncio.run(plain())
     reset_schema(engines)
     topology.wait_for_catchup()
-    router = sr.ReplicaRouter(topology.async_primary_url, topology.async_replica_urls)
+    router = sr.ReplicaRouter[AsyncEngine](topology.async_primary_url, topology.async_replica_urls)
     with StatementLog(router) as log:
         result = asyncio.run(routed(router))
     assert result == expected

@@ -11,34 +11,40 @@ import asyncio
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.testing import StatementLog, Topology
 from sqlalchemy_replicas.testing._process import wait_until
+
+AnyRouter: TypeAlias = "sr.ReplicaRouter[sa.Engine | AsyncEngine]"
+"""Helpers that take sync and async routers alike."""
 
 #: Long enough that only sessions, not the lag monitor, can notice a failure.
 NO_MONITOR_CHECKS = 600.0
 QUICK_CHECKS = 0.2
 
 
-def make_router(topology: Topology, interval: float, *, is_async: bool = False) -> sr.ReplicaRouter:
-    if is_async:
-        return sr.ReplicaRouter(
-            topology.async_primary_url,
-            topology.async_replica_urls,
-            lag_check_interval=interval,
-        )
+def make_router(topology: Topology, interval: float) -> sr.ReplicaRouter:
     router = sr.ReplicaRouter(
         topology.primary_url, topology.replica_urls, lag_check_interval=interval
     )
     router.start()  # its start position is read now: reads below count no such query
     return router
+
+
+def make_async_router(topology: Topology, interval: float) -> sr.ReplicaRouter[AsyncEngine]:
+    return sr.ReplicaRouter[AsyncEngine](
+        topology.async_primary_url,
+        topology.async_replica_urls,
+        lag_check_interval=interval,
+    )
 
 
 def create_schema(topology: Topology) -> None:
@@ -59,11 +65,11 @@ def sync_router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     router.dispose()
 
 
-def status_of(router: sr.ReplicaRouter, name: str) -> sr.ReplicaStatus:
+def status_of(router: AnyRouter, name: str) -> sr.ReplicaStatus:
     return next(s for s in router.status() if s.name == name)
 
 
-def await_all_healthy(router: sr.ReplicaRouter, timeout: float = 40.0) -> None:
+def await_all_healthy(router: AnyRouter, timeout: float = 40.0) -> None:
     """Wait for every replica to get reads (a probe is due at most 30 s apart)."""
     wait_until(
         lambda: all(s.healthy for s in router.status()),
@@ -91,7 +97,7 @@ def sticky_count(router: sr.ReplicaRouter, key: str) -> tuple[int, list[str]]:
 class Traffic:
     """Statements sent to, and connections attempted on, each server."""
 
-    def __init__(self, router: sr.ReplicaRouter) -> None:
+    def __init__(self, router: AnyRouter) -> None:
         self._log = StatementLog(router)
         self._lock = threading.Lock()
         self.connects: Counter[str] = Counter()
@@ -277,7 +283,7 @@ class ReadLoad:
         assert not self.failures, self.failures[:3]
 
 
-def run_kill_scenario(topology: Topology, router: sr.ReplicaRouter, load: ReadLoad) -> None:
+def run_kill_scenario(topology: Topology, router: AnyRouter, load: ReadLoad) -> None:
     """With ``load`` running: kill replica1; once it is marked down it gets no
     traffic; restarted, it serves again. No read fails throughout."""
     traffic = Traffic(router)
@@ -337,7 +343,7 @@ def test_killing_a_replica_under_asyncio_read_load_fails_no_read(topology: Topol
     """The same with eight asyncio tasks on the async drivers, the scenario
     driven from a thread so the event loop keeps running."""
     create_schema(topology)
-    router = make_router(topology, QUICK_CHECKS, is_async=True)
+    router = make_async_router(topology, QUICK_CHECKS)
     load = ReadLoad()
 
     async def main() -> None:

@@ -42,7 +42,6 @@ def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
         lag_check_interval=INTERVAL,
     )
     primary = router.primary
-    assert isinstance(primary, sa.Engine)
     with primary.begin() as conn:
         conn.execute(sa.text("CREATE TABLE tick (id INTEGER PRIMARY KEY)"))
     topology.wait_for_catchup()
@@ -63,7 +62,7 @@ def await_health(router: sr.ReplicaRouter, name: str, healthy: bool, timeout: fl
 
 
 def tick(router: sr.ReplicaRouter, n: int) -> None:
-    with router.primary.begin() as conn:  # type: ignore[union-attr]
+    with router.primary.begin() as conn:
         conn.execute(sa.text("INSERT INTO tick (id) VALUES (:id)"), {"id": n})
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.exc import PrimaryUnavailable
@@ -90,7 +91,7 @@ def test_async_writes_follow_a_failover(own_topology: Topology) -> None:
     topology = own_topology
     create_schema(topology)
     new_primary = topology.replica_urls[0]
-    router = sr.ReplicaRouter(
+    router = sr.ReplicaRouter[AsyncEngine](
         topology.async_primary_url,
         topology.async_replica_urls,
         primary_candidates=topology.async_replica_urls,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import sqlalchemy_replicas as sr
@@ -39,7 +39,7 @@ def test_configuration_errors_are_sqlalchemy_argument_errors() -> None:
 def test_bad_options_raise_naming_the_option(kwargs: dict[str, object], message: str) -> None:
     """Each bad option raises ConfigurationError naming the option and the fix."""
     with pytest.raises(ConfigurationError, match=message.replace("(", r"\(")):
-        sr.ReplicaRouter(PG, [PG], **kwargs)  # type: ignore[arg-type]
+        sr.ReplicaRouter(PG, [PG], **kwargs)  # type: ignore[call-overload]
 
 
 def test_bad_url_names_the_server_and_hides_the_password() -> None:
@@ -79,24 +79,57 @@ def test_mixed_sync_and_async_sources_are_rejected() -> None:
 
 
 def test_sessionmaker_kind_must_match_the_engines() -> None:
-    """sessionmaker() needs sync engines, async_sessionmaker() async ones."""
+    """sessionmaker() needs sync engines, async_sessionmaker() async ones (type
+    checkers reject the wrong one too: tests/test_typing.py)."""
     sync_router = sr.ReplicaRouter(PG, [PG])
     async_router = sr.ReplicaRouter(create_async_engine(PG_ASYNC), [PG_ASYNC])
     with pytest.raises(ConfigurationError, match=r"use router\.sessionmaker"):
-        sync_router.async_sessionmaker()
+        sync_router.async_sessionmaker()  # type: ignore[misc]
     with pytest.raises(ConfigurationError, match=r"use router\.async_sessionmaker"):
-        async_router.sessionmaker()
+        async_router.sessionmaker()  # type: ignore[misc]
     assert async_router.is_async
     assert not sync_router.is_async
 
 
 def test_session_class_must_route() -> None:
-    """A sessionmaker class_ that is not a RoutingSession would silently not route."""
+    """A sessionmaker class_ (or an async maker's sync_session_class) that is not a
+    RoutingSession would silently not route: refused at run time as by type checkers."""
     router = sr.ReplicaRouter(PG, [PG])
-    with pytest.raises(ConfigurationError, match="must be RoutingSession or a subclass"):
-        router.sessionmaker(class_=Session)
+    with pytest.raises(ConfigurationError, match=r"class_=.* must be RoutingSession or a sub"):
+        router.sessionmaker(class_=Session)  # type: ignore[type-var]
+    async_router = sr.ReplicaRouter(create_async_engine(PG_ASYNC))
+    with pytest.raises(ConfigurationError, match=r"sync_session_class=.* must be RoutingSession"):
+        async_router.async_sessionmaker(sync_session_class=Session)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="router must be a ReplicaRouter"):
         sr.RoutingSession(router="nope")  # type: ignore[arg-type]
+
+
+def test_session_makers_make_the_classes_they_are_given() -> None:
+    """sessionmaker(class_=X) makes X sessions (RoutingSession without class_), and
+    async_sessionmaker(class_=Y, sync_session_class=Z) makes Y sessions around a Z,
+    as their types say (tests/test_typing.py); ReplicaRouter[AsyncEngine](url)
+    builds the same router as ReplicaRouter(url)."""
+
+    class AppSession(sr.RoutingSession):
+        pass
+
+    class AppAsyncSession(AsyncSession):
+        pass
+
+    router = sr.ReplicaRouter(PG, [PG])
+    assert isinstance(router.sessionmaker()(), sr.RoutingSession)
+    session = router.sessionmaker(class_=AppSession)()
+    assert isinstance(session, AppSession)
+    assert session.router is router
+    async_router = sr.ReplicaRouter[AsyncEngine](PG_ASYNC, [PG_ASYNC])
+    assert isinstance(async_router.primary, AsyncEngine)
+    assert isinstance(async_router.async_sessionmaker()().sync_session, sr.RoutingSession)
+    make = async_router.async_sessionmaker(class_=AppAsyncSession, sync_session_class=AppSession)
+    async_session = make()
+    assert isinstance(async_session, AppAsyncSession)
+    assert isinstance(async_session.sync_session, AppSession)
+    router.dispose()
+    async_router.dispose()
 
 
 def test_binds_are_refused_rather_than_ignored() -> None:
@@ -122,7 +155,6 @@ def test_dispose_closes_only_engines_the_router_created() -> None:
     given = sa.create_engine("sqlite://")
     router = sr.ReplicaRouter(given, ["sqlite://"])
     for engine in (given, router.replicas[0]):
-        assert isinstance(engine, sa.Engine)
         with engine.connect():
             pass
     given_pool, made_pool = given.pool, router.replicas[0].pool

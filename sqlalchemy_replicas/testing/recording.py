@@ -42,7 +42,7 @@ class StatementLog:
 
     def __init__(
         self,
-        router: ReplicaRouter,
+        router: ReplicaRouter[Any],
         *,
         on_statement: Callable[[ExecutedStatement], None] | None = None,
     ) -> None:

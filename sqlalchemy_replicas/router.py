@@ -336,7 +336,7 @@ class ReplicaRouter:
         if entry.position != UNKNOWN_POSITION:
             try:
                 position = backend.parse(entry.position)
-            except ValueError as exc:
+            except Exception as exc:  # pure parsing of untrusted text: any failure
                 raise TokenError("malformed", str(exc)) from None
         if entry.lineage != self.lineage():
             raise TokenError("other_lineage", f"position from {entry.lineage!r}")

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import sessionmaker
 
+from . import _config
 from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard, install_stale_connection_check
@@ -87,11 +88,15 @@ class ReplicaRouter:
     :param read_only_functions: function names safe on a replica although a
         built-in rule (:data:`~sqlalchemy_replicas.classify.WRITING_FUNCTIONS`)
         says otherwise.
-    :param token_max_age: seconds a causal token stays acceptable.
+    :param token_max_age: seconds a causal token stays acceptable; at least
+        ``max_lag`` and 1 s (:data:`~sqlalchemy_replicas._config.MIN_TOKEN_MAX_AGE`):
+        a token expiring sooner would let a replica within ``max_lag`` serve
+        reads older than the token's commits.
     :param weights: replica name -> relative share of sticky keys (default 1
         each), e.g. ``{"replica1": 2.0}`` for a replica twice the size.
     :param lag_check_interval: seconds between the lag monitor's checks (it
-        starts with the first routed read).
+        starts with the first routed read); at least 0.05
+        (:data:`~sqlalchemy_replicas._config.MIN_LAG_CHECK_INTERVAL`).
     :param primary_candidates: the other servers (URLs, or engines whose URL
         is taken) that may become the primary after a failover. Each new
         primary connection goes to the candidate that accepts writes
@@ -99,8 +104,13 @@ class ReplicaRouter:
         configured primary first. A replica may be listed here too. When no
         candidate qualifies, primary connections raise
         :class:`~sqlalchemy_replicas.exc.PrimaryUnavailable`.
-    :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
-        async sources, a negative number or an unknown consistency level.
+    :raises ConfigurationError: for a bad URL (a malformed port included),
+        mixed dialects, mixed sync and async sources, a negative number, an
+        unknown consistency level, ``replicas`` that is not a sequence or a
+        mapping of str names (``"primary"`` and ``""`` are reserved), the
+        primary's URL or one server twice among the replicas, ``engine_options``
+        or ``weights`` that are not mappings, an engine option
+        ``create_engine()`` does not take, or a value below a documented floor.
     """
 
     def __init__(
@@ -127,8 +137,8 @@ class ReplicaRouter:
         self.lag_check_interval = validate_seconds(
             lag_check_interval, argument="lag_check_interval"
         )
-        if self.lag_check_interval == 0:
-            raise ConfigurationError("lag_check_interval must be > 0 seconds")
+        _config.check_lag_check_interval(self.lag_check_interval)
+        _config.check_token_max_age(self.token_max_age, self.max_lag)
         #: Operator switch: route reads to lagging replicas too (say, when the
         #: primary is overloaded). Unreachable replicas still get none.
         self.ignore_lag = False
@@ -145,7 +155,9 @@ class ReplicaRouter:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, not {name!r}")
         self.name = name
-        options = dict(engine_options or {})
+        options = _config.check_engine_options(engine_options)
+        _config.check_replicas(replicas)
+        _config.check_weights(weights)
 
         candidates = _as_list(primary_candidates, "primary_candidates")
         # After a failover every pooled primary connection is dead: pinging on
@@ -162,6 +174,9 @@ class ReplicaRouter:
         )
         self._replicas = tuple(_routed(n, src, options) for n, src in named)
         self._check_uniform()
+        _config.check_distinct_servers(
+            self._primary.sync_engine.url, [(r.name, r.sync_engine.url) for r in self._replicas]
+        )
         self._discovery = PrimaryDiscovery(
             [
                 self._primary.sync_engine.url,
@@ -234,7 +249,9 @@ class ReplicaRouter:
 
         :param session_kwargs: passed to every session, as for ``sessionmaker``;
             ``class_`` may name a subclass of :class:`RoutingSession`.
-        :raises ConfigurationError: when the router is async.
+        :raises ConfigurationError: when the router is async, or (here, not
+            at the first session) for an argument no session class takes or
+            an unknown ``consistency``.
         """
         from .session import RoutingSession
 
@@ -245,6 +262,7 @@ class ReplicaRouter:
             )
         class_ = session_kwargs.pop("class_", RoutingSession)
         _require_routing_class(class_, "class_")
+        _config.check_session_kwargs([class_], session_kwargs, method="sessionmaker")
         return sessionmaker(class_=class_, router=self, **session_kwargs)
 
     def async_sessionmaker(self, **session_kwargs: Any) -> async_sessionmaker[AsyncSession]:
@@ -265,6 +283,12 @@ class ReplicaRouter:
             )
         sync_class = session_kwargs.pop("sync_session_class", RoutingSession)
         _require_routing_class(sync_class, "sync_session_class")
+        _config.check_session_kwargs(
+            [session_kwargs.get("class_", AsyncSession), sync_class],
+            session_kwargs,
+            method="async_sessionmaker",
+            factory_arguments=["class_"],
+        )
         return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
 
     @property
@@ -584,13 +608,22 @@ def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:
         try:
             url = make_url(source)
             is_async = url.get_dialect().is_async
-        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as exc:
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
             raise ConfigurationError(
-                f"{name}: {_describe_source(source)} is not a usable database URL ({exc}); "
+                f"{name}: {_describe_source(source)} is not a usable database URL "
+                f"({_config.url_problem(exc)}); "
                 "expected e.g. 'postgresql+psycopg://user:pass@host:5432/db' or "
                 "'mysql+pymysql://user:pass@host:3306/db'"
             ) from exc
-        engine = create_async_engine(url, **options) if is_async else create_engine(url, **options)
+        try:
+            engine = (
+                create_async_engine(url, **options) if is_async else create_engine(url, **options)
+            )
+        except TypeError as exc:  # SQLAlchemy: "Invalid argument(s) ... sent to create_engine()"
+            raise ConfigurationError(
+                f"engine_options are not valid for {name} "
+                f"({url.render_as_string(hide_password=True)}): {exc}"
+            ) from exc
         owned = True
     else:
         raise ConfigurationError(
@@ -606,7 +639,7 @@ def _describe_source(source: str | URL) -> str:
         return source.render_as_string(hide_password=True)
     try:
         return make_url(source).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
+    except (sa_exc.ArgumentError, ValueError):
         # An unparseable string may still carry credentials: never echo them.
         return repr("***@" + source.rsplit("@", 1)[1]) if "@" in source else repr(source)
 

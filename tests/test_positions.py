@@ -40,9 +40,7 @@ def test_position_parsers_refuse_non_ascii_digits_and_out_of_range_values() -> N
     """Token positions are untrusted: digits from other scripts and values beyond a
     server's ranges (MariaDB 32-bit ids and 64-bit sequence numbers, MySQL
     transaction numbers up to 2**63 - 1) raise ValueError, never reach a server."""
-    assert MARIADB.parse("4294967295-4294967295-18446744073709551615") == {
-        2**32 - 1: 2**64 - 1
-    }
+    assert MARIADB.parse("4294967295-4294967295-18446744073709551615") == {2**32 - 1: 2**64 - 1}
     for bad in ("4294967296-0-1", "0-4294967296-1", "0-0-18446744073709551616", "\u0663-0-1"):
         with pytest.raises(ValueError, match="MariaDB GTID"):
             MARIADB.parse(bad)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.util.concurrency import in_greenlet
 
 from . import _config
 from .causal import CAPTURED_KEY, CausalScope, current_scope
@@ -300,16 +301,32 @@ class ReplicaRouter:
     def positions(self) -> PositionBackend | None:
         """The replication-position backend of this database, or None for a
         database without one (e.g. SQLite). MySQL and MariaDB share a
-        dialect, so telling them apart may connect to the primary once."""
+        dialect, so telling them apart may connect to the primary once; an
+        async router asked outside its event loop's greenlet (``status()``
+        from a coroutine) cannot connect there, and returns None until the
+        lag monitor's own connection tells (:meth:`learn_positions`)."""
         if self._positions is None:
             engine = self._primary.sync_engine
-            if engine.dialect.name == "mysql" and not hasattr(
-                engine.dialect, "_server_version_info"
-            ):
+            if _server_kind_unknown(engine):
+                if self.is_async and not in_greenlet():
+                    return None
                 with engine.connect() as connection:  # initializes the dialect
                     connection.info[CAPTURED_KEY] = True  # nothing to capture
             self._positions = backend_for(engine)
         return self._positions
+
+    @property
+    def positions_pending(self) -> bool:
+        """True while MySQL vs MariaDB is unknown (no I/O)."""
+        return self._positions is None and _server_kind_unknown(self._primary.sync_engine)
+
+    def learn_positions(self, engine: Engine) -> PositionBackend | None:
+        """Tell MySQL from MariaDB by ``engine``, a sync engine on the primary
+        that has connected (the lag monitor's), when the router's own (async)
+        engine could not; return the backend."""
+        if self._positions is None and not _server_kind_unknown(engine):
+            self._positions = backend_for(engine)
+        return self.positions
 
     def lineage(self, primary: SQLRunner | None = None) -> str:
         """The primary's history (see :meth:`PositionBackend.lineage`), read once,
@@ -538,7 +555,7 @@ class ReplicaRouter:
     def _ensure_monitor(self) -> LagMonitor | None:
         if self._monitor is None and self._replicas:
             with self._monitor_lock:
-                if self._monitor is None and self.positions is not None:
+                if self._monitor is None and (self.positions is not None or self.positions_pending):
                     self._monitor = LagMonitor(self, self.lag_check_interval)
                     self._monitor.start()
         return self._monitor
@@ -570,6 +587,13 @@ class ReplicaRouter:
                     "URLs with sync drivers (e.g. postgresql+psycopg://) or all with async "
                     "drivers (e.g. postgresql+psycopg_async://)"
                 )
+
+
+def _server_kind_unknown(engine: Engine) -> bool:
+    """A MySQL-dialect engine not connected yet: MySQL or MariaDB is unknown
+    (a ``mariadb://`` URL says so; the first connection sets the version)."""
+    dialect = engine.dialect
+    return dialect.name == "mysql" and getattr(dialect, "server_version_info", None) is None
 
 
 def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL]:

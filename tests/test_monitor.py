@@ -209,18 +209,18 @@ def test_status_from_a_coroutine_with_mysql_aiomysql_urls(
         return all(s.healthy and s.position and "-" in s.position for s in statuses)
 
     async def scenario() -> tuple[list[sr.ReplicaStatus], list[str]]:
-        first = router.status()  # raised MissingGreenlet
-        assert [s.name for s in first] == ["replica1", "replica2"]
-        while not reported():  # the monitor thread measures meanwhile
-            await asyncio.sleep(INTERVAL / 4)
-        with StatementLog(router) as log:
-            async with router.async_sessionmaker()() as session:
-                assert await session.scalar(sa.text("SELECT 1 AS probe")) == 1
-        return router.status(), [s.node for s in log.statements if "probe" in s.sql]
+        try:
+            first = router.status()  # raised MissingGreenlet
+            assert [s.name for s in first] == ["replica1", "replica2"]
+            while not reported():  # the monitor thread measures meanwhile
+                await asyncio.sleep(INTERVAL / 4)
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    assert await session.scalar(sa.text("SELECT 1 AS probe")) == 1
+            return router.status(), [s.node for s in log.statements if "probe" in s.sql]
+        finally:
+            await router.adispose()  # in the loop that made the connections
 
-    try:
-        statuses, nodes = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
-    finally:
-        asyncio.run(router.adispose())
+    statuses, nodes = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert all(s.healthy for s in statuses)
     assert nodes[0].startswith("replica")

@@ -75,7 +75,8 @@ def main() -> None:
         with Session(engine) as session:
             session.add_all(Account(id=i, name=f"user{i}") for i in range(1, ROWS + 1))
             session.commit()
-        same_server = sa.create_engine(topology.primary_url)
+        # The primary again, by another host name (the router refuses its own URL).
+        same_server = sa.create_engine(topology.primary_url.set(host="localhost"))
         autocommit = sa.create_engine(topology.primary_url, isolation_level="AUTOCOMMIT")
         makers: dict[str, Callable[[], Session]] = {
             "Session": sa.orm.sessionmaker(engine),

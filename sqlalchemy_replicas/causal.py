@@ -231,11 +231,14 @@ def causal_context(token: str | None = None) -> Iterator[CausalContext]:
     :param token: ``ctx.token`` of an earlier causal context, or None.
     """
     incoming: dict[str, tokens.TokenEntry] = {}
-    if token:
+    # An empty cookie or header is no token, not a bad one.
+    if token is not None and not (isinstance(token, str) and not token):
         try:
             incoming = tokens.decode(token)
         except tokens.TokenError as error:
             reject(error)
+        except Exception as error:  # decode raises only TokenError; untrusted input never raises
+            reject(tokens.TokenError("malformed", f"{type(error).__name__}: {error}"))
     scope = CausalScope(incoming)
     reset = _scope.set(scope)
     try:

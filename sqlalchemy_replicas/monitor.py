@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from .breaker import Breaker
 
 if TYPE_CHECKING:
+    from .positions import PositionBackend
     from .router import ReplicaRouter, RoutedEngine
 
 __all__ = ["LagEstimator", "LagMonitor", "ReplicaStatus"]
@@ -273,12 +274,16 @@ class LagMonitor:
         seconds: a server that accepts connections but answers nothing (a
         paused VM, a black-holed host) counts as unreachable, and cannot
         stall the checks of the others."""
+        self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
         backend = router.positions
+        if backend is None and router.positions_pending:
+            backend = self._learn_positions(router)
         if backend is None:
             return
         if self._estimator is None:
             horizon = max(10.0, 3 * router.max_lag)
             self._estimator = LagEstimator(backend.reached, horizon)
+        # Again: telling the server kind may just have asked the primary.
         self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
         primary = router.primary_target
         primary_position = None
@@ -323,6 +328,22 @@ class LagMonitor:
             else:
                 self._check_succeeded(router, replica, applied, primary_position)
         self._log_when_all_out()
+
+    def _learn_positions(self, router: ReplicaRouter) -> PositionBackend | None:
+        """MySQL or MariaDB? An async router cannot connect outside its event
+        loop: this thread's own sync connection to the primary tells (None
+        while the primary is unreachable; the next round asks again)."""
+        primary = router.primary_target
+        try:
+            check = self._start(
+                primary.name,
+                functools.partial(self._ask, router, primary, lambda conn: conn.engine),
+            )
+            engine = check.result(self.check_timeout)
+        except Exception as error:
+            logger.debug("lag check: the primary's server kind is unknown yet: %s", error)
+            return None
+        return router.learn_positions(engine)
 
     def _start(self, name: str, question: Callable[[], Any]) -> _Check:
         if name in self._in_flight:

@@ -21,8 +21,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.util.concurrency import in_greenlet
 from typing_extensions import TypeVar
 
+from . import _config
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard, install_stale_connection_check
@@ -112,11 +114,15 @@ class ReplicaRouter(Generic[_E]):
     :param read_only_functions: function names safe on a replica although a
         built-in rule (:data:`~sqlalchemy_replicas.classify.WRITING_FUNCTIONS`)
         says otherwise.
-    :param token_max_age: seconds a causal token stays acceptable.
+    :param token_max_age: seconds a causal token stays acceptable; at least
+        ``max_lag`` and 1 s (:data:`~sqlalchemy_replicas._config.MIN_TOKEN_MAX_AGE`):
+        a token expiring sooner would let a replica within ``max_lag`` serve
+        reads older than the token's commits.
     :param weights: replica name -> relative share of sticky keys (default 1
         each), e.g. ``{"replica1": 2.0}`` for a replica twice the size.
     :param lag_check_interval: seconds between the lag monitor's checks (it
-        starts with the first routed read).
+        starts with the first routed read); at least 0.05
+        (:data:`~sqlalchemy_replicas._config.MIN_LAG_CHECK_INTERVAL`).
     :param causal_scope: whose commits ``read_your_writes`` and ``monotonic``
         reads must see. ``"router"`` (the default): every commit acknowledged
         through this router before the read began, by any session, thread or
@@ -136,8 +142,13 @@ class ReplicaRouter(Generic[_E]):
         configured primary first. A replica may be listed here too. When no
         candidate qualifies, primary connections raise
         :class:`~sqlalchemy_replicas.exc.PrimaryUnavailable`.
-    :raises ConfigurationError: for a bad URL, mixed dialects, mixed sync and
-        async sources, a negative number or an unknown consistency level.
+    :raises ConfigurationError: for a bad URL (a malformed port included),
+        mixed dialects, mixed sync and async sources, a negative number, an
+        unknown consistency level, ``replicas`` that is not a sequence or a
+        mapping of str names (``"primary"`` and ``""`` are reserved), the
+        primary's URL or one server twice among the replicas, ``engine_options``
+        or ``weights`` that are not mappings, an engine option
+        ``create_engine()`` does not take, or a value below a documented floor.
     """
 
     # The overloads differ only in ``self`` and the sources' types (URLs alone
@@ -228,8 +239,8 @@ class ReplicaRouter(Generic[_E]):
         self.lag_check_interval = validate_seconds(
             lag_check_interval, argument="lag_check_interval"
         )
-        if self.lag_check_interval == 0:
-            raise ConfigurationError("lag_check_interval must be > 0 seconds")
+        _config.check_lag_check_interval(self.lag_check_interval)
+        _config.check_token_max_age(self.token_max_age, self.max_lag)
         #: Operator switch: route reads to lagging replicas too (say, when the
         #: primary is overloaded). Unreachable replicas still get none.
         self.ignore_lag = False
@@ -249,7 +260,9 @@ class ReplicaRouter(Generic[_E]):
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, not {name!r}")
         self.name = name
-        options = dict(engine_options or {})
+        options = _config.check_engine_options(engine_options)
+        _config.check_replicas(replicas)
+        _config.check_weights(weights)
 
         candidates = _as_list(primary_candidates, "primary_candidates")
         # After a failover every pooled primary connection is dead: pinging on
@@ -266,6 +279,9 @@ class ReplicaRouter(Generic[_E]):
         )
         self._replicas = tuple(_routed(n, src, options) for n, src in named)
         self._check_uniform()
+        _config.check_distinct_servers(
+            self._primary.sync_engine.url, [(r.name, r.sync_engine.url) for r in self._replicas]
+        )
         self._discovery = PrimaryDiscovery(
             [
                 self._primary.sync_engine.url,
@@ -354,7 +370,9 @@ class ReplicaRouter(Generic[_E]):
             e.g. ``class AppSession(RoutingSession, sqlmodel.Session)``.
         :param session_kwargs: passed to every session, as for ``sessionmaker``.
         :raises ConfigurationError: when the router is async (for type
-            checkers: only a ``ReplicaRouter[Engine]`` has this method).
+            checkers: only a ``ReplicaRouter[Engine]`` has this method), or
+            (here, not at the first session) for an argument no session class
+            takes or an unknown ``consistency``.
         """
         from .session import RoutingSession
 
@@ -367,6 +385,7 @@ class ReplicaRouter(Generic[_E]):
         if class_ is not None:
             chosen = class_
         _require_routing_class(chosen, "class_")
+        _config.check_session_kwargs([chosen], session_kwargs, method="sessionmaker")
         return sessionmaker(class_=chosen, router=self, **session_kwargs)
 
     def async_sessionmaker(
@@ -402,6 +421,12 @@ class ReplicaRouter(Generic[_E]):
         _require_routing_class(sync_class, "sync_session_class")
         if class_ is not None:
             session_kwargs["class_"] = class_
+        _config.check_session_kwargs(
+            [session_kwargs.get("class_", AsyncSession), sync_class],
+            session_kwargs,
+            method="async_sessionmaker",
+            factory_arguments=["class_"],
+        )
         return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
 
     @property
@@ -413,16 +438,32 @@ class ReplicaRouter(Generic[_E]):
     def positions(self) -> PositionBackend | None:
         """The replication-position backend of this database, or None for a
         database without one (e.g. SQLite). MySQL and MariaDB share a
-        dialect, so telling them apart may connect to the primary once."""
+        dialect, so telling them apart may connect to the primary once; an
+        async router asked outside its event loop's greenlet (``status()``
+        from a coroutine) cannot connect there, and returns None until the
+        lag monitor's own connection tells (:meth:`learn_positions`)."""
         if self._positions is None:
             engine = self._primary.sync_engine
-            if engine.dialect.name == "mysql" and not hasattr(
-                engine.dialect, "_server_version_info"
-            ):
+            if _server_kind_unknown(engine):
+                if self.is_async and not in_greenlet():
+                    return None
                 with engine.connect() as connection:  # initializes the dialect
                     connection.info[CAPTURED_KEY] = True  # nothing to capture
             self._positions = backend_for(engine)
         return self._positions
+
+    @property
+    def positions_pending(self) -> bool:
+        """True while MySQL vs MariaDB is unknown (no I/O)."""
+        return self._positions is None and _server_kind_unknown(self._primary.sync_engine)
+
+    def learn_positions(self, engine: Engine) -> PositionBackend | None:
+        """Tell MySQL from MariaDB by ``engine``, a sync engine on the primary
+        that has connected (the lag monitor's), when the router's own (async)
+        engine could not; return the backend."""
+        if self._positions is None and not _server_kind_unknown(engine):
+            self._positions = backend_for(engine)
+        return self.positions
 
     def lineage(self, primary: SQLRunner | None = None) -> str:
         """The primary's history (see :meth:`PositionBackend.lineage`), read once,
@@ -473,7 +514,7 @@ class ReplicaRouter(Generic[_E]):
         if entry.position != UNKNOWN_POSITION:
             try:
                 position = backend.parse(entry.position)
-            except ValueError as exc:
+            except Exception as exc:  # pure parsing of untrusted text: any failure
                 raise TokenError("malformed", str(exc)) from None
         if entry.lineage != self.lineage():
             raise TokenError("other_lineage", f"position from {entry.lineage!r}")
@@ -699,7 +740,7 @@ class ReplicaRouter(Generic[_E]):
     def _ensure_monitor(self) -> LagMonitor | None:
         if self._monitor is None and self._replicas:
             with self._monitor_lock:
-                if self._monitor is None and self.positions is not None:
+                if self._monitor is None and (self.positions is not None or self.positions_pending):
                     self._monitor = LagMonitor(self, self.lag_check_interval)
                     self._monitor.start()
         return self._monitor
@@ -752,6 +793,13 @@ def validate_causal_scope(value: object, *, argument: str) -> CausalScopeKind:
     )
 
 
+def _server_kind_unknown(engine: Engine) -> bool:
+    """A MySQL-dialect engine not connected yet: MySQL or MariaDB is unknown
+    (a ``mariadb://`` URL says so; the first connection sets the version)."""
+    dialect = engine.dialect
+    return dialect.name == "mysql" and getattr(dialect, "server_version_info", None) is None
+
+
 def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL]:
     """The URLs of ``primary_candidates``, checked against the primary's dialect."""
     urls = []
@@ -788,13 +836,22 @@ def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:
         try:
             url = make_url(source)
             is_async = url.get_dialect().is_async
-        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as exc:
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
             raise ConfigurationError(
-                f"{name}: {_describe_source(source)} is not a usable database URL ({exc}); "
+                f"{name}: {_describe_source(source)} is not a usable database URL "
+                f"({_config.url_problem(exc)}); "
                 "expected e.g. 'postgresql+psycopg://user:pass@host:5432/db' or "
                 "'mysql+pymysql://user:pass@host:3306/db'"
             ) from exc
-        engine = create_async_engine(url, **options) if is_async else create_engine(url, **options)
+        try:
+            engine = (
+                create_async_engine(url, **options) if is_async else create_engine(url, **options)
+            )
+        except TypeError as exc:  # SQLAlchemy: "Invalid argument(s) ... sent to create_engine()"
+            raise ConfigurationError(
+                f"engine_options are not valid for {name} "
+                f"({url.render_as_string(hide_password=True)}): {exc}"
+            ) from exc
         owned = True
     else:
         raise ConfigurationError(
@@ -810,7 +867,7 @@ def _describe_source(source: str | URL) -> str:
         return source.render_as_string(hide_password=True)
     try:
         return make_url(source).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
+    except (sa_exc.ArgumentError, ValueError):
         # An unparseable string may still carry credentials: never echo them.
         return repr("***@" + source.rsplit("@", 1)[1]) if "@" in source else repr(source)
 

@@ -6,6 +6,10 @@ Each entry is signed on its own with HMAC-SHA256 under its router's secret,
 so an app with several databases (routers with different names and
 secrets) carries them all in one token, and each router verifies only its
 own entry. Pure code, no I/O.
+
+Every byte of a token is untrusted (it comes from a cookie or a header):
+:func:`decode` and :func:`verify` raise :class:`TokenError` and nothing else,
+whatever the input; the routers parse the position inside the same handling.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +28,7 @@ __all__ = [
     "UNKNOWN_POSITION",
     "TokenEntry",
     "TokenError",
+    "check_entry",
     "decode",
     "encode",
     "sign",
@@ -33,6 +39,12 @@ __all__ = [
 MAX_TOKEN_LENGTH: Final = 4096
 _VERSION: Final = 1
 _FUTURE_SKEW: Final = 300.0
+#: A position kind: a short ASCII identifier (``pg``, ``mariadb``, ``mysql``).
+_KIND: Final = re.compile(r"[a-z][a-z0-9_]{0,31}", re.ASCII)
+#: An HMAC-SHA256 digest in base64url without padding.
+_SIGNATURE: Final = re.compile(r"[A-Za-z0-9_-]{43}", re.ASCII)
+#: Later than any real token (year 5138): issued-at times above it are malformed.
+_MAX_ISSUED_AT: Final = 1e11
 
 
 class TokenError(ValueError):
@@ -85,12 +97,16 @@ def verify(
 ) -> None:
     """Check an entry's signature and age.
 
-    :raises TokenError: ``bad_signature``, ``expired`` or ``from_the_future``.
+    :raises TokenError: ``malformed`` (a field of the wrong type or out of
+        range), ``bad_signature``, ``expired`` or ``from_the_future``; never
+        anything else, whatever the entry holds.
     """
+    check_entry(entry)
     expected = sign(
         secret, name, entry.kind, entry.lineage, entry.position, entry.issued_at
     ).signature
-    if not hmac.compare_digest(expected, entry.signature):
+    # Both ASCII (check_entry): compare_digest refuses non-ASCII str.
+    if not hmac.compare_digest(expected.encode(), entry.signature.encode()):
         raise TokenError("bad_signature")
     if entry.issued_at > now + _FUTURE_SKEW:
         raise TokenError("from_the_future")
@@ -128,19 +144,53 @@ def decode(token: str) -> dict[str, TokenEntry]:
         raise TokenError("malformed", str(exc)) from None
     if (
         not isinstance(body, dict)
+        or type(body.get("v")) is not int
         or body.get("v") != _VERSION
         or not isinstance(body.get("e"), dict)
     ):
         raise TokenError("malformed", "not a version-1 token")
     entries: dict[str, TokenEntry] = {}
     for name, value in body["e"].items():
-        if not (
-            isinstance(value, list)
-            and len(value) == 5
-            and all(isinstance(value[i], str) for i in (0, 1, 2, 4))
-            and isinstance(value[3], (int, float))
-            and not isinstance(value[3], bool)
-        ):
-            raise TokenError("malformed", f"bad entry for {name!r}")
-        entries[name] = TokenEntry(value[0], value[1], value[2], float(value[3]), value[4])
+        entries[name] = _entry(name, value)
     return entries
+
+
+def _entry(name: str, value: object) -> TokenEntry:
+    """One decoded entry, checked field by field (see :func:`check_entry`)."""
+    if not (isinstance(value, list) and len(value) == 5):
+        raise TokenError("malformed", f"the entry for {name!r} is not a 5-item list")
+    kind, lineage, position, issued_at, signature = value
+    if isinstance(issued_at, bool) or not isinstance(issued_at, (int, float)):
+        raise TokenError("malformed", f"the entry for {name!r} has a non-numeric issued-at")
+    try:
+        issued = float(issued_at)  # an int beyond a float's range overflows
+    except OverflowError:
+        raise TokenError(
+            "malformed", f"the entry for {name!r} has an issued-at out of range"
+        ) from None
+    entry = TokenEntry(kind, lineage, position, issued, signature)
+    check_entry(entry, name)
+    return entry
+
+
+def check_entry(entry: TokenEntry, name: str | None = None) -> None:
+    """Check the types and ranges of an entry's fields (not its signature).
+
+    :raises TokenError: ``malformed``, naming the field.
+    """
+    for_ = f" for {name!r}" if name is not None else ""
+    if not (isinstance(entry.kind, str) and _KIND.fullmatch(entry.kind)):
+        raise TokenError("malformed", f"the kind{for_} is not a position kind")
+    if not (isinstance(entry.lineage, str) and isinstance(entry.position, str)):
+        raise TokenError("malformed", f"the lineage and position{for_} must be strings")
+    if not (isinstance(entry.signature, str) and _SIGNATURE.fullmatch(entry.signature)):
+        raise TokenError("malformed", f"the signature{for_} is not a base64url HMAC-SHA256")
+    issued_at = entry.issued_at
+    # A chained comparison: False for NaN and infinities, no float conversion
+    # (which overflows) for huge ints.
+    if (
+        isinstance(issued_at, bool)
+        or not isinstance(issued_at, (int, float))
+        or not 0 <= issued_at <= _MAX_ISSUED_AT
+    ):
+        raise TokenError("malformed", f"the issued-at{for_} is not a time")

@@ -4,7 +4,9 @@ waits, fallbacks, tokens across app servers, and the other consistency levels.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -340,6 +342,34 @@ def test_forged_and_broken_tokens_are_ignored_and_counted(
     assert after["oversized"] == before.get("oversized", 0) + 1
     assert after["bad_signature"] == before.get("bad_signature", 0) + 1
     assert "ignored a causal token" in caplog.text
+
+
+def test_a_token_with_an_overflowing_issued_at_is_ignored_not_raised(
+    router: sr.ReplicaRouter, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reported break: a genuine token whose issued-at field is rewritten to
+    10**400 (float() overflows) made causal_context() raise OverflowError into the
+    request. Now it is counted as malformed and logged, and the block's read is served."""
+    with sr.causal_context() as ctx, router.sessionmaker()() as session:
+        session.add(Item(id=1, note="x"))
+        session.commit()
+        genuine = ctx.token
+    assert genuine is not None
+    topology.wait_for_catchup()
+    body = json.loads(base64.urlsafe_b64decode(genuine + "=" * (-len(genuine) % 4)))
+    for entry in body["e"].values():
+        entry[3] = 10**400
+    crafted = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    before = causal.rejected_tokens["malformed"]
+    with (
+        caplog.at_level(logging.WARNING, logger="sqlalchemy_replicas.causal"),
+        sr.causal_context(crafted) as crafted_ctx,
+        router.sessionmaker()() as session,
+    ):
+        assert session.scalar(sa.select(Item.note)) == "x"
+        assert crafted_ctx.token is None  # nothing of the crafted token is carried on
+    assert causal.rejected_tokens["malformed"] == before + 1
+    assert "issued-at" in caplog.text
 
 
 def test_token_without_a_secret_is_a_configuration_error(topology: Topology) -> None:

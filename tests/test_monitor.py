@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.monitor import LagEstimator
@@ -180,3 +182,45 @@ def test_unreachable_replica_is_left_out_and_readmitted(
     await_health(router, "replica2", True, timeout=40)  # probes back off up to 30 s
     # Its pooled connections broke with it: they are dropped, not read on.
     assert probe_reads(router, "eventual") == {"replica1", "replica2"}
+
+
+@pytest.mark.mariadb
+def test_status_from_a_coroutine_with_mysql_aiomysql_urls(
+    fresh_mariadb_topology: Topology,
+) -> None:
+    """router.status() called in a coroutine, with mysql+aiomysql:// URLs (the dialect
+    cannot tell MySQL from MariaDB without connecting, and an async driver cannot
+    connect outside its greenlet) raises nothing: the lag monitor's own sync connection
+    tells, and status() from the same coroutine then reports both replicas healthy with
+    MariaDB GTID positions. Async sessions on that router still read from a replica."""
+    topology = fresh_mariadb_topology
+
+    def as_mysql(url: sa.URL) -> sa.URL:
+        return url.set(drivername="mysql+aiomysql")
+
+    router = sr.ReplicaRouter[AsyncEngine](
+        as_mysql(topology.async_primary_url),
+        [as_mysql(url) for url in topology.async_replica_urls],
+        lag_check_interval=INTERVAL,
+    )
+
+    def reported() -> bool:
+        statuses = router.status()
+        return all(s.healthy and s.position and "-" in s.position for s in statuses)
+
+    async def scenario() -> tuple[list[sr.ReplicaStatus], list[str]]:
+        try:
+            first = router.status()  # raised MissingGreenlet
+            assert [s.name for s in first] == ["replica1", "replica2"]
+            while not reported():  # the monitor thread measures meanwhile
+                await asyncio.sleep(INTERVAL / 4)
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    assert await session.scalar(sa.text("SELECT 1 AS probe")) == 1
+            return router.status(), [s.node for s in log.statements if "probe" in s.sql]
+        finally:
+            await router.adispose()  # in the loop that made the connections
+
+    statuses, nodes = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert all(s.healthy for s in statuses)
+    assert nodes[0].startswith("replica")

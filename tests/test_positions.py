@@ -36,6 +36,23 @@ def test_lsns_compare_as_integers_not_strings() -> None:
             PG.parse(bad)
 
 
+def test_position_parsers_refuse_non_ascii_digits_and_out_of_range_values() -> None:
+    """Token positions are untrusted: digits from other scripts and values beyond a
+    server's ranges (MariaDB 32-bit ids and 64-bit sequence numbers, MySQL
+    transaction numbers up to 2**63 - 1) raise ValueError, never reach a server."""
+    assert MARIADB.parse("4294967295-4294967295-18446744073709551615") == {2**32 - 1: 2**64 - 1}
+    for bad in ("4294967296-0-1", "0-4294967296-1", "0-0-18446744073709551616", "\u0663-0-1"):
+        with pytest.raises(ValueError, match="MariaDB GTID"):
+            MARIADB.parse(bad)
+    assert MYSQL.parse(f"{UUID_A}:1-{2**63 - 1}") == {UUID_A: ((1, 2**63 - 1),)}
+    for bad in (f"{UUID_A}:1-{2**63}", f"{UUID_A}:\u0661"):
+        with pytest.raises(ValueError, match="not a GTID interval"):
+            MYSQL.parse(bad)
+    for bad in ("0/1\n0/2", "\uff10/1"):
+        with pytest.raises(ValueError, match="not a PostgreSQL LSN"):
+            PG.parse(bad)
+
+
 def test_insert_lsn_page_header_quirk_is_undone() -> None:
     """An insert LSN just past a page (or segment) header means the page boundary."""
     block, segment = 8192, 16 * 1024 * 1024

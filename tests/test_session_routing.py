@@ -248,11 +248,15 @@ def test_misclassified_write_is_refused_by_the_replica_and_rerun_on_the_primary(
 def test_replica_connections_refuse_writes_even_on_a_writable_server(
     topology: Topology, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Replica connections are read-only at the server: with the *primary's* URL given as
-    the replica, the misclassified write still fails there without writing, and runs
-    exactly once, on the primary."""
+    """Replica connections are read-only at the server: with the *primary* given as the
+    replica (as 'localhost': the router refuses the primary's own URL as a replica), the
+    misclassified write still fails there without writing, and runs exactly once, on the
+    primary."""
+    primary_by_another_name = topology.primary_url.set(host="localhost")
     # Session scope: the read needs no position, so the "replica" serves it at once.
-    router = sr.ReplicaRouter(topology.primary_url, [topology.primary_url], causal_scope="session")
+    router = sr.ReplicaRouter(
+        topology.primary_url, [primary_by_another_name], causal_scope="session"
+    )
     try:
         primary = router.primary
         Base.metadata.create_all(primary)

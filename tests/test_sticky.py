@@ -91,10 +91,11 @@ def test_keys_are_canonical_and_validated() -> None:
 def test_router_weights_are_validated() -> None:
     """Weights must name known replicas and be positive numbers."""
     url = "postgresql+psycopg://u@127.0.0.1:1/db"
+    replica = "postgresql+psycopg://u@127.0.0.1:2/db"
     with pytest.raises(ConfigurationError, match="unknown replicas"):
-        sr.ReplicaRouter(url, [url], weights={"nope": 1.0})
+        sr.ReplicaRouter(url, [replica], weights={"nope": 1.0})
     with pytest.raises(ConfigurationError, match="is invalid; give a number > 0"):
-        sr.ReplicaRouter(url, [url], weights={"replica1": 0})
+        sr.ReplicaRouter(url, [replica], weights={"replica1": 0})
 
 
 def test_sticky_reads_stay_on_the_keys_replica(topology: Topology) -> None:

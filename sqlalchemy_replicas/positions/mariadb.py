@@ -10,7 +10,10 @@ from ._base import PositionBackend, SQLRunner
 
 __all__ = ["GtidPosition", "MariaDBPositions"]
 
-_GTID: Final = re.compile(r"^(\d{1,10})-(\d{1,10})-(\d{1,20})$")
+_GTID: Final = re.compile(r"(\d{1,10})-(\d{1,10})-(\d{1,20})", re.ASCII)
+#: Domain and server ids are 32-bit, sequence numbers 64-bit (unsigned).
+_MAX_ID: Final = 2**32 - 1
+_MAX_SEQ: Final = 2**64 - 1
 
 GtidPosition = Mapping[int, int]
 """Domain id -> highest sequence number applied in that domain."""
@@ -29,10 +32,12 @@ class MariaDBPositions(PositionBackend):
     def parse(self, text: str) -> dict[int, int]:
         position: dict[int, int] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
-            match = _GTID.match(part)
+            match = _GTID.fullmatch(part)
             if match is None:
                 raise ValueError(f"not a MariaDB GTID: {part!r}")
-            domain, seq = int(match.group(1)), int(match.group(3))
+            domain, server, seq = (int(group) for group in match.groups())
+            if domain > _MAX_ID or server > _MAX_ID or seq > _MAX_SEQ:
+                raise ValueError(f"a MariaDB GTID out of range: {part!r}")
             position[domain] = max(seq, position.get(domain, 0))
         return position
 

@@ -14,8 +14,10 @@ from ._base import PositionBackend, SQLRunner
 
 __all__ = ["GtidSet", "MySQLPositions"]
 
-_UUID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_INTERVAL: Final = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_INTERVAL: Final = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?", re.ASCII)
+#: Transaction numbers are 1 to 2**63 - 1.
+_MAX_TRANSACTION: Final = 2**63 - 1
 
 GtidSet = Mapping[str, tuple[tuple[int, int], ...]]
 """Source uuid -> sorted, disjoint, non-adjacent closed intervals of transaction numbers."""
@@ -46,15 +48,15 @@ class MySQLPositions(PositionBackend):
         for part in filter(None, (p.strip() for p in text.replace("\n", "").split(","))):
             uuid, *ranges = part.split(":")
             uuid = uuid.strip().lower()
-            if not _UUID.match(uuid) or not ranges:
+            if not _UUID.fullmatch(uuid) or not ranges:
                 raise ValueError(f"not a MySQL GTID set member: {part!r}")
             for text_range in ranges:
-                match = _INTERVAL.match(text_range.strip())
+                match = _INTERVAL.fullmatch(text_range.strip())
                 if match is None:
                     raise ValueError(f"not a GTID interval: {text_range!r}")
                 start = int(match.group(1))
                 end = int(match.group(2) or start)
-                if start < 1 or end < start:
+                if start < 1 or end < start or end > _MAX_TRANSACTION:
                     raise ValueError(f"not a GTID interval: {text_range!r}")
                 found.setdefault(uuid, []).append((start, end))
         return {uuid: _normalize(intervals) for uuid, intervals in found.items()}

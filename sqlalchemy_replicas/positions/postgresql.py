@@ -9,7 +9,7 @@ from ._base import PositionBackend, SQLRunner
 
 __all__ = ["PostgresPositions", "normalize_insert_lsn"]
 
-_LSN: Final = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+_LSN: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 # Sizes of the headers PostgreSQL puts at the start of every WAL page and of
 # every WAL segment's first page (64-bit builds, MAXALIGNed).
 _SHORT_PAGE_HEADER: Final = 24
@@ -44,7 +44,7 @@ SELECT bool_or(reached) FROM poll
 
 def parse_lsn(text: str) -> int:
     """``'16/B374D848'`` -> ``0x16B374D848``; raises ValueError for anything else."""
-    match = _LSN.match(text.strip())
+    match = _LSN.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"not a PostgreSQL LSN: {text!r}")
     return (int(match.group(1), 16) << 32) | int(match.group(2), 16)

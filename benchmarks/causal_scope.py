@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
+from sqlalchemy_replicas.consistency import CausalScopeKind
 from sqlalchemy_replicas.testing import (
     MariaDBTopology,
     PostgresTopology,
@@ -102,7 +103,7 @@ def user_loop(
 
 
 def measure(
-    topology: Topology, scope: sr.router.CausalScopeKind, requests: int
+    topology: Topology, scope: CausalScopeKind, requests: int
 ) -> tuple[Results, StatementLog]:
     router = sr.ReplicaRouter(
         topology.primary_url,

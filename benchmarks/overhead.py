@@ -6,13 +6,17 @@ PostgreSQL server:
 - ``Session``: a plain Session on the engine;
 - ``RoutingSession, primary-bound``: a router without replicas, so every
   statement goes to the primary and only the routing work differs;
-- ``RoutingSession, replica path``: a router whose replica is a second
-  engine on the same server, so reads take the full replica path
-  (classification, policy, AUTOCOMMIT read-only connection) against the
-  same server;
-- ``Session, AUTOCOMMIT engine``: the control for the replica path: a plain
+- ``RoutingSession, replica path (session scope)``: a router over a real
+  streaming replica with ``causal_scope="session"``: reads take the full
+  replica path (classification, policy, AUTOCOMMIT read-only connection)
+  with no position to check;
+- ``RoutingSession, replica path (router scope)``: the default scope: every
+  read also checks the router's position (the primary's at first use)
+  against what the replica is known to have applied;
+- ``Session, AUTOCOMMIT engine``: the control for the replica paths: a plain
   Session whose connections are in AUTOCOMMIT, as replica connections are.
 
+CPU time is the client's own, so which server answers matters little.
 Rounds run them in shuffled order and ratios of medians are reported: on a
 shared, noisy machine only figures taken side by side in one run mean
 anything.
@@ -32,7 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.testing import PostgresTopology
+from sqlalchemy_replicas.testing import PostgresTopology, StatementLog
 
 
 class Base(DeclarativeBase):
@@ -68,35 +72,42 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
 
-    with PostgresTopology(replicas=0) as topology:
+    with PostgresTopology(replicas=1) as topology:
         version = topology.server_version()
         engine = sa.create_engine(topology.primary_url)
         Base.metadata.create_all(engine)
         with Session(engine) as session:
             session.add_all(Account(id=i, name=f"user{i}") for i in range(1, ROWS + 1))
             session.commit()
-        # The primary again, by another host name (the router refuses its own URL).
-        same_server = sa.create_engine(topology.primary_url.set(host="localhost"))
+        topology.wait_for_catchup()
         autocommit = sa.create_engine(topology.primary_url, isolation_level="AUTOCOMMIT")
+        session_scope = sr.ReplicaRouter(
+            topology.primary_url, topology.replica_urls, causal_scope="session"
+        )
+        router_scope = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
         makers: dict[str, Callable[[], Session]] = {
             "Session": sa.orm.sessionmaker(engine),
             # Control: replica reads run in AUTOCOMMIT; this is its cost alone.
             "Session, AUTOCOMMIT engine": sa.orm.sessionmaker(autocommit),
             "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
+            "RoutingSession, replica (session scope)": session_scope.sessionmaker(),
+            "RoutingSession, replica (router scope)": router_scope.sessionmaker(),
         }
-        replica_router = sr.ReplicaRouter(engine, [same_server])
-        makers["RoutingSession, replica path"] = replica_router.sessionmaker()
         for make in makers.values():
             measure(make, 200)  # warm up caches and the pools
+        for router in (session_scope, router_scope):  # both measure the replica path
+            with StatementLog(router) as log, router.sessionmaker()() as session:
+                pk_selects(session, 1)
+            assert [s.node for s in log.statements] == ["replica1"], log.statements
         results: dict[str, list[float]] = {name: [] for name in makers}
         order = list(makers)
         for _ in range(args.rounds):
             random.shuffle(order)  # no variant always runs first or last
             for name in order:
                 results[name].append(measure(makers[name], args.statements))
-        replica_router.dispose()
+        session_scope.dispose()
+        router_scope.dispose()
         engine.dispose()
-        same_server.dispose()
         autocommit.dispose()
 
     print(f"{version}, {args.rounds} rounds x {args.statements} PK ORM selects, CPU time")
@@ -105,7 +116,7 @@ def main() -> None:
     for name, values in results.items():
         median, least = statistics.median(values), min(values)
         print(
-            f"{name:<31} median {median:6.1f} us (ratio {median / base_median:.3f})"
+            f"{name:<40} median {median:6.1f} us (ratio {median / base_median:.3f})"
             f"  min {least:6.1f} us (ratio {least / base_min:.3f})"
         )
 

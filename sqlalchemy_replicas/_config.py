@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from sqlalchemy.engine import URL
 
-from .consistency import validate_level
+from .consistency import validate_causal_scope, validate_level
 from .exc import ConfigurationError
 
 __all__ = [
@@ -224,6 +224,8 @@ def check_session_kwargs(
         )
     if session_kwargs.get("consistency") is not None:
         validate_level(session_kwargs["consistency"], argument="consistency")
+    if session_kwargs.get("causal_scope") is not None:
+        validate_causal_scope(session_kwargs["causal_scope"], argument="causal_scope")
     known = (_init_parameters(classes) | set(factory_arguments)) - {"router"}
     unknown = sorted(set(session_kwargs) - known)
     if unknown:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 from ._scoped import ScopedSetting
 from .exc import ConfigurationError
 
 __all__ = [
     "LEVELS",
+    "CausalScopeKind",
     "ConsistencyLevel",
     "ConsistencySetting",
     "consistency",
@@ -34,6 +35,25 @@ LEVELS: Final[tuple[ConsistencyLevel, ...]] = (
     "bounded",
     "eventual",
 )
+
+
+CausalScopeKind: TypeAlias = Literal["router", "session"]
+"""Whose commits a ``read_your_writes`` or ``monotonic`` read must see:
+``"router"`` (every commit acknowledged through the router, process-wide) or
+``"session"`` (the session's own, plus its ``causal_context()`` and token)."""
+
+
+def validate_causal_scope(value: object, *, argument: str) -> CausalScopeKind:
+    """``value`` if it names a causal scope; else ConfigurationError naming ``argument``."""
+    if value == "router":
+        return "router"
+    if value == "session":
+        return "session"
+    raise ConfigurationError(
+        f"{argument}={value!r} is not a causal scope; use 'router' (every commit made "
+        "through the router, the default) or 'session' (the session's own commits, plus "
+        "causal_context() and its token)"
+    )
 
 
 def validate_level(value: object, *, argument: str) -> ConsistencyLevel:

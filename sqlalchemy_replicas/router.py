@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, cast, overload
 
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
@@ -28,7 +28,13 @@ from . import _config
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard, install_stale_connection_check
-from .consistency import ConsistencyLevel, validate_level, validate_seconds
+from .consistency import (
+    CausalScopeKind,
+    ConsistencyLevel,
+    validate_causal_scope,
+    validate_level,
+    validate_seconds,
+)
 from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
 
     from .session import RoutingSession
 
-__all__ = ["CausalScopeKind", "EngineSource", "ReplicaRouter", "RoutedEngine"]
+__all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
 logger = logging.getLogger("sqlalchemy_replicas.causal")
 
@@ -53,10 +59,6 @@ WAIT_SUSPECT_SECONDS = 1.0
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
 
-CausalScopeKind: TypeAlias = Literal["router", "session"]
-"""Whose commits a ``read_your_writes`` or ``monotonic`` read must see:
-``"router"`` (every commit acknowledged through the router, process-wide) or
-``"session"`` (the session's own, plus its ``causal_context()`` and token)."""
 
 _E = TypeVar("_E", bound="Engine | AsyncEngine", default=Engine, covariant=True)
 """The kind of engine a router hands out: ``Engine`` (the default) or ``AsyncEngine``."""
@@ -778,19 +780,6 @@ def _note_commit(connection: Any) -> None:
     """A Connection on the primary is about to commit: its position is read
     when it goes back to the pool (see ``ReplicaRouter._capture_core_commit``)."""
     connection.info[COMMITTED_KEY] = True
-
-
-def validate_causal_scope(value: object, *, argument: str) -> CausalScopeKind:
-    """``value`` if it names a causal scope; else ConfigurationError naming ``argument``."""
-    if value == "router":
-        return "router"
-    if value == "session":
-        return "session"
-    raise ConfigurationError(
-        f"{argument}={value!r} is not a causal scope; use 'router' (every commit made "
-        "through the router, the default) or 'session' (the session's own commits, plus "
-        "causal_context() and its token)"
-    )
 
 
 def _server_kind_unknown(engine: Engine) -> bool:

@@ -17,10 +17,16 @@ from sqlalchemy.util import EMPTY_DICT
 from .breaker import is_disconnect
 from .causal import CAPTURED_KEY, CausalScope, current_scope
 from .connections import is_read_only_violation, is_recovery_conflict, is_schema_behind
-from .consistency import ConsistencyLevel, current_consistency, validate_level
+from .consistency import (
+    CausalScopeKind,
+    ConsistencyLevel,
+    current_consistency,
+    validate_causal_scope,
+    validate_level,
+)
 from .exc import ConfigurationError
 from .policy import Decision, decide, first_caught_up, wait_candidate
-from .router import CausalScopeKind, ReplicaRouter, RoutedEngine, validate_causal_scope
+from .router import ReplicaRouter, RoutedEngine
 from .sticky import current_sticky_key
 
 if TYPE_CHECKING:

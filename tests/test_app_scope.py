@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.router import CausalScopeKind
+from sqlalchemy_replicas.consistency import CausalScopeKind
 from sqlalchemy_replicas.testing import MariaDBTopology, StatementLog, Topology
 
 SEEDED = 8  # more than ROUNDS: each round deletes one seeded user
@@ -308,11 +308,14 @@ def test_router_scope_is_the_default_and_sessions_may_narrow_it(
 
 
 def test_a_causal_scope_that_is_not_one_is_refused(topology: Topology) -> None:
-    """An unknown ``causal_scope`` fails where it is given, naming the argument."""
+    """An unknown ``causal_scope`` fails where it is given (the router, a sessionmaker, a
+    session), naming the argument."""
     with pytest.raises(sr.exc.ConfigurationError, match="causal_scope='process'"):
         sr.ReplicaRouter(topology.primary_url, causal_scope="process")  # type: ignore[call-overload]
     router = sr.ReplicaRouter(topology.primary_url)
     try:
+        with pytest.raises(sr.exc.ConfigurationError, match="causal_scope='app'"):
+            router.sessionmaker(causal_scope="app")
         with pytest.raises(sr.exc.ConfigurationError, match="causal_scope='all'"):
             sr.RoutingSession(router=router, causal_scope="all")  # type: ignore[arg-type]
     finally:

@@ -122,7 +122,7 @@ def test_session_makers_make_the_classes_they_are_given() -> None:
     class AppAsyncSession(AsyncSession):
         pass
 
-    router = sr.ReplicaRouter(PG, [PG])
+    router = sr.ReplicaRouter(PG, [PG2])
     assert isinstance(router.sessionmaker()(), sr.RoutingSession)
     session = router.sessionmaker(class_=AppSession)()
     assert isinstance(session, AppSession)

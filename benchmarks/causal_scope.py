@@ -116,7 +116,9 @@ def measure(
         primary = router.primary
         assert isinstance(primary, sa.Engine)
         with primary.connect() as conn:
-            values = dict(conn.execute(sa.select(Counter.id, Counter.value)).tuples().all())
+            values = {
+                row.id: row.value for row in conn.execute(sa.select(Counter.id, Counter.value))
+            }
         results = Results(acknowledged=values)
         wait_until(
             lambda: all(status.healthy for status in router.status()),

@@ -320,3 +320,39 @@ def test_a_causal_scope_that_is_not_one_is_refused(topology: Topology) -> None:
             sr.RoutingSession(router=router, causal_scope="all")  # type: ignore[arg-type]
     finally:
         router.dispose()
+
+
+def test_start_reads_the_start_position_before_the_first_read(
+    topology: Topology, routers: Callable[..., sr.ReplicaRouter]
+) -> None:
+    """Without ``start()`` the router's first read asks the primary for its position
+    (and history); after ``start()`` the first read sends nothing to the primary."""
+    lazy, started = routers(), routers()
+    started.start()
+    primary_statements = []
+    for router in (lazy, started):
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.text("SELECT 1")) == 1
+        primary_statements.append(log.counts()["primary"])
+    assert primary_statements[0] > 0
+    assert primary_statements[1] == 0
+
+
+def test_astart_is_start_for_async_routers(topology: Topology) -> None:
+    """``await router.astart()`` reads the start position of an async router (its first
+    read then sends nothing to the primary); ``start()`` on it names ``astart()``."""
+    router = sr.ReplicaRouter[AsyncEngine](topology.async_primary_url, topology.async_replica_urls)
+    with pytest.raises(sr.exc.ConfigurationError, match="astart"):
+        router.start()
+
+    async def main() -> int:
+        try:
+            await router.astart()
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    assert await session.scalar(sa.text("SELECT 1")) == 1
+            return log.counts()["primary"]
+        finally:
+            await router.adispose()
+
+    assert asyncio.run(main()) == 0

@@ -6,8 +6,8 @@
 # .venv): the demo's venv holds only what a user installs, so it runs without
 # the test extras (and without greenlet, which only the asyncio extra brings).
 # SQLALCHEMY_REPLICAS_VENV overrides the path.
-# SQLALCHEMY_REPLICAS_SQLALCHEMY=2.0.43 installs exactly that SQLAlchemy, in a
-# venv of its own (.venv-sqlalchemy-2.0.43): CI runs the suite on the lowest
+# SQLALCHEMY_REPLICAS_SQLALCHEMY=2.0.50 installs exactly that SQLAlchemy, in a
+# venv of its own (.venv-sqlalchemy-2.0.50): CI runs the suite on the lowest
 # SQLAlchemy the package declares as well as on the newest.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,8 +1,9 @@
 """A user's install works: fresh venvs with only the declared dependencies.
 
 Each venv gets the package as a wheel with no extras (``pip install
-sqlalchemy-replicas``) plus one driver, as a user adds it, on the lowest
-SQLAlchemy the package declares and on the newest pip picks. Neither has
+sqlalchemy-replicas``) plus one driver, as a user adds it: one with every
+declared dependency at its floor (SQLAlchemy, typing_extensions), one with
+the newest that pip picks. Neither has
 greenlet: SQLAlchemy 2.1 does not install it without ``sqlalchemy[asyncio]``,
 and from 2.0 (which pulls it in on x86_64) it is uninstalled to prove the
 same. In each: the package imports, ``sqlalchemy-replicas --help`` runs, a
@@ -34,15 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("install_probe.py")
 
 
-def _lowest_sqlalchemy() -> str:
-    """The SQLAlchemy floor declared in pyproject.toml's dependencies."""
+def _declared_floors() -> dict[str, str]:
+    """Each ``name>=version`` of pyproject.toml's ``dependencies``: name -> version."""
     # A regex, not tomllib: Python 3.10 has no tomllib.
-    found = re.search(r'"sqlalchemy>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
-    assert found is not None, "pyproject.toml declares no sqlalchemy>= dependency"
-    return found.group(1)
+    line = re.search(r"^dependencies = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert line is not None, "pyproject.toml has no one-line dependencies = [...]"
+    return dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', line.group(1)))
 
 
-LOWEST_SQLALCHEMY = _lowest_sqlalchemy()
+FLOORS = _declared_floors()
+LOWEST_SQLALCHEMY = FLOORS["sqlalchemy"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class Spec:
 
 
 LOWEST = Spec(
-    requirements=(f"sqlalchemy=={LOWEST_SQLALCHEMY}", "psycopg[binary]"),
+    # Every declared dependency at its floor (SQLAlchemy, typing_extensions).
+    requirements=(*(f"{name}=={version}" for name, version in FLOORS.items()), "psycopg[binary]"),
     topology="postgres",
     backend="postgresql",
     missing_url="mariadb+pymysql://app:pw@127.0.0.1:1/app",
@@ -142,8 +145,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         source / "sqlalchemy_replicas",
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy2(ROOT / name, source / name)
+    # The top-level modules too (the pytest plugin is one).
+    for path in (ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "LICENSE", *ROOT.glob("*.py")):
+        shutil.copy2(path, source / path.name)
     pip("wheel", "--quiet", "--no-deps", "--wheel-dir", work / "dist", source)
     (built,) = (work / "dist").glob("sqlalchemy_replicas-*.whl")
     return built

@@ -1,9 +1,18 @@
 # Shared set-up for scripts/demo and scripts/test (sourced, not run).
 # Makes a virtualenv with the package installed, and installs database
 # server packages with apt-get when their binaries are missing.
+#
+# The sourcing script sets VENV_NAME (scripts/demo: .venv-demo, scripts/test:
+# .venv): the demo's venv holds only what a user installs, so it runs without
+# the test extras (and without greenlet, which only the asyncio extra brings).
+# SQLALCHEMY_REPLICAS_VENV overrides the path.
+# SQLALCHEMY_REPLICAS_SQLALCHEMY=2.0.50 installs exactly that SQLAlchemy, in a
+# venv of its own (.venv-sqlalchemy-2.0.50): CI runs the suite on the lowest
+# SQLAlchemy the package declares as well as on the newest.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${SQLALCHEMY_REPLICAS_VENV:-$ROOT/.venv}"
+SQLALCHEMY_PIN="${SQLALCHEMY_REPLICAS_SQLALCHEMY:-}"
+VENV="${SQLALCHEMY_REPLICAS_VENV:-$ROOT/${VENV_NAME:-.venv}${SQLALCHEMY_PIN:+-sqlalchemy-$SQLALCHEMY_PIN}}"
 PY="$VENV/bin/python"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -43,7 +52,8 @@ find_python() {
 }
 
 ensure_venv() {
-    # ensure_venv EXTRAS: a venv at $VENV with this package installed editable, with EXTRAS.
+    # ensure_venv EXTRAS: a venv at $VENV with this package installed editable, with
+    # EXTRAS (and SQLAlchemy $SQLALCHEMY_PIN when set).
     local extras="$1" python stamp want
     if [ ! -x "$PY" ]; then
         python="$(find_python)" || {
@@ -58,11 +68,12 @@ ensure_venv() {
         fi
     fi
     stamp="$VENV/.sqlalchemy-replicas-installed"
-    want="$extras $(cksum <"$ROOT/pyproject.toml")"
+    want="$extras $SQLALCHEMY_PIN $(cksum <"$ROOT/pyproject.toml")"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        say "installing sqlalchemy-replicas[$extras] into $VENV"
+        say "installing sqlalchemy-replicas[$extras]${SQLALCHEMY_PIN:+ with sqlalchemy==$SQLALCHEMY_PIN} into $VENV"
         if ! { "$PY" -m pip install --disable-pip-version-check --upgrade pip &&
-            "$PY" -m pip install --disable-pip-version-check -e "$ROOT[$extras]"; } \
+            "$PY" -m pip install --disable-pip-version-check -e "$ROOT[$extras]" \
+                ${SQLALCHEMY_PIN:+"sqlalchemy==$SQLALCHEMY_PIN"}; } \
             >"$VENV/pip-install.log" 2>&1; then
             tail -n 30 "$VENV/pip-install.log" >&2
             die "pip install failed; full log: $VENV/pip-install.log"

@@ -149,22 +149,35 @@ def _run(topology: Topology, out: TextIO) -> None:
 
 
 def main(out: TextIO = sys.stdout) -> int:
-    """Run the demo on PostgreSQL, and on MariaDB where it is installed."""
+    """Run the demo on PostgreSQL, and on MariaDB where it is installed.
+
+    :raises MissingDependency: before any server starts, when the driver of
+        a database the demo will run is not installed.
+    """
+    topologies: list[Topology] = [PostgresTopology(replicas=2)]
+    try:
+        mariadb_binaries()
+    except ServerBinaryNotFound:
+        mariadb_missing = True
+    else:
+        mariadb_missing = False
+        topologies.append(MariaDBTopology(replicas=2))
+    # Every driver up front: a missing PyMySQL must not surface only after
+    # the whole PostgreSQL part has run.
+    for topology in topologies:
+        topology.check_driver()
     echo = _RouteEcho(out)
     routing_logger = logging.getLogger("sqlalchemy_replicas.routing")
     routing_logger.addHandler(echo)
     routing_logger.setLevel(logging.DEBUG)
     try:
-        _run(PostgresTopology(replicas=2), out)
-        try:
-            mariadb_binaries()
-        except ServerBinaryNotFound:
+        for topology in topologies:
+            _run(topology, out)
+        if mariadb_missing:
             print(
                 "\n== MariaDB: not installed here, skipped (apt-get install mariadb-server)",
                 file=out,
             )
-        else:
-            _run(MariaDBTopology(replicas=2), out)
     finally:
         routing_logger.removeHandler(echo)
     return 0

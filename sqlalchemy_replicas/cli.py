@@ -21,8 +21,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import main as demo
+        from .exc import MissingDependency, ServerBinaryNotFound
 
-        return demo(sys.stdout)
+        try:
+            return demo(sys.stdout)
+        except (MissingDependency, ServerBinaryNotFound) as exc:
+            # Something to install, not a bug: the message says what; no traceback.
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 1
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -6,6 +6,7 @@ catches ``sqlalchemy.exc.SQLAlchemyError`` keeps working::
     sqlalchemy.exc.SQLAlchemyError
     ├── sqlalchemy.exc.ArgumentError
     │   └── ConfigurationError      bad router/session/topology arguments
+    │       └── MissingDependency   a driver or greenlet is not installed
     └── sqlalchemy.exc.InvalidRequestError
         └── ReplicasError           everything else raised at run time
             ├── PrimaryUnavailable  no primary to write to
@@ -18,10 +19,13 @@ Configuration errors are raised where the bad value is given (for example by
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import exc as sa_exc
 
 __all__ = [
     "ConfigurationError",
+    "MissingDependency",
     "PrimaryUnavailable",
     "ReplicasError",
     "ServerBinaryNotFound",
@@ -34,6 +38,29 @@ class ConfigurationError(sa_exc.ArgumentError):
 
     The message names the argument, the value and the fix.
     """
+
+
+class MissingDependency(ConfigurationError):
+    """What was asked for needs a Python package that is not installed: a
+    database driver (psycopg, PyMySQL, aiomysql) or, for asyncio, greenlet.
+
+    Raised at once where the need shows (``ReplicaRouter(...)``, a test
+    topology's ``start()``, the demo), never later on a first query. The
+    message names the missing module and the ``pip install`` that brings it.
+
+    :ivar module: the module that could not be imported, e.g. ``"psycopg"``.
+    :ivar extra: the sqlalchemy-replicas extra that installs it, e.g.
+        ``"postgresql"``, or None when no extra does.
+    """
+
+    def __init__(self, message: str, *, module: str = "", extra: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
+        self.extra = extra
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only state survives pickling (multiprocessing, task queues).
+        return (type(self), (str(self),), {"module": self.module, "extra": self.extra})
 
 
 class ReplicasError(sa_exc.InvalidRequestError):

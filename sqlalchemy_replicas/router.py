@@ -14,17 +14,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, cast, overload
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.util.concurrency import in_greenlet
 from typing_extensions import TypeVar
 
 from . import _config
+from ._asyncio import create_async_engine, is_async_engine, require_asyncio
+from ._dependencies import missing_driver
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
 from .connections import dialect_family, install_replica_guard, install_stale_connection_check
@@ -43,8 +39,10 @@ from .sticky import rank
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
+    # Annotations only: importing the asyncio extension needs greenlet (see _asyncio).
     import sqlalchemy.ext.asyncio as sa_asyncio
     import sqlalchemy.orm as sa_orm
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
     from .session import RoutingSession
 
@@ -80,6 +78,11 @@ class RoutedEngine:
     engine: Engine | AsyncEngine
     sync_engine: Engine
     owned: bool
+
+    @property
+    def is_async(self) -> bool:
+        """True for an ``AsyncEngine`` (told apart without importing asyncio)."""
+        return not isinstance(self.engine, Engine)
 
 
 class ReplicaRouter(Generic[_E]):
@@ -358,7 +361,7 @@ class ReplicaRouter(Generic[_E]):
     @property
     def is_async(self) -> bool:
         """True when the router was given async URLs or ``AsyncEngine`` objects."""
-        return isinstance(self._primary.engine, AsyncEngine)
+        return self._primary.is_async
 
     def sessionmaker(
         self: ReplicaRouter[Engine], *, class_: type[_S] | None = None, **session_kwargs: Any
@@ -410,8 +413,13 @@ class ReplicaRouter(Generic[_E]):
         :raises ConfigurationError: when the router is not async (for type
             checkers: only a ``ReplicaRouter[AsyncEngine]`` has this method;
             for async URLs write ``ReplicaRouter[AsyncEngine](url, ...)``).
+        :raises MissingDependency: when greenlet is not installed (the
+            ``[asyncio]`` extra).
         """
         from .session import RoutingSession
+
+        require_asyncio("router.async_sessionmaker()")
+        import sqlalchemy.ext.asyncio as async_ext
 
         if not self.is_async:
             raise ConfigurationError(
@@ -424,12 +432,14 @@ class ReplicaRouter(Generic[_E]):
         if class_ is not None:
             session_kwargs["class_"] = class_
         _config.check_session_kwargs(
-            [session_kwargs.get("class_", AsyncSession), sync_class],
+            [session_kwargs.get("class_", async_ext.AsyncSession), sync_class],
             session_kwargs,
             method="async_sessionmaker",
             factory_arguments=["class_"],
         )
-        return async_sessionmaker(sync_session_class=sync_class, router=self, **session_kwargs)
+        return async_ext.async_sessionmaker(
+            sync_session_class=sync_class, router=self, **session_kwargs
+        )
 
     @property
     def secret(self) -> str | bytes | None:
@@ -642,7 +652,7 @@ class ReplicaRouter(Generic[_E]):
         for routed in (self._primary, *self._replicas):
             if not routed.owned:
                 continue
-            if isinstance(routed.engine, AsyncEngine):
+            if routed.is_async:
                 # Closing async connections needs the event loop: drop the pool
                 # here, and let adispose() close connections properly.
                 routed.sync_engine.dispose(close=False)
@@ -655,10 +665,10 @@ class ReplicaRouter(Generic[_E]):
         for routed in (self._primary, *self._replicas):
             if routed.owned:
                 engine = routed.engine
-                if isinstance(engine, AsyncEngine):
-                    await engine.dispose()
-                else:
+                if isinstance(engine, Engine):
                     engine.dispose()
+                else:
+                    await engine.dispose()
 
     def _stop_monitor(self) -> None:
         with self._monitor_lock:
@@ -767,7 +777,7 @@ class ReplicaRouter(Generic[_E]):
                     f"{self._primary.sync_engine.dialect.name!r}; every replica must "
                     "replicate from the primary, so all must be the same database kind"
                 )
-            if isinstance(replica.engine, AsyncEngine) != self.is_async:
+            if replica.is_async != self.is_async:
                 kind = "async" if self.is_async else "sync"
                 raise ConfigurationError(
                     f"replica {replica.name!r} is not {kind} like the primary; give all "
@@ -807,7 +817,7 @@ def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL
 
 
 def _as_list(sources: Iterable[EngineSource], argument: str) -> list[EngineSource]:
-    if isinstance(sources, (str, URL, Engine, AsyncEngine)):
+    if isinstance(sources, (str, URL, Engine)) or is_async_engine(sources):
         mapping = " (or a mapping of name to URL/engine)" if argument == "replicas" else ""
         raise ConfigurationError(
             f"{argument} must be a sequence of URLs or engines{mapping}, not a single "
@@ -819,7 +829,7 @@ def _as_list(sources: Iterable[EngineSource], argument: str) -> list[EngineSourc
 def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:
     engine: Engine | AsyncEngine
     owned = False
-    if isinstance(source, (Engine, AsyncEngine)):
+    if isinstance(source, Engine) or is_async_engine(source):
         engine = source
     elif isinstance(source, (str, URL)):
         try:
@@ -834,8 +844,13 @@ def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:
             ) from exc
         try:
             engine = (
-                create_async_engine(url, **options) if is_async else create_engine(url, **options)
+                create_async_engine(url, name, **options)
+                if is_async
+                else create_engine(url, **options)
             )
+        except ImportError as exc:
+            # The DBAPI driver (psycopg, pymysql, aiomysql) is not installed.
+            raise missing_driver(exc, url, name) from exc
         except TypeError as exc:  # SQLAlchemy: "Invalid argument(s) ... sent to create_engine()"
             raise ConfigurationError(
                 f"engine_options are not valid for {name} "
@@ -847,7 +862,7 @@ def _routed(name: str, source: object, options: dict[str, Any]) -> RoutedEngine:
             f"{name} must be a URL string, sqlalchemy URL, Engine or AsyncEngine, "
             f"not {type(source).__name__}"
         )
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    sync_engine = engine if isinstance(engine, Engine) else engine.sync_engine
     return RoutedEngine(name, engine, sync_engine, owned)
 
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from sqlalchemy.engine import URL
 
+from .._dependencies import require_module
 from ..exc import ConfigurationError, TopologyError
 from ._process import REGISTRY, OSUser, ServerProcess, remove_tree
 
@@ -43,6 +44,9 @@ class Topology(abc.ABC):
 
     #: Short name of the backend, used in directory names and messages.
     backend: str = ""
+    #: The DBAPI module of the topology's URLs and its own admin connections
+    #: (empty: none to check).
+    driver_module: str = ""
     #: Seconds a graceful stop may take before the process is killed.
     stop_timeout: float = 30.0
 
@@ -77,10 +81,13 @@ class Topology(abc.ABC):
 
         :raises TopologyError: when a server fails to come up (with its log's tail).
         :raises ServerBinaryNotFound: when the server binaries are missing.
+        :raises MissingDependency: when :attr:`driver_module` is not installed,
+            before any server starts.
         """
         with self._lock:
             if self._dir is not None:
                 raise TopologyError(f"this {self.backend} topology is already started")
+            self.check_driver()
             self._locate_binaries()
             user = self._os_user()
             self._dir = Path(tempfile.mkdtemp(prefix=f"sr-{self.backend}-", dir=self._base_parent))
@@ -93,6 +100,16 @@ class Topology(abc.ABC):
                 self.stop()
                 raise
             return self
+
+    def check_driver(self) -> None:
+        """Raise :class:`~sqlalchemy_replicas.exc.MissingDependency`, naming the
+        extra to install, when :attr:`driver_module` cannot be imported.
+
+        :meth:`start` calls it first: without it, readiness probes would fail
+        until the start-up timeout and report a server that never came up.
+        """
+        if self.driver_module:
+            require_module(self.driver_module, type(self).__name__)
 
     def stop(self) -> None:
         """Stop every server this topology started and delete its directory.

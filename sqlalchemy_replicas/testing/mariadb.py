@@ -53,6 +53,7 @@ class MariaDBTopology(Topology):
     """
 
     backend = "mariadb"
+    driver_module = "pymysql"
 
     def __init__(
         self, replicas: int = 2, *, bindir: str | Path | None = None, **kwargs: Any

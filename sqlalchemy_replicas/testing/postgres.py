@@ -65,6 +65,7 @@ class PostgresTopology(Topology):
     """
 
     backend = "postgresql"
+    driver_module = "psycopg"
     _graceful_signal = signal.SIGINT
     _crash_signal = signal.SIGQUIT
 

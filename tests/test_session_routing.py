@@ -344,7 +344,11 @@ def test_async_session_reruns_a_refused_write_on_the_primary(
         finally:
             await router.adispose()
 
-    router = sr.ReplicaRouter[AsyncEngine](topology.async_primary_url, topology.async_replica_urls)
+    # Session scope: the read needs no position, so it reaches a replica without a wait
+    # (which a loaded machine can time out, sending the read to the primary).
+    router = sr.ReplicaRouter[AsyncEngine](
+        topology.async_primary_url, topology.async_replica_urls, causal_scope="session"
+    )
     try:
         with StatementLog(router) as log, caplog.at_level(logging.WARNING):
             assert asyncio.run(scenario(router)) == 1

@@ -113,9 +113,7 @@ def measure(
         causal_scope=scope,
     )
     try:
-        primary = router.primary
-        assert isinstance(primary, sa.Engine)
-        with primary.connect() as conn:
+        with router.primary.connect() as conn:
             values = {
                 row.id: row.value for row in conn.execute(sa.select(Counter.id, Counter.value))
             }

@@ -21,21 +21,15 @@ def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     router.dispose()
 
 
-def _engine(router: sr.ReplicaRouter) -> sa.Engine:
-    primary = router.primary
-    assert isinstance(primary, sa.Engine)
-    return primary
-
-
 def migrate_while_replicas_pause(router: sr.ReplicaRouter, topology: Topology) -> None:
     """Pause both replicas, then add a table and a column on the primary."""
-    with _engine(router).begin() as conn:
+    with router.primary.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE widget (id INTEGER PRIMARY KEY)")
         conn.exec_driver_sql("INSERT INTO widget (id) VALUES (1)")
     topology.wait_for_catchup()
     for index in range(len(topology.replica_urls)):
         topology.pause_replay(index)
-    with _engine(router).begin() as conn:
+    with router.primary.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE widget ADD COLUMN label VARCHAR(20)")
         conn.exec_driver_sql("UPDATE widget SET label = 'new'")
         conn.exec_driver_sql("CREATE TABLE gadget (id INTEGER PRIMARY KEY)")

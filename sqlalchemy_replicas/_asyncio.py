@@ -13,7 +13,8 @@ I/O: imports modules; nothing else.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, TypeGuard
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from ._dependencies import install_command, require_module
 from .exc import MissingDependency
@@ -22,7 +23,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["create_async_engine", "is_async_engine", "require_asyncio"]
+__all__ = ["call_blocking", "create_async_engine", "is_async_engine", "require_asyncio"]
+
+_R = TypeVar("_R")
 
 
 def is_async_engine(obj: object) -> TypeGuard[AsyncEngine]:
@@ -65,3 +68,18 @@ def create_async_engine(url: URL, needed_by: str, **options: Any) -> AsyncEngine
     from sqlalchemy.ext.asyncio import create_async_engine as create
 
     return create(url, **options)
+
+
+def call_blocking(function: Callable[..., _R], *args: Any) -> _R:
+    """``function(*args)``, which blocks its thread for a while (a wait on a
+    ``threading`` condition). Inside an async session's greenlet it runs in a
+    worker thread that the event loop awaits, so other tasks go on meanwhile."""
+    from sqlalchemy.util.concurrency import in_greenlet
+
+    if not in_greenlet():
+        return function(*args)
+    import asyncio
+
+    from sqlalchemy.util import await_only
+
+    return await_only(asyncio.to_thread(function, *args))

@@ -8,6 +8,13 @@ idle primary (nothing to apply, no lag). A replica lagging more than
 ``max_lag`` (or unreachable) is left out of reads until it is back under
 ``max_lag`` by a margin (hysteresis).
 
+A replica serves no read before the monitor has checked that it replicates
+from this primary (its identity: PostgreSQL's system identifier and recovery
+state; MariaDB/MySQL's replication source), and none while a check says it
+does not: a URL that points at another cluster's server never serves its
+data. The identity is read on each new monitor connection and compared at
+every check.
+
 A replica that fails a check, or that a session saw disconnect
 (:meth:`LagMonitor.mark_down`), is down: it gets no reads and is checked
 again only as its :class:`~sqlalchemy_replicas.breaker.Breaker` allows (1 s,
@@ -25,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import queue
 import threading
 import time
 import weakref
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
 from .breaker import Breaker
@@ -50,6 +58,9 @@ _R = TypeVar("_R")
 
 #: A left-out replica is readmitted once its lag is below max_lag times this.
 READMIT_FRACTION: Final = 0.8
+#: Where a monitor connection keeps the identity its server gave (read once
+#: per connection: a new connection may reach another server).
+_IDENTITY_KEY: Final = "sqlalchemy_replicas.identity"
 _SYNC_DRIVERS: Final = {
     "psycopg_async": "psycopg",
     "asyncpg": "psycopg",
@@ -124,9 +135,15 @@ class _Check:
     """One query on one server, in a thread of its own, so that a server that
     never answers costs a thread, not the monitor."""
 
-    def __init__(self, question: Callable[[], Any], timeout: float) -> None:
+    def __init__(
+        self,
+        question: Callable[[], Any],
+        timeout: float,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self._question = question
         self._timeout = timeout
+        self._on_done = on_done
         self._answer: Any = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -152,11 +169,15 @@ class _Check:
             self._answer = self._question()
         except BaseException as error:  # handed to result()
             self._error = error
+        if self._on_done is not None:
+            self._on_done()
 
 
 @dataclass
 class _Health:
-    # Left out for lag (or not replicating); being down is the breaker's.
+    # True while the last check showed it replicates from this primary.
+    verified: bool = False
+    # Left out for lag, identity (or not replicating); being down is the breaker's.
     excluded: bool = False
     breaker: Breaker = field(default_factory=Breaker)
     checked: bool = False
@@ -197,6 +218,12 @@ class LagMonitor:
         self.check_timeout = check_timeout(interval)
         # Server name -> its check still waiting for an answer.
         self._in_flight: dict[str, _Check] = {}
+        # What the primary said of itself on its latest connection.
+        self._primary_identity: Any = None
+        # Notified whenever a replica's check ends: first reads wait on it.
+        self._checked = threading.Condition()
+        #: True once every replica has been checked at least once.
+        self.all_checked = not self._health
 
     def start(self) -> None:
         """Start checking in the background."""
@@ -211,10 +238,11 @@ class LagMonitor:
             engine.dispose()
 
     def may_serve(self, name: str, max_lag: float | None, ignore_lag: bool) -> bool:
-        """Whether replica ``name`` may serve a read: not left out (unless only
-        for lag and ``ignore_lag``), and with ``max_lag``, measured within it."""
+        """Whether replica ``name`` may serve a read: shown to replicate from
+        this primary, not left out (unless only for lag and ``ignore_lag``),
+        and with ``max_lag``, measured within it."""
         health = self._health[name]
-        if health.breaker.down:
+        if not health.verified or health.breaker.down:
             return False
         if max_lag is not None:
             return health.lag is not None and health.lag_exact and health.lag <= max_lag
@@ -238,7 +266,9 @@ class LagMonitor:
                 ReplicaStatus(
                     replica.name,
                     replica.sync_engine.url.render_as_string(hide_password=True),
-                    (not health.excluded and not health.breaker.down) if health.checked else None,
+                    (health.verified and not health.excluded and not health.breaker.down)
+                    if health.checked
+                    else None,
                     health.lag,
                     position,
                     health.reason,
@@ -247,6 +277,32 @@ class LagMonitor:
                 )
             )
         return result
+
+    def await_first_checks(self, names: list[str], timeout: float, *, every: bool) -> None:
+        """Wait up to ``timeout`` seconds until each replica of ``names`` has
+        been checked once, or, unless ``every``, until one of them may serve.
+
+        Before its first check a replica serves no read (its identity is not
+        known): a read waits here at most its ``wait_timeout``, so a replica
+        frozen at start-up costs it no more than that.
+        """
+
+        def settled() -> bool:
+            healths = [self._health[name] for name in names]
+            if all(health.checked for health in healths):
+                return True
+            return not every and any(
+                health.verified and not health.excluded and not health.breaker.down
+                for health in healths
+            )
+
+        with self._checked:
+            self._checked.wait_for(settled, timeout)
+
+    def _notify_checked(self) -> None:
+        with self._checked:
+            self.all_checked = all(health.checked for health in self._health.values())
+            self._checked.notify_all()
 
     def down_since(self, name: str) -> float | None:
         """When (``time.monotonic()``) replica ``name`` last went down, or None."""
@@ -261,6 +317,7 @@ class LagMonitor:
             if tripped:
                 health.checked = True
                 health.reason = f"disconnected: {_describe_error(error)}"
+        self._notify_checked()
         if tripped:
             logger.warning(
                 "replica %s is down (%s); no reads go there until a probe succeeds",
@@ -287,11 +344,20 @@ class LagMonitor:
         self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
         primary = router.primary_target
         primary_position = None
+        host = make_url(router.primary_url).host
         try:
             check = self._start(
-                primary.name, functools.partial(self._ask, router, primary, backend.current)
+                primary.name,
+                functools.partial(
+                    self._ask,
+                    router,
+                    primary,
+                    _identified(
+                        functools.partial(backend.primary_identity, host=host), backend.current
+                    ),
+                ),
             )
-            primary_position = check.result(self.check_timeout)
+            self._primary_identity, primary_position = check.result(self.check_timeout)
         except Exception as error:
             # No new sample: lags are judged against the samples kept, and
             # down replicas are still probed (reads may need them most now).
@@ -310,23 +376,35 @@ class LagMonitor:
             if self._health[replica.name].breaker.probe_due(now)
         ]
         checks = {}
+        # Answers are taken as they come: one frozen replica does not hold
+        # back the others' (their first reads wait on them).
+        answered: queue.SimpleQueue[str] = queue.SimpleQueue()
+        question = _identified(backend.replica_identity, backend.applied)
         for replica in due:
             try:
                 checks[replica.name] = self._start(
-                    replica.name, functools.partial(self._ask, router, replica, backend.applied)
+                    replica.name,
+                    functools.partial(self._ask, router, replica, question),
+                    on_done=functools.partial(answered.put, replica.name),
                 )
             except _StillRunning as error:
                 self._check_failed(replica, error)
         deadline = time.monotonic() + self.check_timeout
-        for replica in due:
-            if replica.name not in checks:
-                continue
+        by_name = {replica.name: replica for replica in due}
+        while checks:
             try:
-                applied = checks[replica.name].result(deadline - time.monotonic())
+                name = answered.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            check = checks.pop(name)
+            try:
+                identity, applied = check.result(0)
             except Exception as error:
-                self._check_failed(replica, error)
+                self._check_failed(by_name[name], error)
             else:
-                self._check_succeeded(router, replica, applied, primary_position)
+                self._check_succeeded(router, by_name[name], identity, applied, primary_position)
+        for name, check in checks.items():
+            self._check_failed(by_name[name], _timed_out(check))
         self._log_when_all_out()
 
     def _learn_positions(self, router: ReplicaRouter) -> PositionBackend | None:
@@ -345,10 +423,12 @@ class LagMonitor:
             return None
         return router.learn_positions(engine)
 
-    def _start(self, name: str, question: Callable[[], Any]) -> _Check:
+    def _start(
+        self, name: str, question: Callable[[], Any], on_done: Callable[[], None] | None = None
+    ) -> _Check:
         if name in self._in_flight:
             raise _StillRunning("the previous check has not answered yet")
-        check = _Check(question, self.check_timeout)
+        check = _Check(question, self.check_timeout, on_done)
         self._in_flight[name] = check
         return check
 
@@ -359,6 +439,7 @@ class LagMonitor:
             health.checked, health.lag, health.lag_exact = True, None, False
             health.behind = None
             health.reason = f"unreachable: {_describe_error(error)}"
+        self._notify_checked()
         if tripped:
             logger.warning(
                 "replica %s is unreachable (%s); no reads go there until a probe succeeds",
@@ -370,6 +451,20 @@ class LagMonitor:
         self,
         router: ReplicaRouter[Any],
         replica: RoutedEngine,
+        identity: Any,
+        applied: Any | None,
+        primary_position: Any | None,
+    ) -> None:
+        try:
+            self._judge(router, replica, identity, applied, primary_position)
+        finally:
+            self._notify_checked()
+
+    def _judge(
+        self,
+        router: ReplicaRouter[Any],
+        replica: RoutedEngine,
+        identity: Any,
         applied: Any | None,
         primary_position: Any | None,
     ) -> None:
@@ -381,6 +476,27 @@ class LagMonitor:
             came_back = health.breaker.succeed()
         if came_back:
             logger.info("replica %s is reachable again; its lag decides its reads", replica.name)
+        why = (
+            "the primary has not answered yet to compare it with"
+            if self._primary_identity is None
+            else backend.not_a_replica(self._primary_identity, identity)
+        )
+        if why is not None:
+            reason = f"not a replica of this primary: {why}"
+            with self._lock:
+                health.checked, health.verified, health.excluded = True, False, True
+                health.lag, health.lag_exact, health.behind = None, False, None
+                logged, health.reason = health.reason == reason, reason
+            if not logged:
+                logger.warning("replica %s gets no reads: %s", replica.name, reason)
+            return
+        if not health.verified and health.checked:
+            logger.info("replica %s replicates from this primary again", replica.name)
+        with self._lock:
+            if not health.verified and health.reason is not None:
+                # Left out for its identity, not its lag: the lag decides now.
+                health.excluded, health.reason = False, None
+            health.verified = True
         if applied is None:
             with self._lock:
                 health.checked, health.lag, health.excluded = True, None, True
@@ -476,6 +592,29 @@ def _connect_timeout(url: URL, interval: float) -> dict[str, Any]:
         # completes even for a frozen server: bound the reads too.
         return {"connect_timeout": seconds, "read_timeout": seconds}
     return {}
+
+
+def _identified(
+    read_identity: Callable[[Connection], Any], question: Callable[[Connection], _R]
+) -> Callable[[Connection], tuple[Any, _R]]:
+    """``question``, answered with the server's identity, read on the first
+    use of each connection only (kept in the pooled connection's info)."""
+
+    def ask(conn: Connection) -> tuple[Any, _R]:
+        identity = conn.info.get(_IDENTITY_KEY)
+        if identity is None:
+            identity = conn.info[_IDENTITY_KEY] = read_identity(conn)
+        return identity, question(conn)
+
+    return ask
+
+
+def _timed_out(check: _Check) -> BaseException:
+    try:
+        check.result(0)
+    except BaseException as error:
+        return error
+    return TimeoutError("no answer in time")
 
 
 def _describe_error(error: BaseException) -> str:

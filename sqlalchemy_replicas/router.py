@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -19,7 +20,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from typing_extensions import TypeVar
 
 from . import _config
-from ._asyncio import create_async_engine, is_async_engine, require_asyncio
+from ._asyncio import call_blocking, create_async_engine, is_async_engine, require_asyncio
 from ._dependencies import missing_driver
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
@@ -560,7 +561,15 @@ class ReplicaRouter(Generic[_E]):
         _, unknown = self._process_scope.target(self)
         if unknown:  # the primary did not answer: raise its error here
             self.current_position()
-        self._ensure_monitor()
+        monitor = self._ensure_monitor()
+        if monitor is not None and not monitor.all_checked:
+            # The first round: the primary's check, then the replicas' (each
+            # bounded by check_timeout), so the first request finds them known.
+            call_blocking(
+                functools.partial(monitor.await_first_checks, every=True),
+                list(self.replica_names),
+                2 * monitor.check_timeout,
+            )
 
     @property
     def process_scope(self) -> CausalScope:
@@ -714,6 +723,14 @@ class ReplicaRouter(Generic[_E]):
         monitor = self._ensure_monitor()
         if monitor is None:
             return order if max_lag is None else []
+        if not monitor.all_checked and self.wait_timeout > 0:
+            # Not yet known to replicate from this primary: give the monitor's
+            # first check up to wait_timeout, as a causal wait would get.
+            call_blocking(
+                functools.partial(monitor.await_first_checks, every=False),
+                [r.name for r in order],
+                self.wait_timeout,
+            )
         return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
 
     def mark_down(self, replica: RoutedEngine, error: BaseException) -> None:

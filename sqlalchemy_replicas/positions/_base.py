@@ -28,14 +28,22 @@ class DBAPIRunner:
                 cursor.execute(statement)
             else:
                 cursor.execute(statement, parameters)
-            return _Rows(cursor.fetchall())
+            keys = [column[0] for column in cursor.description or ()]
+            return _Rows(list(cursor.fetchall()), keys)
         finally:
             cursor.close()
 
 
 class _Rows:
-    def __init__(self, rows: list[Any]) -> None:
+    def __init__(self, rows: list[Any], keys: list[str] | None = None) -> None:
         self._rows = rows
+        self._keys = keys or []
+
+    def mappings(self) -> _Rows:
+        return _Rows([dict(zip(self._keys, row, strict=True)) for row in self._rows])
+
+    def all(self) -> list[Any]:
+        return self._rows
 
     def one(self) -> Any:
         if len(self._rows) != 1:
@@ -100,6 +108,24 @@ class PositionBackend(abc.ABC):
     def lineage(self, primary: SQLRunner) -> str:
         """Names the primary's history: positions from another history (another
         cluster, a rebuilt primary) cannot be compared with this one's."""
+
+    # -- identity: is a server a replica of this primary? ------------------
+
+    @abc.abstractmethod
+    def primary_identity(self, primary: SQLRunner, host: str | None) -> Any:
+        """What identifies the primary, asked on ``primary`` (reached at
+        ``host``, the primary URL's host), for :meth:`not_a_replica`."""
+
+    @abc.abstractmethod
+    def replica_identity(self, replica: SQLRunner) -> Any:
+        """What ``replica`` says of itself and of the server it replicates
+        from, for :meth:`not_a_replica`. A server that will not say (a
+        missing privilege) gives an identity that names the problem."""
+
+    @abc.abstractmethod
+    def not_a_replica(self, primary: Any, replica: Any) -> str | None:
+        """Why a server with identity ``replica`` is not a replica of the
+        primary with identity ``primary`` (pure), or None when it is one."""
 
     @abc.abstractmethod
     def applied(self, replica: SQLRunner) -> Any | None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from ._base import PositionBackend, SQLRunner
+from ._sources import addresses, source_rows
 
-__all__ = ["GtidPosition", "MariaDBPositions"]
+__all__ = ["GtidPosition", "MariaDBPositions", "MariaDBPrimary", "MariaDBReplica", "MariaDBSource"]
 
 _GTID: Final = re.compile(r"(\d{1,10})-(\d{1,10})-(\d{1,20})", re.ASCII)
 #: Domain and server ids are 32-bit, sequence numbers 64-bit (unsigned).
@@ -17,6 +19,44 @@ _MAX_SEQ: Final = 2**64 - 1
 
 GtidPosition = Mapping[int, int]
 """Domain id -> highest sequence number applied in that domain."""
+
+
+@dataclass(frozen=True, slots=True)
+class MariaDBPrimary:
+    """What identifies a MariaDB primary (MariaDB has no cluster id).
+
+    :ivar server_id: its ``@@server_id``.
+    :ivar port: the port it listens on (``@@port``).
+    :ivar names: the host names and addresses it is known by: the primary
+        URL's host and its addresses, ``@@hostname`` and ``@@report_host``.
+    """
+
+    server_id: int
+    port: int
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class MariaDBSource:
+    """One replication connection of a replica, as it reports it.
+
+    :ivar host: ``Master_Host``; ``names`` adds its addresses.
+    :ivar port: ``Master_Port``.
+    :ivar server_id: ``Master_Server_Id`` (0 until it first connected).
+    """
+
+    host: str
+    port: int
+    server_id: int
+    names: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class MariaDBReplica:
+    """What a MariaDB server says it replicates from, or why it will not say."""
+
+    sources: tuple[MariaDBSource, ...] = ()
+    problem: str | None = None
 
 
 class MariaDBPositions(PositionBackend):
@@ -77,6 +117,56 @@ class MariaDBPositions(PositionBackend):
         # for it (a failover changes it, and then old tokens are not trusted).
         row = primary.exec_driver_sql("SELECT @@hostname, @@port, @@server_id").one()
         return f"mariadb:{row[0]}:{row[1]}:{row[2]}"
+
+    def primary_identity(self, primary: SQLRunner, host: str | None) -> MariaDBPrimary:
+        server_id, port, hostname, report_host = primary.exec_driver_sql(
+            "SELECT @@server_id, @@port, @@hostname, @@report_host"
+        ).one()
+        names = addresses(host) | {name for name in (hostname, report_host) if name}
+        return MariaDBPrimary(int(server_id), int(port), frozenset(names))
+
+    def replica_identity(self, replica: SQLRunner) -> MariaDBReplica:
+        rows = source_rows(
+            replica,
+            "SHOW ALL SLAVES STATUS",
+            "GRANT SLAVE MONITOR ON *.* TO the application's user (MariaDB 10.5+; "
+            "REPLICATION CLIENT before)",
+        )
+        if isinstance(rows, str):
+            return MariaDBReplica(problem=rows)
+        return MariaDBReplica(
+            tuple(
+                MariaDBSource(
+                    str(row["Master_Host"]),
+                    int(row["Master_Port"]),
+                    int(row.get("Master_Server_Id") or 0),
+                    addresses(str(row["Master_Host"])),
+                )
+                for row in rows
+            )
+        )
+
+    def not_a_replica(self, primary: MariaDBPrimary, replica: MariaDBReplica) -> str | None:
+        if replica.problem is not None:
+            return replica.problem
+        if not replica.sources:
+            return "it replicates from no server (no replication source is configured)"
+        for source in replica.sources:
+            if (
+                source.server_id == primary.server_id
+                and source.port == primary.port
+                and source.names & primary.names
+            ):
+                return None
+        seen = ", ".join(
+            f"{s.host}:{s.port} (server id {s.server_id or 'unknown: not connected yet'})"
+            for s in replica.sources
+        )
+        return (
+            f"it replicates from {seen}, not from the primary (server id "
+            f"{primary.server_id}, port {primary.port}, known as "
+            f"{', '.join(sorted(primary.names))})"
+        )
 
     def applied(self, replica: SQLRunner) -> dict[int, int] | None:
         text = replica.exec_driver_sql("SELECT @@gtid_slave_pos").scalar()

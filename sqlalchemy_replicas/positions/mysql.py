@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from ._base import PositionBackend, SQLRunner
+from ._sources import source_rows
 
-__all__ = ["GtidSet", "MySQLPositions"]
+__all__ = ["GtidSet", "MySQLPositions", "MySQLReplica"]
 
 _UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _INTERVAL: Final = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?", re.ASCII)
@@ -31,6 +33,15 @@ def _normalize(intervals: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         else:
             merged.append((start, end))
     return tuple(merged)
+
+
+@dataclass(frozen=True, slots=True)
+class MySQLReplica:
+    """The ``server_uuid`` of each source a MySQL server replicates from, or
+    why it will not say."""
+
+    source_uuids: tuple[str, ...] = ()
+    problem: str | None = None
 
 
 class MySQLPositions(PositionBackend):
@@ -103,6 +114,32 @@ class MySQLPositions(PositionBackend):
 
     def lineage(self, primary: SQLRunner) -> str:
         return f"mysql:{primary.exec_driver_sql('SELECT @@server_uuid').scalar()}"
+
+    def primary_identity(self, primary: SQLRunner, host: str | None) -> str:
+        # MySQL names every server by a uuid its replicas report as Source_UUID.
+        return str(primary.exec_driver_sql("SELECT @@server_uuid").scalar()).lower()
+
+    def replica_identity(self, replica: SQLRunner) -> MySQLReplica:
+        rows = source_rows(
+            replica,
+            "SHOW REPLICA STATUS",  # MySQL 8.0.22+
+            "GRANT REPLICATION CLIENT ON *.* TO the application's user",
+        )
+        if isinstance(rows, str):
+            return MySQLReplica(problem=rows)
+        return MySQLReplica(tuple(str(row.get("Source_UUID") or "").lower() for row in rows if row))
+
+    def not_a_replica(self, primary: str, replica: MySQLReplica) -> str | None:
+        if replica.problem is not None:
+            return replica.problem
+        if not replica.source_uuids:
+            return "it replicates from no server (no replication source is configured)"
+        if primary in replica.source_uuids:
+            return None
+        return (
+            f"it replicates from server uuid {', '.join(replica.source_uuids)}, not from the "
+            f"primary ({primary})"
+        )
 
     def applied(self, replica: SQLRunner) -> dict[str, tuple[tuple[int, int], ...]] | None:
         text = replica.exec_driver_sql("SELECT @@GLOBAL.gtid_executed").scalar()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Final
 
 from ._base import PositionBackend, SQLRunner
 
-__all__ = ["PostgresPositions", "normalize_insert_lsn"]
+__all__ = ["PostgresIdentity", "PostgresPositions", "normalize_insert_lsn"]
 
 _LSN: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 # Sizes of the headers PostgreSQL puts at the start of every WAL page and of
@@ -23,6 +24,7 @@ _CAPTURE: Final = (
     "pg_size_bytes(current_setting('wal_segment_size'))"
 )
 _APPLIED: Final = "SELECT pg_last_wal_replay_lsn()::text"
+_IDENTITY: Final = "SELECT system_identifier::text, pg_is_in_recovery() FROM pg_control_system()"
 # PostgreSQL 15-18 have no server-side wait for an LSN (19 adds WAIT FOR LSN):
 # a recursive query polls the replay position on the server with growing
 # sleeps (1 ms doubling to 16 ms) until it is reached or time is up. No round
@@ -70,6 +72,19 @@ def normalize_insert_lsn(lsn: int, block_size: int, segment_size: int) -> int:
     return lsn
 
 
+@dataclass(frozen=True, slots=True)
+class PostgresIdentity:
+    """What a PostgreSQL server says of itself.
+
+    :ivar system_identifier: set by initdb and kept by every streaming
+        standby of the cluster: a server with another one is another cluster.
+    :ivar in_recovery: True for a standby.
+    """
+
+    system_identifier: str
+    in_recovery: bool
+
+
 class PostgresPositions(PositionBackend):
     """WAL LSNs, as integers."""
 
@@ -107,6 +122,27 @@ class PostgresPositions(PositionBackend):
             "SELECT system_identifier::text FROM pg_control_system()"
         ).scalar()
         return f"pg:{sysid}"
+
+    def primary_identity(self, primary: SQLRunner, host: str | None) -> PostgresIdentity:
+        return self._identity(primary)
+
+    def replica_identity(self, replica: SQLRunner) -> PostgresIdentity:
+        return self._identity(replica)
+
+    def not_a_replica(self, primary: PostgresIdentity, replica: PostgresIdentity) -> str | None:
+        if replica.system_identifier != primary.system_identifier:
+            return (
+                f"its system identifier is {replica.system_identifier}, the primary's is "
+                f"{primary.system_identifier}: it belongs to another cluster"
+            )
+        if not replica.in_recovery:
+            return "it is not in recovery: a primary (promoted, or this primary), not a standby"
+        return None
+
+    @staticmethod
+    def _identity(server: SQLRunner) -> PostgresIdentity:
+        sysid, in_recovery = server.exec_driver_sql(_IDENTITY).one()
+        return PostgresIdentity(str(sysid), bool(in_recovery))
 
     def applied(self, replica: SQLRunner) -> int | None:
         text = replica.exec_driver_sql(_APPLIED).scalar()

@@ -152,6 +152,9 @@ class MariaDBTopology(Topology):
             # On the app database only: ALL ON *.* would include READ_ONLY
             # ADMIN and let the app write to read_only replicas.
             f"GRANT ALL ON {_DATABASE}.* TO '{_APP_USER}'@'%'",
+            # Lets the router see what a replica replicates from (its
+            # identity check); it reads status only and bypasses nothing.
+            f"GRANT SLAVE MONITOR ON *.* TO '{_APP_USER}'@'%'",
             f"CREATE USER '{_REPL_USER}'@'%' IDENTIFIED BY '{_REPL_PASSWORD}'",
             f"GRANT REPLICATION SLAVE ON *.* TO '{_REPL_USER}'@'%'",
         )

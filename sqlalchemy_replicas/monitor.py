@@ -278,26 +278,20 @@ class LagMonitor:
             )
         return result
 
-    def await_first_checks(self, names: list[str], timeout: float, *, every: bool) -> None:
+    def await_first_checks(self, names: list[str], timeout: float) -> None:
         """Wait up to ``timeout`` seconds until each replica of ``names`` has
-        been checked once, or, unless ``every``, until one of them may serve.
+        been checked once.
 
         Before its first check a replica serves no read (its identity is not
         known): a read waits here at most its ``wait_timeout``, so a replica
-        frozen at start-up costs it no more than that.
+        frozen at start-up costs it no more than that. Waiting for all of
+        them, not the first to answer, keeps the read's choice the one it
+        would make once they are known.
         """
-
-        def settled() -> bool:
-            healths = [self._health[name] for name in names]
-            if all(health.checked for health in healths):
-                return True
-            return not every and any(
-                health.verified and not health.excluded and not health.breaker.down
-                for health in healths
-            )
-
         with self._checked:
-            self._checked.wait_for(settled, timeout)
+            self._checked.wait_for(
+                lambda: all(self._health[name].checked for name in names), timeout
+            )
 
     def _notify_checked(self) -> None:
         with self._checked:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -566,9 +565,7 @@ class ReplicaRouter(Generic[_E]):
             # The first round: the primary's check, then the replicas' (each
             # bounded by check_timeout), so the first request finds them known.
             call_blocking(
-                functools.partial(monitor.await_first_checks, every=True),
-                list(self.replica_names),
-                2 * monitor.check_timeout,
+                monitor.await_first_checks, list(self.replica_names), 2 * monitor.check_timeout
             )
 
     @property
@@ -726,11 +723,7 @@ class ReplicaRouter(Generic[_E]):
         if not monitor.all_checked and self.wait_timeout > 0:
             # Not yet known to replicate from this primary: give the monitor's
             # first check up to wait_timeout, as a causal wait would get.
-            call_blocking(
-                functools.partial(monitor.await_first_checks, every=False),
-                [r.name for r in order],
-                self.wait_timeout,
-            )
+            call_blocking(monitor.await_first_checks, [r.name for r in order], self.wait_timeout)
         return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
 
     def mark_down(self, replica: RoutedEngine, error: BaseException) -> None:

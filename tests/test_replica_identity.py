@@ -60,6 +60,8 @@ def test_mariadb_replica_must_replicate_from_the_primarys_address_port_and_serve
         return MariaDBReplica((MariaDBSource(host, port, server_id, frozenset({host})),))
 
     assert backend.not_a_replica(primary, source("10.0.0.5")) is None
+    # Not connected to its source since it started: the address decides.
+    assert backend.not_a_replica(primary, source("db1", server_id=0)) is None
     for stranger in (source("10.0.0.9"), source("db1", port=3307), source("db1", server_id=7)):
         reason = backend.not_a_replica(primary, stranger)
         assert reason is not None

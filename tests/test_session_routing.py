@@ -13,7 +13,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.exc import ConfigurationError
-from sqlalchemy_replicas.testing import PostgresTopology, StatementLog, Topology
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
 
 
 class Base(DeclarativeBase):
@@ -248,19 +248,24 @@ def test_misclassified_write_is_refused_by_the_replica_and_rerun_on_the_primary(
 def test_replica_connections_refuse_writes_even_on_a_writable_server(
     topology: Topology, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Replica connections are read-only at the server: with the *primary* given as the
-    replica (as 'localhost': the router refuses the primary's own URL as a replica), the
-    misclassified write still fails there without writing, and runs exactly once, on the
-    primary."""
-    primary_by_another_name = topology.primary_url.set(host="localhost")
-    # Session scope: the read needs no position, so the "replica" serves it at once.
+    """Replica connections are read-only at the session level: on MariaDB with the
+    replica's own read_only switched off (a common setup), the misclassified write
+    still fails there without writing, and runs exactly once, on the primary.
+    (A PostgreSQL standby refuses writes by itself: the same path.)"""
+    mariadb = topology if isinstance(topology, MariaDBTopology) else None
+    # Session scope: the read needs no position, so the replica serves it at once.
     router = sr.ReplicaRouter(
-        topology.primary_url, [primary_by_another_name], causal_scope="session"
+        topology.primary_url, topology.replica_urls[:1], causal_scope="session"
     )
     try:
         primary = router.primary
         Base.metadata.create_all(primary)
         create_functions(primary, is_postgres(topology))
+        topology.wait_for_catchup()
+        if mariadb is not None:
+            # As root: the app user may not change server settings.
+            mariadb._execute(mariadb._replica(0), "SET GLOBAL read_only = 0")
+        router.start()
         replica = router.replicas[0]
         with pytest.raises(sa.exc.DBAPIError) as refused, replica.connect() as conn:
             conn.execute(sa.text("INSERT INTO author (id, name) VALUES (98, 'no')"))
@@ -272,8 +277,11 @@ def test_replica_connections_refuse_writes_even_on_a_writable_server(
         assert count_touched(primary) == 1
         with primary.connect() as conn:
             assert conn.execute(sa.text("SELECT count(*) FROM author WHERE id = 98")).scalar() == 0
+        topology.wait_for_catchup()  # replication was not broken by a local write
     finally:
         router.dispose()
+        if mariadb is not None:
+            mariadb._execute(mariadb._replica(0), "SET GLOBAL read_only = 1")
 
 
 def test_declared_writing_function_goes_straight_to_the_primary(

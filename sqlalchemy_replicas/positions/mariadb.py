@@ -152,10 +152,13 @@ class MariaDBPositions(PositionBackend):
         if not replica.sources:
             return "it replicates from no server (no replication source is configured)"
         for source in replica.sources:
+            # The address names the primary; the server id, once the source
+            # has connected (0 before: a replica restarted while the primary
+            # is down), tells it from another server later on that address.
             if (
-                source.server_id == primary.server_id
-                and source.port == primary.port
+                source.port == primary.port
                 and source.names & primary.names
+                and source.server_id in (0, primary.server_id)
             ):
                 return None
         seen = ", ".join(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -11,8 +12,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from ._listeners import Listeners
+
 __all__ = [
+    "MonitorConnect",
+    "connect_dialect",
     "dialect_family",
+    "install_monitor_connect",
     "install_replica_guard",
     "install_stale_connection_check",
     "is_read_only_violation",
@@ -41,7 +47,7 @@ def dialect_family(engine: Engine | Dialect) -> str:
     return "mysql" if name in ("mysql", "mariadb") else name
 
 
-def install_replica_guard(engine: Engine) -> None:
+def install_replica_guard(engine: Engine, *, listeners: Listeners | None = None) -> None:
     """Make every connection of a replica engine's pool read-only at the
     server and AUTOCOMMIT.
 
@@ -60,9 +66,19 @@ def install_replica_guard(engine: Engine) -> None:
     ``skip_autocommit_rollback``): there is nothing to roll back, and a
     replica that died after a read had returned must not make the
     session's close raise.
+
+    :param listeners: records the listener and the setting, so that
+        ``listeners.remove_all()`` leaves the engine as it was.
     """
     sql = _READ_ONLY_SQL.get(dialect_family(engine))
     dialect = engine.dialect
+    if listeners is not None:
+        was = dialect.skip_autocommit_rollback
+
+        def restore() -> None:
+            dialect.skip_autocommit_rollback = was
+
+        listeners.on_remove(restore)
     dialect.skip_autocommit_rollback = True
 
     def guard(
@@ -84,10 +100,15 @@ def install_replica_guard(engine: Engine) -> None:
 
     # On the pool, not the engine: engine-level listeners would make every
     # execution on it dispatch (empty) statement events.
-    event.listen(engine.pool, "checkout", guard)
+    _listen_pool(listeners, engine, "checkout", guard)
 
 
-def install_stale_connection_check(engine: Engine, down_since: Callable[[], float | None]) -> None:
+def install_stale_connection_check(
+    engine: Engine,
+    down_since: Callable[[], float | None],
+    *,
+    listeners: Listeners | None = None,
+) -> None:
     """Make a replica engine's pool drop the connections it opened before the
     replica last went down, when one is next checked out.
 
@@ -100,6 +121,8 @@ def install_stale_connection_check(engine: Engine, down_since: Callable[[], floa
 
     :param down_since: returns when (``time.monotonic()``) the replica last
         went down, or None if it never did.
+    :param listeners: records the listeners, so that
+        ``listeners.remove_all()`` removes them.
     """
 
     def stamp(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -112,10 +135,98 @@ def install_stale_connection_check(engine: Engine, down_since: Callable[[], floa
         if went_down is not None and record.info.get(_CONNECTED_AT_KEY, 0.0) < went_down:
             raise sa_exc.InvalidatePoolError("connection opened before the replica went down")
 
-    event.listen(engine.pool, "connect", stamp)
+    _listen_pool(listeners, engine, "connect", stamp)
     # Before the read-only guard (insert=True): the guard's statements must
     # not run on a dead connection.
-    event.listen(engine.pool, "checkout", drop_stale, insert=True)
+    _listen_pool(listeners, engine, "checkout", drop_stale, insert=True)
+
+
+def _listen_pool(
+    listeners: Listeners | None, engine: Engine, identifier: str, fn: Callable[..., Any], **kw: Any
+) -> None:
+    if listeners is None:
+        event.listen(engine.pool, identifier, fn, **kw)
+    else:
+        listeners.listen_pool(engine, identifier, fn, **kw)
+
+
+#: ``record.info`` key of a lag monitor's connection record: how to open it.
+_MONITOR_KEY: Final = "sqlalchemy_replicas.monitor_connect"
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConnect:
+    """How the lag monitor opens a connection through a routed engine's own
+    connect path (its ``connect_args``, ``creator`` and ``do_connect``
+    listeners, e.g. one that sets an IAM token), set on the monitor's
+    connection record before it calls that engine's creator.
+
+    :ivar dialect: the sync dialect that makes the DBAPI connection: the
+        monitor runs its checks in plain threads, where an async driver
+        cannot connect (it needs the application's event loop).
+    :ivar timeouts: connect parameters that bound a connect to a server
+        that never answers.
+    :ivar renames: connect parameter names of the routed (async) driver ->
+        the sync driver's name for the same thing (aiomysql ``db``, pymysql
+        ``database``).
+    """
+
+    dialect: Dialect
+    timeouts: Mapping[str, Any]
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+    def mark(self, record: ConnectionPoolEntry) -> None:
+        """Make the connection of ``record`` (the monitor's) open this way."""
+        record.info[_MONITOR_KEY] = self
+
+
+def connect_dialect(
+    dialect: Dialect, record: ConnectionPoolEntry | None, cparams: dict[str, Any]
+) -> Dialect:
+    """The dialect that opens ``record``'s DBAPI connection in a
+    ``do_connect`` listener: ``dialect``, or for the lag monitor's
+    connections its sync dialect, with its timeouts added to ``cparams``."""
+    how = None if record is None else record.info.get(_MONITOR_KEY)
+    if not isinstance(how, MonitorConnect):
+        return dialect
+    for name, sync_name in how.renames.items():
+        if name in cparams and sync_name not in cparams:
+            cparams[sync_name] = cparams.pop(name)
+    cparams.update(how.timeouts)
+    return how.dialect
+
+
+def install_monitor_connect(engine: Engine, listeners: Listeners) -> None:
+    """Let the lag monitor connect through ``engine``'s own connect path
+    (see :class:`MonitorConnect`).
+
+    A ``do_connect`` listener that, for the monitor's connections, runs the
+    engine's ``do_connect`` listeners that come after it itself (they may
+    set credentials, or open the connection, as primary discovery does;
+    those before it have run already) and then connects with the monitor's
+    sync dialect and timeouts, so an async engine's listeners apply to the
+    monitor's sync connections too. Other connections it leaves alone. An engine built with its
+    own ``creator`` runs no ``do_connect`` listeners: its creator makes the
+    monitor's connections (sync engines only; see ``monitor.py``).
+    """
+
+    def connect_for_monitor(
+        dialect: Dialect, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any
+    ) -> Any:
+        if record is None or _MONITOR_KEY not in record.info:
+            return None
+        after_this = False
+        for listener in dialect.dispatch.do_connect:
+            if not after_this:
+                # The listeners before this one have run already.
+                after_this = listener is connect_for_monitor
+                continue
+            connection = listener(dialect, record, cargs, cparams)
+            if connection is not None:
+                return connection
+        return connect_dialect(dialect, record, cparams).connect(*cargs, **cparams)
+
+    listeners.listen(engine, "do_connect", connect_for_monitor, insert=True)
 
 
 #: PostgreSQL cancels a standby's query that holds back replay (a lock, a

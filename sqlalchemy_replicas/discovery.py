@@ -21,7 +21,8 @@ from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from .connections import dialect_family, is_read_only_violation
+from ._listeners import Listeners
+from .connections import connect_dialect, dialect_family, is_read_only_violation
 from .exc import PrimaryUnavailable
 
 __all__ = ["PrimaryDiscovery"]
@@ -42,6 +43,8 @@ class PrimaryDiscovery:
         first. With one candidate nothing is discovered or asked; a failed
         connect is still reported as :class:`PrimaryUnavailable`.
     :param on_switch: called with the new primary's URL when it changes.
+        The engines' listeners hold this object, and through it
+        ``on_switch``: give one that does not keep its owner alive.
     """
 
     def __init__(self, candidates: Sequence[URL], on_switch: Callable[[URL], None]) -> None:
@@ -56,7 +59,7 @@ class PrimaryDiscovery:
         configured primary)."""
         return self._candidates[self._current]
 
-    def install(self, engine: Engine) -> None:
+    def install(self, engine: Engine, listeners: Listeners | None = None) -> None:
         """Make ``engine`` connect to the discovered primary, and report a
         primary that cannot be connected to as :class:`PrimaryUnavailable`.
 
@@ -67,16 +70,23 @@ class PrimaryDiscovery:
         application's earlier listeners left; and a write that a node
         refuses as read-only empties the pool (the node was demoted), like a
         lost connection.
+
+        :param listeners: records the listeners, so that
+            ``listeners.remove_all()`` removes them.
         """
-        event.listen(engine, "handle_error", self._on_error)
+        listen = event.listen if listeners is None else listeners.listen
+        listen(engine, "handle_error", self._on_error)
         if len(self._candidates) > 1:
 
             def connect(
-                dialect: Dialect, record: ConnectionPoolEntry, cargs: Any, cparams: Any
+                dialect: Dialect, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any
             ) -> Any:
-                return self._connect(dialect, list(cargs), dict(cparams))
+                cparams = dict(cparams)
+                # The lag monitor's connections: its sync dialect and timeouts.
+                dialect = connect_dialect(dialect, record, cparams)
+                return self._connect(dialect, list(cargs), cparams)
 
-            event.listen(engine, "do_connect", connect)
+            listen(engine, "do_connect", connect)
 
     def _on_error(self, context: ExceptionContext) -> BaseException | None:
         if context.connection is None and not context.is_pre_ping:

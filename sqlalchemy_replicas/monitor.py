@@ -24,7 +24,10 @@ Each check is one query, run in a thread of its own with a timeout, so a
 server that never answers is counted unreachable without stalling the
 checks of the others. The monitor uses engines of its own (so its queries
 never appear in the application's pools or events), AUTOCOMMIT, with the
-sync driver even for async routers.
+sync driver even for async routers. Their connections are opened through
+the routed engines' own connect path (``connect_args``, ``creator``,
+``do_connect`` listeners such as one setting an IAM token), so the monitor
+connects exactly as the sessions do.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import math
 import queue
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -44,8 +48,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from .breaker import Breaker
+from .connections import MonitorConnect
 
 if TYPE_CHECKING:
     from .positions import PositionBackend
@@ -66,6 +72,12 @@ _SYNC_DRIVERS: Final = {
     "asyncpg": "psycopg",
     "aiomysql": "pymysql",
     "asyncmy": "pymysql",
+}
+# Connect parameters an async driver names otherwise than its sync twin.
+_SYNC_PARAMS: Final = {
+    "asyncpg": {"database": "dbname"},
+    "aiomysql": {"db": "database"},
+    "asyncmy": {"db": "database"},
 }
 
 
@@ -168,7 +180,14 @@ class _Check:
         try:
             self._answer = self._question()
         except BaseException as error:  # handed to result()
+            # Without the locals of its frames (the router among them): the
+            # monitor keeps a finished check until its next round.
+            traceback.clear_frames(error.__traceback__)
             self._error = error
+        finally:
+            # The question holds the router: a finished check must not keep
+            # alive a router the application dropped (the monitor holds it weakly).
+            del self._question
         if self._on_done is not None:
             self._on_done()
 
@@ -540,15 +559,25 @@ class LagMonitor:
         engine = self._engines.get(target.name)
         if engine is None:
             url = _sync_url(target.sync_engine.url)
+            timeouts = _connect_timeout(url, self._interval)
             # AUTOCOMMIT, no ROLLBACK on return: a check is one round trip.
-            engine = create_engine(
-                url,
-                pool_size=1,
-                max_overflow=0,
-                isolation_level="AUTOCOMMIT",
-                skip_autocommit_rollback=True,
-                connect_args=_connect_timeout(url, self._interval),
-            )
+            options: dict[str, Any] = {
+                "pool_size": 1,
+                "max_overflow": 0,
+                "isolation_level": "AUTOCOMMIT",
+                "skip_autocommit_rollback": True,
+            }
+            if target.is_async and not _default_creator(target.sync_engine):
+                # An async engine's own creator needs the application's event
+                # loop: only the URL is left (docs/failures.md).
+                engine = create_engine(url, connect_args=timeouts, **options)
+            else:
+                # The sync dialect that opens the connections is this
+                # engine's, which exists only once the creator is made.
+                how: list[MonitorConnect] = []
+                engine = create_engine(url, creator=_routed_creator(target, how), **options)
+                renames = _SYNC_PARAMS.get(target.sync_engine.url.get_driver_name(), {})
+                how.append(MonitorConnect(engine.dialect, timeouts, renames))
             if target is router.primary_target:
                 router.install_discovery(engine)
             self._engines[target.name] = engine
@@ -567,6 +596,35 @@ class LagMonitor:
             self._stop.wait(self._interval)
         for engine in self._engines.values():
             engine.dispose()
+
+
+def _routed_creator(
+    target: RoutedEngine, how: list[MonitorConnect]
+) -> Callable[[ConnectionPoolEntry], Any]:
+    """A creator for a monitor engine that connects as ``target``'s sessions
+    do: through ``target``'s own creator, whose ``do_connect`` listeners
+    include the router's (``connections.install_monitor_connect``), which
+    open the monitor's connections as ``how[0]`` says (the monitor
+    engine's sync dialect, the connect timeouts). An engine with a
+    ``creator`` of its own (sync only) ignores the timeouts: the check's
+    own timeout still bounds the wait."""
+    routed = target.sync_engine
+
+    def creator(record: ConnectionPoolEntry) -> Any:
+        how[0].mark(record)
+        return routed.pool._invoke_creator(record)
+
+    return creator
+
+
+def _default_creator(engine: Engine) -> bool:
+    """True when ``engine`` connects with ``create_engine``'s own creator,
+    the one that runs ``do_connect`` listeners (not a ``creator=`` or
+    ``async_creator=`` of the application's)."""
+    made = engine.pool._creator
+    return getattr(made, "__module__", None) == "sqlalchemy.engine.create" and getattr(
+        made, "__qualname__", ""
+    ).startswith("create_engine.")
 
 
 def check_timeout(interval: float) -> float:

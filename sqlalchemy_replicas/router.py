@@ -7,11 +7,12 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, cast, overload
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import sessionmaker
@@ -21,9 +22,15 @@ from typing_extensions import TypeVar
 from . import _config
 from ._asyncio import call_blocking, create_async_engine, is_async_engine, require_asyncio
 from ._dependencies import missing_driver
+from ._listeners import Listeners, weak_method
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .classify import Classifier
-from .connections import dialect_family, install_replica_guard, install_stale_connection_check
+from .connections import (
+    dialect_family,
+    install_monitor_connect,
+    install_replica_guard,
+    install_stale_connection_check,
+)
 from .consistency import (
     CausalScopeKind,
     ConsistencyLevel,
@@ -287,14 +294,18 @@ class ReplicaRouter(Generic[_E]):
         _config.check_distinct_servers(
             self._primary.sync_engine.url, [(r.name, r.sync_engine.url) for r in self._replicas]
         )
+        # Everything attached to the engines goes through here, so that
+        # dispose() leaves them as they were; listeners that need the router
+        # hold it weakly (see _listeners).
+        self._listeners = Listeners()
         self._discovery = PrimaryDiscovery(
             [
                 self._primary.sync_engine.url,
                 *_candidate_urls(candidates, self._primary.sync_engine),
             ],
-            self._primary_moved,
+            weak_method(self._primary_moved, None),
         )
-        self._discovery.install(self._primary.sync_engine)
+        self._discovery.install(self._primary.sync_engine, self._listeners)
         family = dialect_family(self._primary.sync_engine)
         self.classifier = Classifier(
             "postgresql" if family == "postgresql" else "mysql" if family == "mysql" else "generic",
@@ -303,8 +314,12 @@ class ReplicaRouter(Generic[_E]):
         )
         self._weights = _weights(weights, self.replica_names)
         for replica in self._replicas:
-            install_replica_guard(replica.sync_engine)
-            install_stale_connection_check(replica.sync_engine, self._down_since(replica.name))
+            install_replica_guard(replica.sync_engine, listeners=self._listeners)
+            install_stale_connection_check(
+                replica.sync_engine, self._down_since(replica.name), listeners=self._listeners
+            )
+        for routed in (self._primary, *self._replicas):
+            install_monitor_connect(routed.sync_engine, self._listeners)
         self._next_replica = itertools.count()
         self._positions: PositionBackend | None = None
         self._lineage: str | None = None
@@ -322,8 +337,21 @@ class ReplicaRouter(Generic[_E]):
         self._process_scope = CausalScope()
         if self._replicas and family in ("postgresql", "mysql"):  # it has positions
             self._process_scope.mark_unknown(self)
-        event.listen(self._primary.sync_engine, "commit", _note_commit)
-        event.listen(self._primary.sync_engine.pool, "reset", self._capture_core_commit)
+        self._listeners.listen(self._primary.sync_engine, "commit", _note_commit)
+        self._listeners.listen_pool(
+            self._primary.sync_engine, "reset", weak_method(self._capture_core_commit, None)
+        )
+        # A router dropped without dispose(): close the idle connections of
+        # the sync engines it created, on the driver's terms (a DBAPI
+        # connection left to the garbage collector is closed with a
+        # ResourceWarning, or not at all while something still holds it).
+        # Async connections cannot be closed outside their event loop:
+        # those routers need adispose().
+        weakref.finalize(
+            self,
+            _close_idle_connections,
+            [r.sync_engine for r in (self._primary, *self._replicas) if r.owned and not r.is_async],
+        )
 
     # -- public -------------------------------------------------------------
 
@@ -341,8 +369,9 @@ class ReplicaRouter(Generic[_E]):
 
     def install_discovery(self, engine: Engine) -> None:
         """Make ``engine`` (a private engine on the primary, such as the lag
-        monitor's) connect to wherever the primary is now."""
-        self._discovery.install(engine)
+        monitor's) connect to wherever the primary is now. :meth:`dispose`
+        removes what this adds."""
+        self._discovery.install(engine, self._listeners)
 
     def _primary_moved(self, url: URL) -> None:
         # Another server: its history may differ (MariaDB names it by address).
@@ -649,12 +678,16 @@ class ReplicaRouter(Generic[_E]):
             self._applied[replica] = position if known is None else backend.merge(known, position)
 
     def dispose(self) -> None:
-        """Stop the lag monitor; close the pools of the engines this router
-        created from URLs.
+        """Stop the lag monitor; remove every event listener the router added
+        to engines and pools (and undo the settings it changed); close the
+        pools of the engines this router created from URLs.
 
-        Engines passed in by the caller belong to the caller and are left open.
+        Engines passed in by the caller belong to the caller and are left
+        open, as they were before the router. A disposed router is done
+        with: build a new one to route again.
         """
         self._stop_monitor()
+        self._listeners.remove_all()
         for routed in (self._primary, *self._replicas):
             if not routed.owned:
                 continue
@@ -668,6 +701,7 @@ class ReplicaRouter(Generic[_E]):
     async def adispose(self) -> None:
         """Like :meth:`dispose`, closing async engines' connections properly."""
         self._stop_monitor()
+        self._listeners.remove_all()
         for routed in (self._primary, *self._replicas):
             if routed.owned:
                 engine = routed.engine
@@ -735,8 +769,12 @@ class ReplicaRouter(Generic[_E]):
             monitor.mark_down(replica.name, error)
 
     def _down_since(self, name: str) -> Callable[[], float | None]:
+        # A pool listener: it must not keep the router alive.
+        router_ref = weakref.ref(self)
+
         def down_since() -> float | None:
-            monitor = self._monitor
+            router = router_ref()
+            monitor = None if router is None else router._monitor
             return None if monitor is None else monitor.down_since(name)
 
         return down_since
@@ -794,6 +832,14 @@ class ReplicaRouter(Generic[_E]):
                     "URLs with sync drivers (e.g. postgresql+psycopg://) or all with async "
                     "drivers (e.g. postgresql+psycopg_async://)"
                 )
+
+
+def _close_idle_connections(engines: list[Engine]) -> None:
+    """The finalizer of a router dropped without ``dispose()``."""
+    for engine in engines:
+        # The pool only: Engine.dispose() would make a new pool, and runs
+        # the application's engine_disposed listeners from the collector.
+        engine.pool.dispose()
 
 
 def _note_commit(connection: Any) -> None:

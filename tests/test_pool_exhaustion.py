@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import NullPool, Pool, QueuePool, SingletonThreadPool, StaticPool
 
 import sqlalchemy_replicas as sr
@@ -217,17 +217,32 @@ def pool_full_skips(router: sr.ReplicaRouter[Any]) -> dict[str, int]:
     return {s.name: s.pool_full_skips for s in router.status()}
 
 
-def check_load(load: Load, log: StatementLog, skips: dict[str, int]) -> None:
+#: The two loads: every server's one connection contended by the workers
+#: alone, or replica1's held all along by a long session (a report), while
+#: replica2 and the primary have connections to spare.
+LOADS = [
+    pytest.param(False, id="contended"),
+    pytest.param(True, id="replica1-held"),
+]
+
+
+def check_load(load: Load, log: StatementLog, skips: dict[str, int], *, held: bool) -> None:
     """No read failed or waited for a replica connection; reads that found a
-    replica's pool full were counted (``skips``) and went elsewhere; most
-    stayed on the replicas."""
+    replica's pool full were counted (``skips``) and went elsewhere; the
+    replicas served most reads (with replica1 held: none there, some on
+    replica2)."""
     assert load.errors == [], load.errors[:3]
     assert len(load.latencies) == WORKERS * READS_PER_WORKER
     assert max(load.latencies) < MAX_READ_SECONDS
-    assert sum(skips.values()) > 0, skips
     on_replicas, on_primary = item_reads(log)
     assert on_replicas + on_primary == WORKERS * READS_PER_WORKER
-    assert on_replicas > on_primary
+    if held:
+        assert skips["replica1"] > 0, skips
+        assert log.counts()["replica1"] == 0
+        assert on_replicas > 0
+    else:
+        assert sum(skips.values()) > 0, skips
+        assert on_replicas > on_primary
 
 
 @pytest.fixture
@@ -242,12 +257,22 @@ def small_pool_router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     router.dispose()
 
 
+def key_preferring(router: sr.ReplicaRouter[Any], name: str) -> str:
+    """A sticky key whose first choice is replica ``name``."""
+    for n in range(1000):
+        if router.replica_order(str(n).encode())[0].name == name:
+            return str(n)
+    raise AssertionError(f"no key prefers {name}")
+
+
+@pytest.mark.parametrize("held", LOADS)
 def test_threads_on_exhausted_replica_pools_read_elsewhere_at_once(
-    small_pool_router: sr.ReplicaRouter,
+    small_pool_router: sr.ReplicaRouter, held: bool
 ) -> None:
     """16 threads read through sessions of their own, with one connection per
     server: no read fails or waits out the pool timeout, the full replicas
-    count the reads sent elsewhere, and the replicas serve most reads."""
+    count the reads sent elsewhere, and the replicas serve most reads. With
+    replica1's connection held by a long session, its reads go elsewhere."""
     router = small_pool_router
     make = router.sessionmaker()
     load = Load()
@@ -265,13 +290,62 @@ def test_threads_on_exhausted_replica_pools_read_elsewhere_at_once(
             else:
                 load.record(started)
 
-    with StatementLog(router) as log:
-        threads = [threading.Thread(target=worker) for _ in range(WORKERS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    check_load(load, log, pool_full_skips(router))
+    with make() as report:
+        if held:
+            with sr.sticky(key_preferring(router, "replica1")):
+                assert report.scalar(sa.text("SELECT count(*) FROM item")) == 2
+            assert pool_is_full(router.replica_targets[0].sync_engine.pool)
+        with StatementLog(router) as log:
+            threads = [threading.Thread(target=worker) for _ in range(WORKERS)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    check_load(load, log, pool_full_skips(router), held=held)
+
+
+@pytest.mark.parametrize("held", LOADS)
+def test_asyncio_tasks_on_exhausted_replica_pools_read_elsewhere_at_once(
+    topology: Topology, held: bool
+) -> None:
+    """The same loads from 16 asyncio tasks on the async drivers
+    (AsyncAdaptedQueuePool): no read fails or waits out the pool timeout."""
+    create_schema(topology)
+    router = sr.ReplicaRouter[AsyncEngine](
+        topology.async_primary_url, topology.async_replica_urls, engine_options=SMALL_POOLS
+    )
+    load = Load()
+
+    async def worker(make: async_sessionmaker[AsyncSession]) -> None:
+        for _ in range(READS_PER_WORKER):
+            started = time.monotonic()
+            try:
+                async with make() as session:
+                    count = await session.scalar(sa.text("SELECT count(*) FROM item"))
+                    assert count == 2
+            except Exception as error:
+                load.record(started, error)
+            else:
+                load.record(started)
+
+    async def main() -> tuple[StatementLog, dict[str, int]]:
+        try:
+            await router.astart()
+            await asyncio.to_thread(await_replicas_known_caught_up, router)
+            make = router.async_sessionmaker()
+            async with make() as report:
+                if held:
+                    with sr.sticky(key_preferring(router, "replica1")):
+                        assert await report.scalar(sa.text("SELECT count(*) FROM item")) == 2
+                    assert pool_is_full(router.replica_targets[0].sync_engine.pool)
+                with StatementLog(router) as log:
+                    await asyncio.gather(*(worker(make) for _ in range(WORKERS)))
+            return log, pool_full_skips(router)
+        finally:
+            await router.adispose()
+
+    log, skips = asyncio.run(main())
+    check_load(load, log, skips, held=held)
 
 
 def test_a_session_keeps_the_replica_connection_it_holds(
@@ -313,50 +387,3 @@ def test_a_read_whose_replica_pool_is_full_goes_to_the_other_replica(
             assert time.monotonic() - started < MAX_READ_SECONDS
         assert item_nodes(log) == ["primary"]
         assert sum(s.pool_full_skips for s in router.status()) == 3
-
-
-def key_preferring(router: sr.ReplicaRouter[Any], name: str) -> str:
-    """A sticky key whose first choice is replica ``name``."""
-    for n in range(1000):
-        if router.replica_order(str(n).encode())[0].name == name:
-            return str(n)
-    raise AssertionError(f"no key prefers {name}")
-
-
-def test_asyncio_tasks_on_exhausted_replica_pools_read_elsewhere_at_once(
-    topology: Topology,
-) -> None:
-    """The same load from 16 asyncio tasks on the async drivers
-    (AsyncAdaptedQueuePool): no read fails or waits out the pool timeout."""
-    create_schema(topology)
-    router = sr.ReplicaRouter[AsyncEngine](
-        topology.async_primary_url, topology.async_replica_urls, engine_options=SMALL_POOLS
-    )
-    load = Load()
-
-    async def main() -> tuple[StatementLog, dict[str, int]]:
-        await router.astart()
-        await asyncio.to_thread(await_replicas_known_caught_up, router)
-        make = router.async_sessionmaker()
-
-        async def worker() -> None:
-            for _ in range(READS_PER_WORKER):
-                started = time.monotonic()
-                try:
-                    async with make() as session:
-                        count = await session.scalar(sa.text("SELECT count(*) FROM item"))
-                        assert count == 2
-                except Exception as error:
-                    load.record(started, error)
-                else:
-                    load.record(started)
-
-        try:
-            with StatementLog(router) as log:
-                await asyncio.gather(*(worker() for _ in range(WORKERS)))
-            return log, pool_full_skips(router)
-        finally:
-            await router.adispose()
-
-    log, skips = asyncio.run(main())
-    check_load(load, log, skips)

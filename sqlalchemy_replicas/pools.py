@@ -65,7 +65,8 @@ def pool_is_full(pool: Pool) -> bool:
     # Private, but QueuePool keeps no public accessor for it; -1 = no limit
     # (also set for pool_size=0).
     max_overflow: int = pool._max_overflow
-    return max_overflow > -1 and pool.checkedin() == 0 and pool.overflow() >= max_overflow
+    # checkedin() takes the queue's lock: asked last, when all else says full.
+    return max_overflow > -1 and pool.overflow() >= max_overflow and pool.checkedin() == 0
 
 
 class nowait_checkout:  # lower case: used like a function, with nowait_checkout(engine)
@@ -89,7 +90,8 @@ class nowait_checkout:  # lower case: used like a function, with nowait_checkout
     def __enter__(self) -> None:
         pool = self._pool
         if isinstance(pool, QueuePool):
-            _install(pool)
+            if _WRAPPED not in pool._pool.__dict__:
+                _install(pool)
             self._token = _NOWAIT_POOL.set(pool)
 
     def __exit__(
@@ -113,13 +115,12 @@ def _install(pool: QueuePool) -> None:
     that one wait into :class:`PoolFull` leaves the rest of SQLAlchemy's
     checkout (overflow accounting, connection creation) untouched.
 
-    Per queue: ``engine.dispose()`` replaces the pool and its queue, and the
-    next :class:`nowait_checkout` installs the wrapper on the new one. Two
-    threads installing at once wrap it twice, which behaves the same.
+    Per queue, by :class:`nowait_checkout` when the queue has none yet:
+    ``engine.dispose()`` replaces the pool and its queue, and the next
+    :class:`nowait_checkout` installs the wrapper on the new one. Two threads
+    installing at once wrap it twice, which behaves the same.
     """
     queue: sa_queue.QueueCommon[Any] = pool._pool
-    if getattr(queue, _WRAPPED, False):
-        return
     get = queue.get
 
     def get_or_give_up(block: bool = True, timeout: float | None = None) -> Any:

@@ -751,7 +751,8 @@ class ReplicaRouter(Generic[_E]):
 
     def status(self) -> list[ReplicaStatus]:
         """Each replica as the lag monitor last saw it: name, URL without the
-        password, healthy, lag_seconds, applied position, reason when left out.
+        password, healthy, lag_seconds, applied position, reason when left out;
+        and the reads sent elsewhere because its pool was full.
         Starts the monitor if it is not running (the first call may show no
         measurement yet)."""
         monitor = self._ensure_monitor()

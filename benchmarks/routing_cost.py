@@ -12,6 +12,7 @@ two together say what routing adds to a real statement.
 
 from __future__ import annotations
 
+import os
 import timeit
 from typing import Any
 
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
+from sqlalchemy_replicas.causal import CausalScope
 from sqlalchemy_replicas.positions import PostgresPositions
 
 
@@ -45,9 +47,17 @@ def main() -> None:
     )
     with_replicas._positions = PostgresPositions()
     with_replicas._ensure_monitor = lambda: None  # type: ignore[method-assign]
+    # The router's causal scope starts at the primary's position, read at its
+    # first use (here it would try to connect for every statement): give it
+    # one that both replicas are known to have applied, so reads take the
+    # replica path (position check, pool pre-check) without I/O.
+    with_replicas._process_scope = CausalScope()
+    with_replicas._process_scope.add(with_replicas, 100)
+    for name in with_replicas.replica_names:
+        with_replicas.note_applied(name, 100)
     statement = sa.select(Account).where(Account.id == 5)
     statement._generate_cache_key()
-    number = 50_000
+    number = int(os.environ.get("ROUTING_COST_NUMBER", "50000"))
     for label, router in (("primary-bound", primary_bound), ("two replicas", with_replicas)):
         session = router.sessionmaker()()
         best = min(

@@ -96,6 +96,9 @@ class ReplicaStatus:
         last check (None elsewhere, or when unknown).
     :ivar lag_transactions: MariaDB/MySQL: transactions it had still to
         apply at the last check (None elsewhere, or when unknown).
+    :ivar pool_full_skips: reads that went elsewhere (the next replica that
+        qualified, or the primary) because its connection pool had no free
+        connection, since the router started.
     """
 
     name: str
@@ -106,6 +109,7 @@ class ReplicaStatus:
     reason: str | None
     lag_bytes: int | None = None
     lag_transactions: int | None = None
+    pool_full_skips: int = 0
 
 
 class LagEstimator:
@@ -293,6 +297,7 @@ class LagMonitor:
                     health.reason,
                     lag_bytes=health.behind if unit == "bytes" else None,
                     lag_transactions=health.behind if unit == "transactions" else None,
+                    pool_full_skips=router.pool_full_skips(replica.name),
                 )
             )
         return result

@@ -329,6 +329,9 @@ class ReplicaRouter(Generic[_E]):
         self._applied_lock = threading.Lock()
         # Replica name -> when a wait on it last timed out (monotonic seconds).
         self._wait_failed_at: dict[str, float] = {}
+        # Replica name -> reads sent elsewhere because its pool was full.
+        self._pool_full_skips: dict[str, int] = {}
+        self._pool_full_lock = threading.Lock()
         # Every commit acknowledged through this router. It starts "unknown",
         # so the first read that consults it replaces that by the primary's
         # current position (one query): what a migration or seed script
@@ -665,6 +668,16 @@ class ReplicaRouter(Generic[_E]):
         failed_at = self._wait_failed_at.get(replica.name)
         return failed_at is not None and time.monotonic() - failed_at < WAIT_SUSPECT_SECONDS
 
+    def note_pool_full(self, replica: RoutedEngine) -> None:
+        """A read that ``replica`` would have served goes elsewhere: its pool
+        had no free connection (counted in :meth:`status`)."""
+        with self._pool_full_lock:
+            self._pool_full_skips[replica.name] = self._pool_full_skips.get(replica.name, 0) + 1
+
+    def pool_full_skips(self, replica: str) -> int:
+        """Reads sent elsewhere because ``replica``'s pool was full, so far."""
+        return self._pool_full_skips.get(replica, 0)
+
     def known_applied(self, replica: str) -> Any | None:
         """A position ``replica`` is known to have applied, or None."""
         return self._applied.get(replica)
@@ -786,13 +799,22 @@ class ReplicaRouter(Generic[_E]):
 
     def status(self) -> list[ReplicaStatus]:
         """Each replica as the lag monitor last saw it: name, URL without the
-        password, healthy, lag_seconds, applied position, reason when left out.
+        password, healthy, lag_seconds, applied position, reason when left out;
+        and the reads sent elsewhere because its pool was full.
         Starts the monitor if it is not running (the first call may show no
         measurement yet)."""
         monitor = self._ensure_monitor()
         if monitor is None:
             return [
-                ReplicaStatus(r.name, _safe_url(r), None, None, None, "no replication positions")
+                ReplicaStatus(
+                    r.name,
+                    _safe_url(r),
+                    None,
+                    None,
+                    None,
+                    "no replication positions",
+                    pool_full_skips=self.pool_full_skips(r.name),
+                )
                 for r in self._replicas
             ]
         return monitor.status(self)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import event
@@ -26,6 +26,7 @@ from .consistency import (
 )
 from .exc import ConfigurationError
 from .policy import Decision, decide, first_caught_up, wait_candidate
+from .pools import PoolFull, nowait_checkout, pool_is_full
 from .router import ReplicaRouter, RoutedEngine
 from .sticky import current_sticky_key
 
@@ -39,6 +40,7 @@ logger = logging.getLogger("sqlalchemy_replicas.routing")
 # The key under which execute() hands its choice of target to get_bind
 # (SQLAlchemy passes bind_arguments to get_bind as keywords).
 _TARGET_KEY: Final = "sqlalchemy_replicas_target"
+_NO_FREE_CONNECTION: Final = "the replicas that qualify have no free connection"
 _T = TypeVar("_T")
 
 
@@ -171,7 +173,13 @@ class RoutingSession(Session):
         )
 
     def _route(
-        self, decision: Decision, clause: Any, level: ConsistencyLevel, *, wait: bool
+        self,
+        decision: Decision,
+        clause: Any,
+        level: ConsistencyLevel,
+        *,
+        wait: bool,
+        avoid: Collection[RoutedEngine] = (),
     ) -> RoutedEngine:
         """Pin if the decision says so; pick the target, log the choice.
 
@@ -180,6 +188,10 @@ class RoutingSession(Session):
         trip), else, when ``wait`` allows, one that catches up within the
         router's wait_timeout, else the primary. Monotonic reads also stay on
         one replica (see :meth:`_monotonic_replica`).
+
+        A replica whose pool has no free connection (and to which the session
+        holds none) is passed over for the next one the same rules allow, or
+        the primary; so are those in ``avoid`` (their checkout just failed).
         """
         if decision.pins:
             self._pinned_to_primary = True
@@ -189,19 +201,22 @@ class RoutingSession(Session):
         if decision.to_primary:
             target = router.primary_target
         elif level == "read_your_writes":
-            target, reason = self._causal_replica(wait=wait)
+            target, reason = self._causal_replica(wait=wait, avoid=avoid)
         elif level == "monotonic":
-            target, reason = self._monotonic_replica(wait=wait)
+            target, reason = self._monotonic_replica(wait=wait, avoid=avoid)
         else:
-            target, reason = self._any_replica(level, reason)
+            target, reason = self._any_replica(level, reason, avoid)
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
             logger.debug("%s -> %s: %s", what, target.name, reason)
         return target
 
-    def _any_replica(self, level: ConsistencyLevel, reason: str) -> tuple[RoutedEngine, str]:
-        """eventual: any replica the monitor lets serve; bounded: one measured
-        within the lag bound in force. Else the primary."""
+    def _any_replica(
+        self, level: ConsistencyLevel, reason: str, avoid: Collection[RoutedEngine]
+    ) -> tuple[RoutedEngine, str]:
+        """eventual: any replica the monitor lets serve, with a connection to
+        spare; bounded: one measured within the lag bound in force. Else the
+        primary."""
         router = self.router
         bound: float | None = None
         if level == "bounded":
@@ -214,7 +229,10 @@ class RoutingSession(Session):
         order = router.replica_order(current_sticky_key(), max_lag=bound)
         if not order:
             return router.primary_target, "no replica qualifies (lagging or unreachable)"
-        return order[0], reason if bound is None else f"measured lag within {bound}s"
+        for replica in order:
+            if replica not in avoid and not self._pool_full(replica):
+                return replica, reason if bound is None else f"measured lag within {bound}s"
+        return router.primary_target, _NO_FREE_CONNECTION
 
     def _causal_target(self) -> tuple[Any | None, bool]:
         """The position reads must see, and whether only the primary will do.
@@ -240,44 +258,72 @@ class RoutingSession(Session):
                 )
         return position, unknown
 
-    def _causal_replica(self, *, wait: bool) -> tuple[RoutedEngine, str]:
+    def _causal_replica(
+        self, *, wait: bool, avoid: Collection[RoutedEngine]
+    ) -> tuple[RoutedEngine, str]:
         position, unknown = self._causal_target()
         if unknown:
             return self.router.primary_target, "a commit in this scope has an unknown position"
-        return self._replica_with(position, wait=wait)
+        return self._replica_with(position, wait=wait, avoid=avoid)
 
-    def _replica_with(self, position: Any | None, *, wait: bool) -> tuple[RoutedEngine, str]:
+    def _replica_with(
+        self, position: Any | None, *, wait: bool, avoid: Collection[RoutedEngine] = ()
+    ) -> tuple[RoutedEngine, str]:
         """A replica that has applied ``position`` (known, or after a bounded
-        wait on one), else the primary."""
+        wait on one) and has a connection to spare, else the primary."""
         router = self.router
         order = router.replica_order(current_sticky_key())
         if not order:
             return router.primary_target, "no replica qualifies (lagging or unreachable)"
+        order = [r for r in order if r not in avoid]
         if position is None:
-            return order[0], "no commit to wait for"
+            free = next((r for r in order if not self._pool_full(r)), None)
+            if free is None:
+                return router.primary_target, _NO_FREE_CONNECTION
+            return free, "no commit to wait for"
         backend = router.positions
         assert backend is not None
+        full = False
         known = [(r, router.known_applied(r.name)) for r in order]
-        caught_up = first_caught_up(position, known, backend.reached)
-        if caught_up is not None:
-            return caught_up, "known to have applied this scope's commits"
+        while (caught_up := first_caught_up(position, known, backend.reached)) is not None:
+            if not self._pool_full(caught_up):
+                return caught_up, "known to have applied this scope's commits"
+            # The next one known to be caught up, else a wait on one that is not.
+            full = True
+            known = [(r, applied) for r, applied in known if r is not caught_up]
+            order = [r for r in order if r is not caught_up]
         if wait and router.wait_timeout > 0:
             candidates, suspect = order, router.wait_recently_failed
             while (candidate := wait_candidate(candidates, suspect)) is not None:
-                if self._wait_on(candidate, position):
-                    return candidate, "caught up with this scope's commits within wait_timeout"
+                candidates = [r for r in candidates if r is not candidate]
+                if self._pool_full(candidate):
+                    full = True
+                    continue
+                try:
+                    if self._wait_on(candidate, position):
+                        return candidate, "caught up with this scope's commits within wait_timeout"
+                except PoolFull:  # its last free connection went to another thread
+                    self._note_pool_full(candidate)
+                    full = True
+                    continue
                 if router.may_serve(candidate):
                     break  # up but behind: a wait on another would double the delay
-                candidates = [r for r in candidates if r is not candidate]  # it went down
+                # else it went down: wait on the next one
+        if full:
+            return router.primary_target, _NO_FREE_CONNECTION
         return router.primary_target, "no replica has applied this scope's commits"
 
-    def _monotonic_replica(self, *, wait: bool) -> tuple[RoutedEngine, str]:
+    def _monotonic_replica(
+        self, *, wait: bool, avoid: Collection[RoutedEngine]
+    ) -> tuple[RoutedEngine, str]:
         """read_your_writes, and never older than what the scope already read.
 
         The scope's reads stay on one replica, which never goes back in time.
         Leaving it (it cannot serve the scope's commits in time), the next
         replica must first reach what it had applied; a read on the primary
-        raises the bar to the primary's position after the read.
+        raises the bar to the primary's position after the read. When that
+        replica has no free connection, the read goes to the primary (the one
+        server surely as new), and the scope stays with the replica.
         """
         router = self.router
         position, unknown = self._causal_target()
@@ -294,33 +340,43 @@ class RoutingSession(Session):
             scope.stay_on(router, None)
             return router.primary_target, "monotonic: the replica this scope read from is out"
         if stay is not None:
+            full_reason = "monotonic: the replica this scope reads from has no free connection"
+            if stay in avoid or self._pool_full(stay):
+                return router.primary_target, full_reason
             applied = router.known_applied(stay.name)
-            if (
-                position is None
-                or (
-                    applied is not None
-                    and backend is not None
-                    and backend.reached(applied, position)
-                )
-                or (wait and router.wait_timeout > 0 and self._wait_on(stay, position))
-            ):
-                return stay, "monotonic: the replica this scope reads from"
-            floor = self._applied_on(stay)
+            try:
+                if (
+                    position is None
+                    or (
+                        applied is not None
+                        and backend is not None
+                        and backend.reached(applied, position)
+                    )
+                    or (wait and router.wait_timeout > 0 and self._wait_on(stay, position))
+                ):
+                    return stay, "monotonic: the replica this scope reads from"
+                floor = self._applied_on(stay)
+            except PoolFull:  # its last free connection went to another thread
+                self._note_pool_full(stay)
+                return router.primary_target, full_reason
             if floor is None:
                 scope.stay_on(router, None)
                 return router.primary_target, "monotonic: the replica left cannot tell its position"
             scope.add(router, floor)
             position, _ = self._causal_target()
-        target, reason = self._replica_with(position, wait=wait)
+        target, reason = self._replica_with(position, wait=wait, avoid=avoid)
         scope.stay_on(router, None if target is router.primary_target else target.name)
         return target, f"monotonic: {reason}"
 
     def _applied_on(self, replica: RoutedEngine) -> Any | None:
-        """The position ``replica`` has applied, or None when it cannot tell."""
+        """The position ``replica`` has applied, or None when it cannot tell.
+
+        :raises PoolFull: when its pool has no free connection.
+        """
         backend = self.router.positions
         assert backend is not None
         try:
-            return backend.applied(self.connection(bind_arguments={"bind": replica.sync_engine}))
+            return backend.applied(self._replica_connection(replica))
         except sa_exc.DBAPIError as error:
             logger.warning("reading the position of replica %s failed: %s", replica.name, error)
             self._replica_failed(replica, error)
@@ -346,12 +402,15 @@ class RoutingSession(Session):
 
     def _wait_on(self, replica: RoutedEngine, position: Any) -> bool:
         """Wait up to wait_timeout for ``replica`` to apply ``position``, on the
-        session's own connection to it (the read that follows runs there)."""
+        session's own connection to it (the read that follows runs there).
+
+        :raises PoolFull: when its pool has no free connection.
+        """
         router = self.router
         backend = router.positions
         assert backend is not None
         try:
-            connection = self.connection(bind_arguments={"bind": replica.sync_engine})
+            connection = self._replica_connection(replica)
             reached = backend.wait(connection, position, router.wait_timeout)
         except sa_exc.DBAPIError as error:
             logger.warning("waiting on replica %s failed: %s", replica.name, error)
@@ -363,6 +422,40 @@ class RoutingSession(Session):
         else:
             router.note_wait_failed(replica)
         return reached
+
+    def _replica_connection(self, replica: RoutedEngine) -> Connection:
+        """The transaction's connection to ``replica``, checked out now if it
+        has none, without waiting for one to come back to the pool.
+
+        :raises PoolFull: when its pool has no free connection.
+        """
+        with nowait_checkout(replica.sync_engine):
+            return self.connection(bind_arguments={"bind": replica.sync_engine})
+
+    def _pool_full(self, replica: RoutedEngine) -> bool:
+        """True, counted and logged, when a read on ``replica`` would wait for
+        a connection: this transaction holds none to it and its pool has none
+        free. The caller then routes the read elsewhere."""
+        engine = replica.sync_engine
+        if not pool_is_full(engine.pool) or self._holds_connection(engine):
+            return False
+        self._note_pool_full(replica)
+        return True
+
+    def _note_pool_full(self, replica: RoutedEngine) -> None:
+        """Count (in ``router.status()``) and log a read passing ``replica`` by."""
+        self.router.note_pool_full(replica)
+        logger.debug("replica %s has no free connection; the read goes elsewhere", replica.name)
+
+    def _holds_connection(self, engine: Engine) -> bool:
+        """Whether the current transaction has a connection to ``engine``
+        (SQLAlchemy offers no public way to ask without opening one)."""
+        transaction = self._transaction
+        while transaction is not None:
+            if engine in transaction._connections:
+                return True
+            transaction = transaction._parent
+        return False
 
     def _replica_failed(self, replica: RoutedEngine, error: BaseException) -> bool:
         """When ``error`` says ``replica`` is gone (not that a statement was
@@ -458,13 +551,21 @@ class RoutingSession(Session):
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
         if target is not self.router.primary_target:
-            # Each failure marks a replica down, so the route ends on the primary.
+            # Each failure marks a replica down, or (its pool full) leaves it out
+            # of this statement's route, so the route ends on the primary.
+            avoid: list[RoutedEngine] = []
             for _ in range(len(self.router.replica_targets)):
                 try:
-                    return method(
-                        statement, params, execution_options=execution_options,
-                        bind_arguments=routed, **kw,
-                    )  # fmt: skip
+                    # The pre-check in _route saw a free connection, but another
+                    # thread may have taken it since: never wait for it.
+                    with nowait_checkout(target.sync_engine):
+                        return method(
+                            statement, params, execution_options=execution_options,
+                            bind_arguments=routed, **kw,
+                        )  # fmt: skip
+                except PoolFull:
+                    self._note_pool_full(target)
+                    avoid.append(target)
                 except sa_exc.DBAPIError as error:
                     if is_read_only_violation(error):
                         return self._rerun_refused_write(
@@ -501,7 +602,7 @@ class RoutingSession(Session):
                     )
                 # Nothing was returned yet, and replica reads hold no transaction
                 # state: the read can run again wherever the policy now says.
-                target = self._route(decision, statement, level, wait=True)
+                target = self._route(decision, statement, level, wait=True, avoid=avoid)
                 routed[_TARGET_KEY] = target
                 if target is self.router.primary_target:
                     break

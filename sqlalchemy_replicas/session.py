@@ -132,8 +132,10 @@ class RoutingSession(Session):
             # servers instead: data written to the wrong database.
             raise ConfigurationError(
                 "RoutingSession does not support binds=: it routes every statement "
-                "between the router's primary and replicas. Use a separate plain "
-                "Session for tables that live in another database"
+                "between the router's primary and replicas. For tables that live in "
+                "another database, combine it with a Session class whose own get_bind "
+                "chooses their engine, after RoutingSession in the bases (as with "
+                "Flask-SQLAlchemy's __bind_key__), or use a separate plain Session"
             )
         self.router = router
         self.default_consistency: ConsistencyLevel | None = (

@@ -14,7 +14,12 @@ PostgreSQL server:
   read also checks the router's position (the primary's at first use)
   against what the replica is known to have applied;
 - ``Session, AUTOCOMMIT engine``: the control for the replica paths: a plain
-  Session whose connections are in AUTOCOMMIT, as replica connections are.
+  Session whose connections are in AUTOCOMMIT, as replica connections are;
+- ``Flask-SQLAlchemy Session``: Flask-SQLAlchemy's session (its own
+  ``get_bind`` picks the engine per model), in an app context;
+- ``RoutingSession over Flask-SQLAlchemy, replica (router scope)``: the two
+  combined: each statement also asks Flask-SQLAlchemy's ``get_bind`` whether
+  the model lives in another database (it does not).
 
 CPU time is the client's own, so which server answers matters little.
 Rounds run them in shuffled order and ratios of medians are reported: on a
@@ -32,6 +37,9 @@ import statistics
 import time
 from collections.abc import Callable
 
+import flask
+import flask_sqlalchemy
+import flask_sqlalchemy.session
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -47,6 +55,10 @@ class Account(Base):
     __tablename__ = "account"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(50))
+
+
+class FlaskRoutingSession(sr.RoutingSession, flask_sqlalchemy.session.Session):
+    pass
 
 
 ROWS = 100
@@ -85,6 +97,13 @@ def main() -> None:
             topology.primary_url, topology.replica_urls, causal_scope="session"
         )
         router_scope = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+        app = flask.Flask(__name__)
+        app.config["SQLALCHEMY_DATABASE_URI"] = topology.primary_url.render_as_string(
+            hide_password=False
+        )
+        db = flask_sqlalchemy.SQLAlchemy(app)
+        context = app.app_context()  # Flask-SQLAlchemy finds its engines through it
+        context.push()
         makers: dict[str, Callable[[], Session]] = {
             "Session": sa.orm.sessionmaker(engine),
             # Control: replica reads run in AUTOCOMMIT; this is its cost alone.
@@ -92,11 +111,22 @@ def main() -> None:
             "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
             "RoutingSession, replica (session scope)": session_scope.sessionmaker(),
             "RoutingSession, replica (router scope)": router_scope.sessionmaker(),
+            "Flask-SQLAlchemy Session": sa.orm.sessionmaker(
+                class_=flask_sqlalchemy.session.Session, db=db
+            ),
+            "RoutingSession over Flask-SQLAlchemy, replica (router scope)": sa.orm.sessionmaker(
+                class_=FlaskRoutingSession, db=db, router=router_scope
+            ),
         }
         for make in makers.values():
             measure(make, 200)  # warm up caches and the pools
-        for router in (session_scope, router_scope):  # both measure the replica path
-            with StatementLog(router) as log, router.sessionmaker()() as session:
+        replica_paths = [
+            (session_scope, makers["RoutingSession, replica (session scope)"]),
+            (router_scope, makers["RoutingSession, replica (router scope)"]),
+            (router_scope, makers["RoutingSession over Flask-SQLAlchemy, replica (router scope)"]),
+        ]
+        for router, make in replica_paths:  # each measures the replica path
+            with StatementLog(router) as log, make() as session:
                 pk_selects(session, 1)
             assert [s.node for s in log.statements] == ["replica1"], log.statements
         results: dict[str, list[float]] = {name: [] for name in makers}
@@ -105,6 +135,9 @@ def main() -> None:
             random.shuffle(order)  # no variant always runs first or last
             for name in order:
                 results[name].append(measure(makers[name], args.statements))
+        for flask_engine in db.engines.values():
+            flask_engine.dispose()
+        context.pop()
         session_scope.dispose()
         router_scope.dispose()
         engine.dispose()
@@ -116,7 +149,7 @@ def main() -> None:
     for name, values in results.items():
         median, least = statistics.median(values), min(values)
         print(
-            f"{name:<40} median {median:6.1f} us (ratio {median / base_median:.3f})"
+            f"{name:<62} median {median:6.1f} us (ratio {median / base_median:.3f})"
             f"  min {least:6.1f} us (ratio {least / base_min:.3f})"
         )
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.mapper import Mapper
 from sqlalchemy.sql.expression import ClauseElement
@@ -43,6 +44,15 @@ _TARGET_KEY: Final = "sqlalchemy_replicas_target"
 _NO_FREE_CONNECTION: Final = "the replicas that qualify have no free connection"
 _T = TypeVar("_T")
 
+# What an engine chosen by a wrapped session class's get_bind is to the router.
+_ROUTED: Final = "routed"  # the router's database: the router routes
+_FOREIGN: Final = "foreign"  # another database: statements run there, unrouted
+_AMBIGUOUS: Final = "ambiguous"  # the wrapped default, not recognisably the router's
+_DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306}
+# URL query keys that say where the server is (the rest are driver options,
+# such as the charset Flask-SQLAlchemy adds to MySQL URLs).
+_ADDRESS_QUERY_KEYS: Final = frozenset({"host", "hostaddr", "port", "unix_socket"})
+
 
 class RoutingSession(Session):
     """A :class:`~sqlalchemy.orm.Session` that sends provable reads to replicas.
@@ -69,6 +79,18 @@ class RoutingSession(Session):
 
         class AppSession(RoutingSession, sqlmodel.Session): ...
 
+    When such a class (after ``RoutingSession`` in the MRO) has its own
+    ``get_bind``, e.g. Flask-SQLAlchemy's ``__bind_key__`` binds, it is asked
+    first: a statement or flush it sends to another database runs there,
+    unrouted; one it sends to the router's database (the router's engines,
+    or an engine with the same server and database in its URL) is routed.
+    While it is asked, the session's ``bind`` is the router's primary, so a
+    ``get_bind`` that falls back to ``Session.get_bind`` chooses the router.
+    If its default engine (the choice for no mapper and no clause) is not
+    recognisably the router's primary, statements it sends there raise
+    :class:`~sqlalchemy_replicas.exc.ConfigurationError` rather than
+    guessing where to write.
+
     :param router: the :class:`ReplicaRouter` to route through.
     :param consistency: this session's default consistency level (default:
         the router's); ``consistency()`` blocks and statement options win.
@@ -83,6 +105,19 @@ class RoutingSession(Session):
     Routing decisions are logged at DEBUG level on the
     ``sqlalchemy_replicas.routing`` logger.
     """
+
+    #: The first class after RoutingSession in the MRO that defines get_bind
+    #: other than Session, whose choice of engine RoutingSession respects.
+    _wrapped_get_bind: ClassVar[type[Session] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Once per class (sessionmaker makes one too), not per statement.
+        mro = cls.__mro__
+        for klass in mro[mro.index(RoutingSession) + 1 :]:
+            if "get_bind" in vars(klass):
+                cls._wrapped_get_bind = None if klass is Session else klass
+                break
 
     def __init__(
         self,
@@ -99,8 +134,10 @@ class RoutingSession(Session):
             # servers instead: data written to the wrong database.
             raise ConfigurationError(
                 "RoutingSession does not support binds=: it routes every statement "
-                "between the router's primary and replicas. Use a separate plain "
-                "Session for tables that live in another database"
+                "between the router's primary and replicas. For tables that live in "
+                "another database, combine it with a Session class whose own get_bind "
+                "chooses their engine, after RoutingSession in the bases (as with "
+                "Flask-SQLAlchemy's __bind_key__), or use a separate plain Session"
             )
         self.router = router
         self.default_consistency: ConsistencyLevel | None = (
@@ -119,12 +156,18 @@ class RoutingSession(Session):
         # The primary connection of the current transaction: MariaDB's
         # @@last_gtid must be read on the connection that committed.
         self._primary_connection: Connection | None = None
+        # What each engine the wrapped get_bind chose is (_ROUTED, _FOREIGN
+        # or _AMBIGUOUS). Per session: cheap to rebuild, and never stale if
+        # the application replaces its engines.
+        self._bind_kinds: dict[Engine, str] = {}
         super().__init__(*args, **kwargs)
 
     def get_bind(
         self,
         mapper: Mapper[Any] | type | None = None,
-        *,
+        # Positional as well as keyword (Session's are keyword-only), as in
+        # Flask-SQLAlchemy's get_bind: a class that combines both must
+        # satisfy both for type checkers.
         clause: ClauseElement | None = None,
         bind: Engine | Connection | None = None,
         **kw: Any,
@@ -132,7 +175,8 @@ class RoutingSession(Session):
         """Return the engine a statement runs on: a replica for a provable read,
         else the primary.
 
-        An explicit ``bind`` argument, or a session-wide ``bind``, wins.
+        An explicit ``bind`` argument, or a session-wide ``bind``, wins; then
+        another database that a wrapped session class's ``get_bind`` chooses.
         """
         if bind is not None:
             return bind
@@ -141,6 +185,12 @@ class RoutingSession(Session):
             return super().get_bind(mapper, clause=clause, **kw)
         if target is None:
             # Not from execute(): a flush, session.connection(), or a lookup.
+            # (execute() asked the wrapped get_bind already, and passes a
+            # foreign database as ``bind``.)
+            if self._wrapped_get_bind is not None:
+                foreign = self._foreign_bind(mapper, clause, kw)
+                if foreign is not None:
+                    return foreign
             # No waiting here: get_bind must stay quick and free of I/O.
             level = self._level(None)
             decision = self._decide(clause, level, None)
@@ -149,6 +199,86 @@ class RoutingSession(Session):
             # An autoflush wrote after execute() chose a replica.
             return self.router.primary_target.sync_engine
         return target.sync_engine
+
+    # -- another database, chosen by a wrapped get_bind -------------------------
+
+    def _foreign_bind(
+        self, mapper: Any, clause: Any, kw: Mapping[str, Any]
+    ) -> Engine | Connection | None:
+        """The engine (or connection) the wrapped class's ``get_bind`` chooses
+        for ``mapper`` / ``clause`` when it is another database than the
+        router's, else None: the router routes.
+
+        :raises ConfigurationError: the choice is the wrapped class's default
+            engine, which is not recognisably the router's primary.
+        """
+        choice = self._ask_wrapped(mapper, clause, kw)
+        engine = choice.engine if isinstance(choice, Connection) else choice
+        kind = self._bind_kinds.get(engine)
+        if kind is None:
+            kind = self._bind_kinds[engine] = self._bind_kind(engine)
+        if kind == _ROUTED:
+            return None
+        if kind == _FOREIGN:
+            return choice
+        raise self._ambiguous_bind(engine, mapper, clause)
+
+    def _ask_wrapped(self, mapper: Any, clause: Any, kw: Mapping[str, Any]) -> Engine | Connection:
+        """What the wrapped class's ``get_bind`` returns.
+
+        While it is asked, the session's bind is the router's primary: a
+        ``get_bind`` that falls back to ``Session.get_bind`` (which would
+        raise, this session having no bind of its own) then names the
+        router's database, with no exception raised and caught per statement.
+        """
+        self.bind = self.router.primary_target.sync_engine
+        try:
+            return super().get_bind(mapper, clause=clause, **kw)
+        finally:
+            self.bind = None
+
+    def _bind_kind(self, engine: Engine) -> str:
+        """Whether ``engine`` is the router's database, another one, or cannot tell.
+
+        The router's database: one of its engines, or an engine whose URL
+        names the same server and database as one of them (Flask-SQLAlchemy
+        builds its own engines from the primary's URL). Anything else is
+        another database, except the wrapped class's default engine: that
+        is meant to be the router's, and writing there as if it were another
+        database would be as wrong as routing a table of another database.
+        """
+        router = self.router
+        targets = (router.primary_target, *router.replica_targets)
+        if any(engine is target.sync_engine for target in targets):
+            return _ROUTED
+        address = _database_address(engine.url)
+        if any(address == _database_address(target.sync_engine.url) for target in targets):
+            return _ROUTED
+        default = self._ask_wrapped(None, None, EMPTY_DICT)
+        if engine is (default.engine if isinstance(default, Connection) else default):
+            return _AMBIGUOUS
+        return _FOREIGN
+
+    def _ambiguous_bind(self, engine: Engine, mapper: Any, clause: Any) -> ConfigurationError:
+        wrapped = self._wrapped_get_bind
+        assert wrapped is not None
+        if mapper is not None:
+            inspected = sa_inspect(mapper, raiseerr=False)
+            what = f"model {getattr(getattr(inspected, 'class_', mapper), '__name__', mapper)}"
+        elif clause is not None:
+            what = f"this {_describe(clause)} statement"
+        else:
+            what = "statements without a model (session.connection())"
+        primary = self.router.primary_target.sync_engine
+        return ConfigurationError(
+            f"{wrapped.__qualname__}.get_bind sends {what} to its default engine "
+            f"{engine.url.render_as_string(hide_password=True)}, which is not the router's "
+            f"primary {primary.url.render_as_string(hide_password=True)}: RoutingSession "
+            "cannot tell whether that is the routed database or another one, and does not "
+            "guess where data is written. Give the default engine the primary's URL (with "
+            "Flask-SQLAlchemy: SQLALCHEMY_DATABASE_URI), or give a model of another "
+            "database a bind of its own (__bind_key__)"
+        )
 
     # -- routing ------------------------------------------------------------
 
@@ -543,6 +673,15 @@ class RoutingSession(Session):
                 statement, params, execution_options=execution_options,
                 bind_arguments=bind_arguments, **kw,
             )  # fmt: skip
+        if self._wrapped_get_bind is not None:
+            foreign = self._foreign_bind(*_bind_question(statement, bind_arguments))
+            if foreign is not None:
+                # Another database: no replicas, no positions, no pin; the
+                # errors there are not a replica's.
+                return method(
+                    statement, params, execution_options=execution_options,
+                    bind_arguments={**(bind_arguments or EMPTY_DICT), "bind": foreign}, **kw,
+                )  # fmt: skip
         statement_level, read_only = _routing_options(statement, execution_options)
         level = self._level(statement_level)
         decision = self._decide(statement, level, read_only)
@@ -641,6 +780,37 @@ class RoutingSession(Session):
             statement, params, execution_options=execution_options,
             bind_arguments=routed, **kw,
         )  # fmt: skip
+
+
+def _bind_question(
+    statement: Any, bind_arguments: Mapping[str, Any] | None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The mapper, clause and other keywords Session.execute will pass to
+    get_bind for ``statement``, as SQLAlchemy derives them: an ORM
+    statement's mapper is its subject's, and its clause is itself."""
+    kw = dict(bind_arguments or EMPTY_DICT)
+    mapper = kw.pop("mapper", None)
+    clause = kw.pop("clause", None)
+    attrs = getattr(statement, "_propagate_attrs", EMPTY_DICT)
+    if attrs.get("compile_state_plugin") == "orm":
+        subject = attrs.get("plugin_subject")
+        if subject is not None:
+            mapper = subject.mapper
+        clause = statement
+    elif clause is None:
+        clause = statement
+    return mapper, clause, kw
+
+
+def _database_address(url: URL) -> tuple[Any, ...]:
+    """What in ``url`` names a server and a database: not the driver, the
+    user, the password or driver options."""
+    backend = url.get_backend_name()
+    if backend == "mariadb":
+        backend = "mysql"  # one server, two dialect names
+    query = tuple(sorted((k, v) for k, v in url.query.items() if k in _ADDRESS_QUERY_KEYS))
+    host = url.host.lower() if url.host else url.host
+    return backend, host, url.port or _DEFAULT_PORTS.get(backend), url.database, query
 
 
 def _routing_options(

@@ -134,6 +134,22 @@ class CheckResult:
             if op.outcome != "ok"
         )
 
+    def read_failures_during(self, *, replica_faults_only: bool) -> int:
+        """Failed reads while only replicas were faulty (or nothing was), with
+        ``replica_faults_only``; else while the primary (or its pool) was."""
+
+        def on_replica(fault: Fault) -> bool:
+            return fault.target.split(":")[-1] != "primary"
+
+        count = 0
+        for op in self.ops:
+            if not op.is_read or op.outcome == "ok":
+                continue
+            active = [f for f in self.faults if f.overlaps(op.invoke, op.complete)]
+            if all(on_replica(f) for f in active) == replica_faults_only:
+                count += 1
+        return count
+
     def faults_by_kind(self) -> Counter[str]:
         """Injected faults per kind."""
         return Counter(f.kind for f in self.faults)
@@ -162,7 +178,11 @@ class CheckResult:
             + ", ".join(f"{name} {servers[name]}" for name in sorted(servers))
         )
         errors = self.client_errors()
-        lines.append(f"errors raised to clients: {sum(errors.values())}")
+        lines.append(
+            f"errors raised to clients: {sum(errors.values())} (failed reads while only "
+            f"replicas were faulty: {self.read_failures_during(replica_faults_only=True)}, "
+            f"while the primary was: {self.read_failures_during(replica_faults_only=False)})"
+        )
         for what, count in errors.most_common():
             lines.append(f"  {count:5d}  {what}")
         for client, errs in self.token_errors.items():

@@ -192,7 +192,9 @@ class _Served:
     identity: str | None = None
 
 
-_current: ContextVar[_Served | None] = ContextVar("sqlalchemy_replicas.testing.served", default=None)
+_current: ContextVar[_Served | None] = ContextVar(
+    "sqlalchemy_replicas.testing.served", default=None
+)
 
 
 def server_identity(dbapi_connection: Any, dialect_name: str) -> str | None:

@@ -309,7 +309,9 @@ class _Client:
             return self.schema.read(session, plan.key)
         return self.schema.read_counter(session, plan.key)
 
-    def finish(self, plan: _Plan, scope: int, op_id: int, invoke: tuple[float, float], result: _Result) -> None:
+    def finish(
+        self, plan: _Plan, scope: int, op_id: int, invoke: tuple[float, float], result: _Result
+    ) -> None:
         """Record the operation and learn from its outcome."""
         if plan.version is not None:
             self._attempted[plan.key] = max(self._attempted.get(plan.key, 0), plan.version)
@@ -347,9 +349,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first[0] if first else ''}"[:300]
 
 
-def run_sync_client(
-    client: _Client, make: sessionmaker[Any], deadline: float
-) -> None:
+def run_sync_client(client: _Client, make: sessionmaker[Any], deadline: float) -> None:
     """Run visits until ``deadline`` (``time.monotonic()``), one operation at a time."""
     token: str | None = None
     while time.monotonic() < deadline:
@@ -407,9 +407,7 @@ async def run_async_client(
             token = client.token(ctx, token)
 
 
-async def _async_op(
-    client: _Client, make: async_sessionmaker[AsyncSession], scope: int
-) -> None:
+async def _async_op(client: _Client, make: async_sessionmaker[AsyncSession], scope: int) -> None:
     plan = client.plan()
     op_id = client.history.next_id()
     invoke = (time.monotonic(), time.time())
@@ -457,4 +455,3 @@ def make_client(
         causal_domain=causal_domain,
         scope_kind=scope_kind,
     )
-

@@ -8,7 +8,6 @@ import itertools
 import time
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -303,7 +302,7 @@ def simulated(draw: st.DrawFn) -> tuple[list[Op], FinalState, list[int]]:
                 server="replica1" if on_replica else "primary",
             )
         )
-    primary = {k: v for k, v in versions.items()}
+    primary = dict(versions)
     return ops, final(primary), []
 
 
@@ -348,7 +347,8 @@ def test_real_run_under_faults(topology: Topology) -> None:
     assert result.hung_clients == []
     assert result.nemesis_errors == []
     injected = set(result.faults_by_kind())
-    assert len(result.faults) >= 5 and len(injected) >= 4, result.report()
+    assert len(result.faults) >= 5, result.report()
+    assert len(injected) >= 4, result.report()
     assert result.replica_read_share(include_strong=False) >= 0.6, result.report()
     reads = [o for o in result.ops if o.is_read]
     assert len(reads) >= 200

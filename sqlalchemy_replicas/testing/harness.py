@@ -302,14 +302,29 @@ def run_check(
             gap=fault_gap,
             seed=seed,
         )
-        common = {"schema": schema, "history": history, "shared": shared, "mix": mix}
         sync_clients = [
-            make_client(s, seed=seed + i, causal_domain="sync", scope_kind=causal_scope, **common)
+            make_client(
+                s,
+                seed=seed + i,
+                causal_domain="sync",
+                scope_kind=causal_scope,
+                schema=schema,
+                history=history,
+                shared=shared,
+                mix=mix,
+            )
             for i, s in enumerate(sync_specs)
         ]
         async_clients = [
             make_client(
-                s, seed=seed + 1000 + i, causal_domain="async", scope_kind=causal_scope, **common
+                s,
+                seed=seed + 1000 + i,
+                causal_domain="async",
+                scope_kind=causal_scope,
+                schema=schema,
+                history=history,
+                shared=shared,
+                mix=mix,
             )
             for i, s in enumerate(async_specs)
         ]
@@ -421,7 +436,7 @@ def _create_schema(topology: Topology, schema: Schema) -> None:
 
 def _server_urls(topology: Topology) -> list[tuple[str, URL]]:
     names = [f"replica{i}" for i in range(1, topology.replica_count + 1)]
-    return [("primary", topology.primary_url), *zip(names, topology.replica_urls)]
+    return [("primary", topology.primary_url), *zip(names, topology.replica_urls, strict=True)]
 
 
 def _identities(topology: Topology) -> dict[str, str | None]:

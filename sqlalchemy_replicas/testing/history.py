@@ -16,6 +16,7 @@ identity query per new pooled connection).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -205,6 +206,7 @@ def server_identity(dbapi_connection: Any, dialect_name: str) -> str | None:
     reused port shows up); MariaDB/MySQL: ``<server_id>:<port>``. The
     connection is left with no transaction open.
     """
+    queries: tuple[str, ...]
     if dialect_name == "postgresql":
         queries = (
             "SELECT (SELECT system_identifier FROM pg_control_system())::text"
@@ -227,10 +229,8 @@ def server_identity(dbapi_connection: Any, dialect_name: str) -> str | None:
             cursor.close()
             # Under a non-autocommit driver the query opened a transaction
             # (or failed inside one): end it before the pool hands it out.
-            try:
+            with contextlib.suppress(Exception):  # autocommit: nothing to end
                 dbapi_connection.rollback()
-            except Exception:  # an autocommit connection has nothing to end
-                pass
     return None
 
 

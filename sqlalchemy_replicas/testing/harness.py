@@ -87,6 +87,9 @@ class CheckResult:
     :ivar token_errors: errors computing a causal token, by client.
     :ivar duration: seconds the workload ran.
     :ivar description: backend, clients and levels, for the report.
+    :ivar phases: seconds taken after the workload's end by each step:
+        ``heal`` (the nemesis stops and heals), ``clients`` (in-flight
+        operations finish), ``catchup`` and ``final`` (reading every server).
     """
 
     violations: list[Violation]
@@ -98,6 +101,7 @@ class CheckResult:
     token_errors: dict[str, list[str]] = field(default_factory=dict)
     duration: float = 0.0
     description: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -157,6 +161,10 @@ class CheckResult:
     def report(self, *, max_violations: int = 50) -> str:
         """The human-readable report ``run_check`` prints."""
         lines = [f"consistency check: {self.description}, {self.duration:.1f} s"]
+        if self.phases:
+            lines.append(
+                "after the end: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+            )
         outcomes = self.outcomes()
         kinds = self.ops_by_kind()
         per_kind = []
@@ -350,7 +358,10 @@ def run_check(
             gathered = asyncio.run_coroutine_threadsafe(run_tasks(), loop)
         # The workload runs for its duration (a schedule, not a condition).
         threading.Event().wait(duration)
+        phases: dict[str, float] = {}
+        mark = time.monotonic()
         nemesis.stop()
+        phases["heal"], mark = time.monotonic() - mark, time.monotonic()
         # In-flight operations end soon after healing; a client still running
         # after that is stuck, which the report shows as a failure.
         hung = []
@@ -364,8 +375,11 @@ def run_check(
             except concurrent.futures.TimeoutError:
                 hung += [c.spec.name for c in async_clients]
         elapsed = time.monotonic() - started
+        phases["clients"], mark = time.monotonic() - mark, time.monotonic()
         topology.wait_for_catchup(catchup_timeout)
+        phases["catchup"], mark = time.monotonic() - mark, time.monotonic()
         final = _final_state(topology, schema, servers)
+        phases["final"] = time.monotonic() - mark
     finally:
         for recorder in recorders:
             recorder.remove()
@@ -393,6 +407,7 @@ def run_check(
             c.spec.name: c.token_errors for c in (*sync_clients, *async_clients) if c.token_errors
         },
         duration=elapsed,
+        phases=phases,
         description=(
             f"{topology.server_version()} with {topology.replica_count} replicas, "
             f"{threads} threads + {tasks} tasks ("

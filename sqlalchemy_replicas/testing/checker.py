@@ -43,7 +43,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -154,14 +154,45 @@ class _Acks:
 @dataclass
 class _Floor:
     """What a read must see: everything acknowledged before ``time``, and
-    these writes themselves (as ids)."""
+    some writes themselves: per key the highest version among them (and its
+    op id), per counter the completion times of its increments."""
 
     time: float = -math.inf
-    writes: set[int] = field(default_factory=set)
+    versions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    increments: dict[str, list[float]] = field(default_factory=dict)
     counter_values: dict[str, int] = field(default_factory=dict)
 
-    def copy(self) -> _Floor:
-        return _Floor(self.time, set(self.writes), dict(self.counter_values))
+    def add(self, write: Op) -> None:
+        """Include ``write`` and, by the prefix property, everything
+        acknowledged before it was invoked."""
+        self.time = max(self.time, write.invoke)
+        if write.kind == "increment":
+            bisect.insort(self.increments.setdefault(write.key, []), write.complete)
+        elif (write.version or 0) > self.versions.get(write.key, (0, 0))[0]:
+            self.versions[write.key] = (write.version or 0, write.id)
+
+
+class _CausalFloors:
+    """The read-your-writes floor of each client (or causal domain), built
+    incrementally: reads are judged in invoke order, so each floor only ever
+    takes in more writes (those acknowledged before the current read began)."""
+
+    def __init__(self, writes: Iterable[Op], group: Callable[[Op], str]) -> None:
+        self._pending: dict[str, list[Op]] = defaultdict(list)
+        for write in sorted(writes, key=lambda w: w.complete):
+            self._pending[group(write)].append(write)
+        self._next: dict[str, int] = defaultdict(int)
+        self._floors: dict[str, _Floor] = defaultdict(_Floor)
+
+    def at(self, name: str, invoke: float) -> _Floor:
+        """``name``'s floor for a read invoked at ``invoke``."""
+        pending, floor = self._pending[name], self._floors[name]
+        i = self._next[name]
+        while i < len(pending) and pending[i].complete < invoke:
+            floor.add(pending[i])
+            i += 1
+        self._next[name] = i
+        return floor
 
 
 def check(
@@ -181,7 +212,6 @@ def check(
     :param slack: seconds added to every staleness bound (see the module doc).
     """
     ops = sorted(ops, key=lambda op: op.id)
-    by_id = {op.id: op for op in ops}
     writes_of: dict[str, list[Op]] = defaultdict(list)
     incs_of: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
@@ -220,20 +250,14 @@ def check(
             table = acks.get(op.key)
             best = table.version_before(floor.time) if table else 0
             why = "acknowledged before the floor"
-            for write_id in floor.writes:
-                w = by_id[write_id]
-                if w.key == op.key and (w.version or 0) > best:
-                    best, why = w.version or 0, f"written by op {w.id}"
+            version, writer_id = floor.versions.get(op.key, (0, 0))
+            if version > best:
+                best, why = version, f"written by op {writer_id}"
             return best, why
         count = inc_acks[op.key].count_before(floor.time) if op.key in inc_acks else 0
         why = "increments acknowledged before the floor"
-        own = sum(
-            1
-            for write_id in floor.writes
-            if (w := by_id[write_id]).kind == "increment"
-            and w.key == op.key
-            and w.complete >= floor.time
-        )
+        completes = floor.increments.get(op.key, [])
+        own = len(completes) - bisect.bisect_left(completes, floor.time)
         if own:
             count += own
             why += " plus the scope's own"
@@ -242,23 +266,14 @@ def check(
             count, why = seen, "already read in this scope"
         return final.initial_counters.get(op.key, 0) + count, why
 
-    def raise_floor(floor: _Floor, write: Op) -> None:
-        """``floor`` now includes ``write`` and, by the prefix property, all
-        acknowledged before it was invoked."""
-        floor.writes.add(write.id)
-        floor.time = max(floor.time, write.invoke)
-
-    # Per client: own acknowledged writes (in completion order); per scope:
-    # what monotonic reads have observed.
-    own_writes: dict[str, list[Op]] = defaultdict(list)
-    domain_writes: dict[str, list[Op]] = defaultdict(list)
-    for op in all_acked:
-        own_writes[op.client].append(op)
-        domain_writes[op.causal_domain].append(op)
+    # Per client (or causal domain): own acknowledged writes; per scope: what
+    # monotonic reads have observed.
+    by_client = _CausalFloors(all_acked, lambda w: w.client)
+    by_domain = _CausalFloors(all_acked, lambda w: w.causal_domain)
     scope_floor: dict[tuple[str, int], _Floor] = defaultdict(_Floor)
     allowed = final.servers
 
-    for op in ops:
+    for op in sorted(ops, key=lambda op: op.invoke):
         if not op.is_read or op.outcome != "ok":
             continue
         # -- every read: served by a known server, and the value was written ------
@@ -318,16 +333,11 @@ def check(
             checks.append(("bounded_staleness", _Floor(time=op.invoke - bound - slack)))
         scope = scope_floor[(op.client, op.scope)]
         if op.level in ("read_your_writes", "monotonic"):
-            causal = _Floor()
-            mine = (
-                domain_writes[op.causal_domain]
+            causal = (
+                by_domain.at(op.causal_domain, op.invoke)
                 if op.scope_kind == "router"
-                else own_writes[op.client]
+                else by_client.at(op.client, op.invoke)
             )
-            for w in mine:
-                if w.complete >= op.invoke:
-                    break
-                raise_floor(causal, w)
             checks.append(("read_your_writes", causal))
         if op.level == "monotonic":
             checks.append(("monotonic", scope))
@@ -344,7 +354,7 @@ def check(
         if op.level == "monotonic":
             # Later reads of the scope must see what this one saw.
             if observed is not None:
-                raise_floor(scope, observed)
+                scope.add(observed)
             if op.kind == "read_counter" and op.value is not None:
                 base = final.initial_counters.get(op.key, 0)
                 scope.counter_values[op.key] = max(

@@ -165,7 +165,7 @@ class RegisterSchema:
     def dump(self, connection: Connection) -> tuple[dict[str, int], dict[str, int]]:
         rows = connection.execute(sa.select(self.register.c.k, self.register.c.version))
         counters = connection.execute(sa.select(self.counter.c.name, self.counter.c.value))
-        return dict(rows.tuples().all()), dict(counters.tuples().all())
+        return {row[0]: row[1] for row in rows}, {row[0]: row[1] for row in counters}
 
 
 @dataclass(frozen=True)

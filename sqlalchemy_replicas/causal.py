@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.util.concurrency import in_greenlet
+
 from . import token as tokens
 from .exc import ConfigurationError
 
@@ -88,7 +90,13 @@ class CausalScope:
     def _resolve_unknown(self, router: ReplicaRouter[Any]) -> None:
         """Replace an unknown position by the primary's current one: a later
         position than the lost one, so a replica that has applied it has
-        applied the lost commit too (and every later read is as fresh)."""
+        applied the lost commit too (and every later read is as fresh).
+
+        An async router can only ask from its event loop's greenlet (inside
+        its sessions): asked elsewhere (``ctx.token`` in a coroutine), the
+        position stays unknown and travels so in the token."""
+        if router.is_async and not in_greenlet():
+            return
         try:
             position = router.current_position()
         except Exception as error:  # the primary is unreachable: keep reading from it

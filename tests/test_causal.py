@@ -517,3 +517,32 @@ def test_a_token_carries_a_position_that_could_not_be_read(
         conn.execute(sa.insert(Item).values(id=2, note="after"))
     with sr.causal_context(token), router.sessionmaker()() as session:
         assert session.get(Item, 2) is not None
+
+
+def test_async_token_with_an_unknown_position_needs_no_io_outside_the_loop(
+    topology: Topology, recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ctx.token read in a coroutine, after a commit whose position was lost:
+    an async router cannot ask the primary there, so the entry travels as
+    "unknown" (the next request resolves it or reads from the primary),
+    without touching its pool from outside a greenlet."""
+    router = sr.ReplicaRouter[AsyncEngine](
+        topology.async_primary_url, topology.async_replica_urls, secret=SECRET
+    )
+
+    async def main() -> str | None:
+        try:
+            async with router.async_sessionmaker()() as session:
+                await session.execute(sa.text("SELECT 1"))  # the lineage is known now
+            with sr.causal_context() as ctx:
+                ctx.scope.mark_unknown(router)
+                return ctx.token
+        finally:
+            await router.adispose()
+
+    with caplog.at_level(logging.ERROR):
+        token = asyncio.run(main())
+    assert token is not None
+    assert tokens.decode(token)["default"].position == tokens.UNKNOWN_POSITION
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

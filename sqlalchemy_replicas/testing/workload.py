@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkab
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ..causal import CausalContext, causal_context
 from ..consistency import ConsistencyLevel, consistency
@@ -405,12 +404,9 @@ async def run_async_client(
                 if time.monotonic() >= deadline:
                     break
                 await _async_op(client, make, scope)
-            # CausalContext.token may query the primary (to resolve a commit
-            # whose position was lost): on an async router that I/O needs a
-            # greenlet. Called straight from the coroutine it raises
-            # MissingGreenlet inside the pool, leaks the connection and leaves
-            # an unawaited psycopg coroutine (a library bug, reported).
-            token = await greenlet_spawn(client.token, ctx, token)
+            # Straight from the coroutine, as a web handler sets its cookie: an
+            # unknown position then travels as such (no I/O off the greenlet).
+            token = client.token(ctx, token)
 
 
 async def _async_op(client: _Client, make: async_sessionmaker[AsyncSession], scope: int) -> None:

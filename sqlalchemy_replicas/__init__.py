@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import exc
 from .causal import CausalContext, causal_context
 from .classify import Classification, Classifier, StatementKind, classify
-from .consistency import LEVELS, ConsistencyLevel, consistency
+from .consistency import LEVELS, ConsistencyLevel, consistency, default_consistency
 from .monitor import ReplicaStatus
 from .router import EngineSource, ReplicaRouter
 from .session import RoutingSession
@@ -31,6 +31,7 @@ __all__ = [
     "causal_context",
     "classify",
     "consistency",
+    "default_consistency",
     "exc",
     "sticky",
 ]

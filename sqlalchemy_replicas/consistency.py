@@ -23,6 +23,7 @@ __all__ = [
     "ConsistencySetting",
     "consistency",
     "current_consistency",
+    "default_consistency",
     "validate_level",
 ]
 
@@ -119,8 +120,8 @@ class consistency(ScopedSetting[ConsistencySetting]):  # used like a function
         ``max_lag``, at once.
 
     A statement's own ``consistency`` execution option wins over this; this
-    wins over the session's and the router's defaults. Isolated per thread
-    and per asyncio task; nests.
+    wins over the session's default, :class:`default_consistency` and the
+    router's default. Isolated per thread and per asyncio task; nests.
     """
 
     _stack: ContextVar[tuple[Any, ...]] = ContextVar("sqlalchemy_replicas.consistency", default=())
@@ -143,3 +144,33 @@ class consistency(ScopedSetting[ConsistencySetting]):  # used like a function
     def __repr__(self) -> str:
         extra = f", max_lag={self.value.max_lag}" if self.value.max_lag is not None else ""
         return f"consistency({self.value.level!r}{extra})"
+
+
+class default_consistency(ScopedSetting[ConsistencyLevel]):  # used like a function
+    """Set the default consistency level for a block or a function: what
+    sessions use when nothing more specific says otherwise.
+
+    Weaker than ``consistency()``: it is meant for a whole request or job (a
+    middleware's default per HTTP method, say), where a view's decorator, a
+    statement's option or a session created with its own ``consistency=``
+    must still win::
+
+        with sr.default_consistency("eventual"):   # around a GET request
+            ...
+
+    Precedence: statement > innermost ``consistency()`` > the session's own
+    default > innermost ``default_consistency()`` > the router's default.
+
+    :param level: one of :data:`LEVELS` (``bounded`` uses the router's ``max_lag``).
+    :raises ConfigurationError: for an unknown level, at once.
+    """
+
+    _stack: ContextVar[tuple[Any, ...]] = ContextVar(
+        "sqlalchemy_replicas.default_consistency", default=()
+    )
+
+    def __init__(self, level: ConsistencyLevel) -> None:
+        super().__init__(validate_level(level, argument="level"))
+
+    def __repr__(self) -> str:
+        return f"default_consistency({self.value!r})"

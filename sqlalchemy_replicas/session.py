@@ -22,6 +22,7 @@ from .consistency import (
     CausalScopeKind,
     ConsistencyLevel,
     current_consistency,
+    default_consistency,
     validate_causal_scope,
     validate_level,
 )
@@ -283,13 +284,18 @@ class RoutingSession(Session):
     # -- routing ------------------------------------------------------------
 
     def _level(self, statement_level: ConsistencyLevel | None) -> ConsistencyLevel:
-        """The level in force: statement > innermost consistency() > session > router."""
+        """The level in force: statement > innermost consistency() > session's
+        own default > innermost default_consistency() > router."""
         if statement_level is not None:
             return statement_level
         setting = current_consistency()
         if setting is not None:
             return setting.level
-        return self.default_consistency or self.router.default_consistency
+        return (
+            self.default_consistency
+            or default_consistency.current()
+            or self.router.default_consistency
+        )
 
     def _decide(self, clause: Any, level: ConsistencyLevel, read_only: bool | None) -> Decision:
         router = self.router

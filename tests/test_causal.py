@@ -318,6 +318,30 @@ def test_session_default_consistency(router: sr.ReplicaRouter) -> None:
     assert item_reads(log)[1].startswith("replica")
 
 
+def test_default_consistency_block_is_weaker_than_every_explicit_level(
+    router: sr.ReplicaRouter,
+) -> None:
+    """default_consistency() (a request's default) decides when nothing else
+    does; consistency(), a statement's option and a session's own
+    consistency= each win over it."""
+    router.start()
+    make = router.sessionmaker()
+    with StatementLog(router) as log, sr.default_consistency("strong"):
+        with make() as session:
+            session.scalar(sa.select(Item.note))  # the block's default: strong
+            with sr.consistency("eventual"):
+                session.scalar(sa.select(Item.note))
+            session.scalar(sa.select(Item.note).execution_options(consistency="eventual"))
+        with router.sessionmaker(consistency="eventual")() as session:
+            session.scalar(sa.select(Item.note))
+    with StatementLog(router) as after, make() as session:
+        session.scalar(sa.select(Item.note))  # outside: the router's read_your_writes
+    reads = item_reads(log)
+    assert reads[0] == "primary"
+    assert all(node.startswith("replica") for node in reads[1:]), reads
+    assert item_reads(after)[0].startswith("replica")
+
+
 def test_forged_and_broken_tokens_are_ignored_and_counted(
     router: sr.ReplicaRouter, caplog: pytest.LogCaptureFixture
 ) -> None:

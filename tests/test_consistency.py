@@ -54,6 +54,26 @@ def test_decorates_sync_and_async_functions() -> None:
     assert view.__name__ == "view"
 
 
+def test_default_consistency_nests_checks_its_level_and_decorates() -> None:
+    """default_consistency() stacks like consistency(), separately from it,
+    and rejects an unknown level where it is given."""
+    assert sr.default_consistency.current() is None
+    with sr.default_consistency("eventual"):
+        with sr.default_consistency("strong"):
+            assert sr.default_consistency.current() == "strong"
+        assert sr.default_consistency.current() == "eventual"
+        assert level() is None  # not a consistency() block
+
+    @sr.default_consistency("monotonic")
+    async def view() -> str | None:
+        return sr.default_consistency.current()
+
+    assert asyncio.run(view()) == "monotonic"
+    assert sr.default_consistency.current() is None
+    with pytest.raises(ConfigurationError, match="not a consistency level"):
+        sr.default_consistency("bogus")  # type: ignore[arg-type]
+
+
 def test_isolated_per_thread_and_per_task() -> None:
     """A level set in one thread or task is not seen by another."""
     seen: dict[str, str | None] = {}

@@ -23,7 +23,13 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["call_blocking", "create_async_engine", "is_async_engine", "require_asyncio"]
+__all__ = [
+    "call_blocking",
+    "create_async_engine",
+    "in_async_greenlet",
+    "is_async_engine",
+    "require_asyncio",
+]
 
 _R = TypeVar("_R")
 
@@ -74,12 +80,24 @@ def call_blocking(function: Callable[..., _R], *args: Any) -> _R:
     """``function(*args)``, which blocks its thread for a while (a wait on a
     ``threading`` condition). Inside an async session's greenlet it runs in a
     worker thread that the event loop awaits, so other tasks go on meanwhile."""
-    from sqlalchemy.util.concurrency import in_greenlet
-
-    if not in_greenlet():
+    if not in_async_greenlet():
         return function(*args)
     import asyncio
 
     from sqlalchemy.util import await_only
 
     return await_only(asyncio.to_thread(function, *args))
+
+
+def in_async_greenlet() -> bool:
+    """True inside the greenlet of an async session or engine call.
+
+    Never imports greenlet: SQLAlchemy's own check raises without it, and
+    until an async engine was used here it has not been imported, so no such
+    greenlet can be running.
+    """
+    if "greenlet" not in sys.modules:
+        return False
+    from sqlalchemy.util.concurrency import in_greenlet
+
+    return in_greenlet()

@@ -17,9 +17,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.util.concurrency import in_greenlet
-
 from . import token as tokens
+from ._asyncio import in_async_greenlet
 from .exc import ConfigurationError
 
 if TYPE_CHECKING:
@@ -95,7 +94,7 @@ class CausalScope:
         An async router can only ask from its event loop's greenlet (inside
         its sessions): asked elsewhere (``ctx.token`` in a coroutine), the
         position stays unknown and travels so in the token."""
-        if router.is_async and not in_greenlet():
+        if router.is_async and not in_async_greenlet():
             return
         try:
             position = router.current_position()

@@ -16,11 +16,16 @@ from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import sessionmaker
-from sqlalchemy.util.concurrency import in_greenlet
 from typing_extensions import TypeVar
 
 from . import _config
-from ._asyncio import call_blocking, create_async_engine, is_async_engine, require_asyncio
+from ._asyncio import (
+    call_blocking,
+    create_async_engine,
+    in_async_greenlet,
+    is_async_engine,
+    require_asyncio,
+)
 from ._dependencies import missing_driver
 from ._listeners import Listeners, weak_method
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
@@ -489,7 +494,7 @@ class ReplicaRouter(Generic[_E]):
         if self._positions is None:
             engine = self._primary.sync_engine
             if _server_kind_unknown(engine):
-                if self.is_async and not in_greenlet():
+                if self.is_async and not in_async_greenlet():
                     return None
                 with engine.connect() as connection:  # initializes the dialect
                     connection.info[CAPTURED_KEY] = True  # nothing to capture

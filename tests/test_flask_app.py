@@ -164,12 +164,12 @@ def test_two_apps_in_one_process_use_their_own_routers(topology: Topology) -> No
 
 
 def test_extension_refuses_what_cannot_work() -> None:
-    """init_app without a router, with a router without secret, twice on one
+    """init_app without a router or DATABASE_URL, with a router without secret, twice on one
     app; current_router() outside an app context and on an app without the
     extension: each raises at once, naming the fix."""
     replicas = Replicas()
     app = flask.Flask("refusals")
-    with pytest.raises(ConfigurationError, match="router="):
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
         replicas.init_app(app)
     secretless = sr.ReplicaRouter("sqlite://")
     signed = sr.ReplicaRouter("sqlite://", secret=SECRET)
@@ -186,6 +186,29 @@ def test_extension_refuses_what_cannot_work() -> None:
     finally:
         secretless.dispose()
         signed.dispose()
+
+
+def test_init_app_builds_the_router_from_app_config() -> None:
+    """Without router=, init_app builds the app's router from app.config:
+    Flask-SQLAlchemy's SQLALCHEMY_DATABASE_URI as the primary and
+    SQLALCHEMY_REPLICAS_<OPTION> settings; the cookie's lifetime follows its
+    token_max_age."""
+    app = flask.Flask("from_config")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI="sqlite://",
+        SQLALCHEMY_REPLICAS_SECRET=SECRET,
+        SQLALCHEMY_REPLICAS_TOKEN_MAX_AGE=3600,
+        SQLALCHEMY_REPLICAS_COOKIE_NAME="causal",
+    )
+    replicas = Replicas(app)
+    router = replicas.get_router(app)
+    try:
+        assert router.secret == SECRET
+        assert str(router.primary.url) == "sqlite://"
+        middleware = app.extensions[EXTENSION_KEY].middleware
+        assert (middleware.cookie_name, middleware.max_age) == ("causal", 3600)
+    finally:
+        router.dispose()
 
 
 def test_config_keys_name_the_cookie_and_header(topology: Topology) -> None:

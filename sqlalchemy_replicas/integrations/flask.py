@@ -8,7 +8,8 @@
 
     def create_app():
         app = Flask(__name__)
-        replicas.init_app(app, router=sr.ReplicaRouter(PRIMARY, REPLICAS, secret=SECRET))
+        app.config.from_prefixed_env()   # DATABASE_URL, SQLALCHEMY_REPLICAS_SECRET, ...
+        replicas.init_app(app)           # or init_app(app, router=ReplicaRouter(...))
         return app
 
 ``init_app`` wraps ``app.wsgi_app`` in the WSGI
@@ -142,6 +143,12 @@ class Replicas:
     ) -> None:
         """Give ``app`` its router and wrap its WSGI app in the causal middleware.
 
+        Without ``router``, builds it from ``app.config`` with
+        :meth:`ReplicaRouter.from_settings`: ``DATABASE_URL`` (else
+        Flask-SQLAlchemy's ``SQLALCHEMY_DATABASE_URI``),
+        ``DATABASE_REPLICA_URLS`` and ``SQLALCHEMY_REPLICAS_<OPTION>``
+        (``SQLALCHEMY_REPLICAS_SECRET``, ``..._WAIT_TIMEOUT``, ...).
+
         Reads ``SQLALCHEMY_REPLICAS_COOKIE_NAME`` (default ``db_causal``),
         ``SQLALCHEMY_REPLICAS_HEADER_NAME`` (``X-DB-Causal``),
         ``SQLALCHEMY_REPLICAS_COOKIE_SECURE`` (False) and
@@ -152,19 +159,21 @@ class Replicas:
         app shuts down is yours (Flask has no shutdown hook). Sessions of
         :attr:`session` are removed when each app context ends.
 
-        :param router: the app's router; it must be sync and have a ``secret``.
+        :param router: the app's router (default: from ``app.config``); it
+            must be sync and have a ``secret``.
         :param sticky_key: given a request's WSGI environ, the key its reads
             stick to (see ``CausalMiddleware``).
         :param method_consistency: a default level per HTTP method.
-        :raises ConfigurationError: for an app initialised twice, a missing,
-            async or secret-less router, or a bad config value.
+        :raises ConfigurationError: for an app initialised twice, an async or
+            secret-less router, or a missing or bad config value (naming it).
         """
         if EXTENSION_KEY in app.extensions:
             raise ConfigurationError(f"sqlalchemy-replicas is already set up on app {app.name!r}")
         if router is None:
-            raise ConfigurationError(
-                "init_app() needs router=ReplicaRouter(...): the app's primary and replicas"
-            )
+            # The same names as the environment: DATABASE_URL (or
+            # SQLALCHEMY_DATABASE_URI), DATABASE_REPLICA_URLS,
+            # SQLALCHEMY_REPLICAS_<OPTION>.
+            router = ReplicaRouter[Engine].from_settings(app.config)
         if not isinstance(router, ReplicaRouter):
             raise ConfigurationError(f"router must be a ReplicaRouter, not {type(router).__name__}")
         if router.is_async:

@@ -8,7 +8,7 @@
 
     def create_app():
         app = Flask(__name__)
-        app.config.from_prefixed_env()   # DATABASE_URL, SQLALCHEMY_REPLICAS_SECRET, ...
+        app.config.from_prefixed_env()   # FLASK_DATABASE_URL -> DATABASE_URL, ...
         replicas.init_app(app)           # or init_app(app, router=ReplicaRouter(...))
         return app
 

@@ -24,7 +24,14 @@ from .exc import ConfigurationError
 if TYPE_CHECKING:
     from .router import ReplicaRouter
 
-__all__ = ["CausalContext", "CausalScope", "causal_context", "current_scope", "rejected_tokens"]
+__all__ = [
+    "CausalContext",
+    "CausalScope",
+    "causal_context",
+    "current_scope",
+    "enter_causal_context",
+    "rejected_tokens",
+]
 
 logger = logging.getLogger("sqlalchemy_replicas.causal")
 
@@ -48,6 +55,15 @@ class CausalScope:
         self._issued_at: dict[str, float] = {}
         # router name -> the replica this scope's monotonic reads stay on.
         self._monotonic_replica: dict[str, str] = {}
+        # Commits recorded here (positions known or not), so that a web
+        # middleware can tell whether the token changed without building it.
+        self._commits = 0
+
+    @property
+    def commits(self) -> int:
+        """How many commits were recorded in this scope (absorbed token entries
+        do not count)."""
+        return self._commits
 
     def add(self, router: ReplicaRouter[Any], position: Any) -> None:
         """Record a commit's position."""
@@ -55,6 +71,7 @@ class CausalScope:
         with self._lock:
             self._merge(router, position)
             self._issued_at.pop(router.name, None)
+            self._commits += 1
 
     def monotonic_replica(self, router: ReplicaRouter[Any]) -> str | None:
         """The replica this scope's monotonic reads on ``router`` stay on, if any."""
@@ -74,6 +91,7 @@ class CausalScope:
         (which includes that commit) instead."""
         with self._lock:
             self._unknown[router.name] = router
+            self._commits += 1
 
     def target(self, router: ReplicaRouter[Any]) -> tuple[Any | None, bool]:
         """The position ``router``'s replicas must have applied, and whether
@@ -214,6 +232,13 @@ class CausalContext:
         self.scope = scope
 
     @property
+    def changed(self) -> bool:
+        """Whether a commit was made in the block so far: only then can
+        :attr:`token` differ from the token the block was given (a web
+        middleware sets the cookie only then)."""
+        return self.scope.commits > 0
+
+    @property
     def token(self) -> str | None:
         """The scope's positions as an opaque, URL-safe, signed string, or
         None when the scope holds none. Set it as a cookie or header and pass
@@ -237,6 +262,30 @@ def causal_context(token: str | None = None) -> Iterator[CausalContext]:
 
     :param token: ``ctx.token`` of an earlier causal context, or None.
     """
+    scope = _scope_from(token)
+    reset = _scope.set(scope)
+    try:
+        yield CausalContext(scope)
+    finally:
+        _scope.reset(reset)
+
+
+def enter_causal_context(token: str | None = None) -> CausalContext:
+    """Open a causal scope, as :func:`causal_context` does, and make it
+    current in the running :class:`contextvars.Context` for good.
+
+    For middlewares that run each request in a context of its own
+    (``contextvars.copy_context().run(...)``) and drop it afterwards: nothing
+    needs resetting, so nothing can be reset from the wrong context, even
+    when a server never closes a response.
+    """
+    scope = _scope_from(token)
+    _scope.set(scope)
+    return CausalContext(scope)
+
+
+def _scope_from(token: str | None) -> CausalScope:
+    """A new scope seeded from ``token``; a bad token is rejected, never raised."""
     incoming: dict[str, tokens.TokenEntry] = {}
     # An empty cookie or header is no token, not a bad one.
     if token is not None and not (isinstance(token, str) and not token):
@@ -246,12 +295,7 @@ def causal_context(token: str | None = None) -> Iterator[CausalContext]:
             reject(error)
         except Exception as error:  # decode raises only TokenError; untrusted input never raises
             reject(tokens.TokenError("malformed", f"{type(error).__name__}: {error}"))
-    scope = CausalScope(incoming)
-    reset = _scope.set(scope)
-    try:
-        yield CausalContext(scope)
-    finally:
-        _scope.reset(reset)
+    return CausalScope(incoming)
 
 
 #: Set in a primary connection's info once its commit's position is recorded,

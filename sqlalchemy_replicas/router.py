@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -16,7 +17,7 @@ from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import sessionmaker
-from typing_extensions import TypeVar
+from typing_extensions import Self, TypeVar, Unpack
 
 from . import _config
 from ._asyncio import (
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
     from .session import RoutingSession
+    from .settings import RouterOptions
 
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
@@ -360,6 +362,66 @@ class ReplicaRouter(Generic[_E]):
             _close_idle_connections,
             [r.sync_engine for r in (self._primary, *self._replicas) if r.owned and not r.is_async],
         )
+
+    # -- from settings ------------------------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        prefix: str = "",
+        environ: Mapping[str, str] | None = None,
+        **overrides: Unpack[RouterOptions],
+    ) -> Self:
+        """A router configured by environment variables.
+
+        ``DATABASE_URL`` (else ``SQLALCHEMY_DATABASE_URI``) is the primary,
+        ``DATABASE_REPLICA_URLS`` the replicas (comma-separated URLs, or
+        ``name=URL`` pairs), and ``SQLALCHEMY_REPLICAS_<OPTION>`` each option
+        of the constructor, e.g. ``SQLALCHEMY_REPLICAS_WAIT_TIMEOUT=0.3``
+        (docs/configuration.md lists them all, with their formats).
+
+        ``ReplicaRouter[AsyncEngine].from_env()`` is typed as an async router
+        (the URLs decide at run time, as for the constructor).
+
+        :param prefix: put in front of every name, for an app with several
+            databases: ``prefix="ANALYTICS_"`` reads ``ANALYTICS_DATABASE_URL``,
+            ``ANALYTICS_DATABASE_REPLICA_URLS``,
+            ``ANALYTICS_SQLALCHEMY_REPLICAS_MAX_LAG``, ...
+        :param environ: the variables to read (default ``os.environ``).
+        :param overrides: constructor arguments (``primary``, ``replicas``,
+            ``engine_options``, ...) that win over the variables.
+        :raises ConfigurationError: naming the variable and the fix (a secret
+            or a password is never echoed); for a missing primary, the names
+            looked for.
+        """
+        from . import settings
+
+        arguments = settings.from_environ(
+            os.environ if environ is None else environ, prefix=prefix, overrides=overrides
+        )
+        return cls(arguments.primary, arguments.replicas, **arguments.options)
+
+    @classmethod
+    def from_settings(
+        cls, settings: object, *, prefix: str = "", **overrides: Unpack[RouterOptions]
+    ) -> Self:
+        """A router configured by a settings mapping or object, with the names
+        of :meth:`from_env`: Flask's ``app.config`` or a dict (upper-case keys,
+        then lower-case), a pydantic-settings ``BaseSettings`` or a module
+        (lower-case attributes such as ``database_url``, then upper-case).
+        Values may be typed already (numbers, lists, mappings, pydantic's
+        ``SecretStr`` and URL types); strings are read as in the environment.
+
+        :param settings: the mapping or object.
+        :param prefix: as for :meth:`from_env`.
+        :param overrides: constructor arguments that win over the settings.
+        :raises ConfigurationError: naming the key or attribute and the fix.
+        """
+        from . import settings as _settings
+
+        arguments = _settings.from_settings(settings, prefix=prefix, overrides=overrides)
+        return cls(arguments.primary, arguments.replicas, **arguments.options)
 
     # -- public -------------------------------------------------------------
 

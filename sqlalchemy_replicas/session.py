@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeAlias, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -35,7 +35,11 @@ from .sticky import current_sticky_key
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["RoutingSession"]
+__all__ = ["RouterProvider", "RoutingSession"]
+
+RouterProvider: TypeAlias = "Callable[[], ReplicaRouter[Any]]"
+"""A zero-argument callable that returns the router a new session routes
+through; ``RoutingSession(router=...)`` accepts one in place of a router."""
 
 logger = logging.getLogger("sqlalchemy_replicas.routing")
 
@@ -92,7 +96,13 @@ class RoutingSession(Session):
     :class:`~sqlalchemy_replicas.exc.ConfigurationError` rather than
     guessing where to write.
 
-    :param router: the :class:`ReplicaRouter` to route through.
+    :param router: the :class:`ReplicaRouter` to route through, or a
+        zero-argument callable returning it (a :data:`RouterProvider`),
+        called once when the session is created: a session maker made before
+        the router exists (at import time, as Flask-SQLAlchemy makes its
+        own) then binds each session to the router of the moment, e.g.
+        ``sqlalchemy_replicas.integrations.flask.current_router`` for the
+        current Flask app's.
     :param consistency: this session's default consistency level (default:
         the router's); ``consistency()`` blocks and statement options win.
     :param causal_scope: whose commits this session's ``read_your_writes``
@@ -123,13 +133,27 @@ class RoutingSession(Session):
     def __init__(
         self,
         *args: Any,
-        router: ReplicaRouter[Engine | AsyncEngine],
+        router: ReplicaRouter[Engine | AsyncEngine] | RouterProvider,
         consistency: ConsistencyLevel | None = None,
         causal_scope: CausalScopeKind | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(router, ReplicaRouter) and callable(router):
+            # Resolved now, once per session: a session maker made before the
+            # application is configured (Flask-SQLAlchemy's, at import time)
+            # gets each application's router when a session is created.
+            provided = router()
+            if not isinstance(provided, ReplicaRouter):
+                raise ConfigurationError(
+                    f"the router provider {router!r} returned {type(provided).__name__}, "
+                    "not a ReplicaRouter"
+                )
+            router = provided
         if not isinstance(router, ReplicaRouter):
-            raise ConfigurationError(f"router must be a ReplicaRouter, not {type(router).__name__}")
+            raise ConfigurationError(
+                "router must be a ReplicaRouter or a callable that returns one, not "
+                f"{type(router).__name__}"
+            )
         if kwargs.get("binds"):
             # Routing would send those mappers' statements to the router's
             # servers instead: data written to the wrong database.

@@ -101,6 +101,17 @@ def test_revealed_types_are_precise(mypy_findings: list[Finding]) -> None:
     assert errors == []
 
 
+def test_routers_from_settings_are_typed_as_asked(mypy_findings: list[Finding]) -> None:
+    """``ReplicaRouter.from_env()`` / ``from_settings()`` are typed as the class they are
+    called on: ``ReplicaRouter[Engine]`` plain, ``ReplicaRouter[AsyncEngine]`` when
+    written so; every reveal_type in tests/typing/settings_types.py reveals the type
+    written above it, and nothing there is an error."""
+    expected = expectations("settings_types.py", "revealed")
+    assert revealed_types(mypy_findings, "settings_types.py") == expected
+    errors = [f for f in mypy_findings if f.file == "settings_types.py" and f.kind == "error"]
+    assert errors == []
+
+
 def test_misuse_is_rejected(mypy_findings: list[Finding]) -> None:
     """The wrong session maker for the router's kind, a session class that does not
     route, and mixed sync/async engines are type errors: each line marked in

@@ -1,5 +1,11 @@
 """Integrations with the frameworks and tools applications run the router in.
 
+- :mod:`sqlalchemy_replicas.integrations.wsgi`: ``CausalMiddleware`` for any
+  WSGI application (Flask, Django, Pyramid, Falcon, ...).
+- :mod:`sqlalchemy_replicas.integrations.flask`: a Flask extension built on it.
+- :mod:`sqlalchemy_replicas.integrations.alembic`: migrations on the primary,
+  then a bounded wait for the replicas.
+
 Each module imports its framework only when imported itself: importing
 ``sqlalchemy_replicas`` never imports any of them.
 """

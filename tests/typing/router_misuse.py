@@ -2,7 +2,7 @@
 
 The line after each ``# error: <code>`` comment must draw that mypy error; no
 other line may draw one. The run time refuses each of these too (ConfigurationError),
-except the last, a sync router given where an async one is wanted.
+except ``not_async``, a sync router given where an async one is wanted.
 """
 
 from __future__ import annotations
@@ -33,3 +33,9 @@ sr.ReplicaRouter(sa.create_engine(URL), [create_async_engine(ASYNC_URL)])
 sr.ReplicaRouter(create_async_engine(ASYNC_URL), [sa.create_engine(URL)])
 # error: assignment
 not_async: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(sa.create_engine(URL))
+# error: misc
+sr.ReplicaRouter.from_env().async_sessionmaker()
+# error: call-arg
+sr.ReplicaRouter.from_env(max_lags=1.0)
+# error: arg-type
+sr.ReplicaRouter.from_settings({}, wait_timeout="0.3")

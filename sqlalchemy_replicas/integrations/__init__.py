@@ -1,0 +1,1 @@
+"""Integrations with web and job frameworks; each module imports its framework."""

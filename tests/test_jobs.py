@@ -429,6 +429,32 @@ def test_celery_task_sent_with_a_bad_token_runs_and_the_token_is_logged(
     assert "ignored a causal token" in caplog.text
 
 
+def test_celery_publish_with_a_secretless_router_in_the_context_logs_the_fix(
+    lagging: Topology, celery_app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Celery swallows what a publish handler raises: a commit in the enclosing
+    context through a router without a secret (not given to install()) makes the
+    handler log an ERROR naming secret=, and the task is still sent."""
+    router = sr.ReplicaRouter(lagging.primary_url, lagging.replica_urls)
+
+    @register(celery_app, "noop")
+    def noop() -> None:
+        return None
+
+    sr_celery.install()
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="sqlalchemy_replicas.integrations.celery"),
+            sr.causal_context(),
+        ):
+            commit_item(router, 1)
+            assert noop.delay().id
+    finally:
+        router.dispose()
+    assert "sent without a causal token" in caplog.text
+    assert "secret=" in caplog.text
+
+
 def test_celery_install_is_idempotent_and_uninstall_removes_the_handlers(
     celery_app: Celery,
 ) -> None:

@@ -28,6 +28,7 @@ EXTRAS: Final[Mapping[str, str]] = {
     "pymysql": "mysql",
     "aiomysql": "asyncio",
     "greenlet": "asyncio",
+    "celery": "celery",
 }
 
 # Why a module is needed, when its name does not say it.

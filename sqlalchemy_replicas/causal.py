@@ -201,6 +201,38 @@ class CausalScope:
         merged = position if known is None else backend.merge(known[1], position)
         self._positions[router.name] = (router, merged)
 
+    def copy(self) -> CausalScope:
+        """A new scope holding what this one holds now: positions, unknown
+        positions, token entries not yet verified and their issue times.
+        Later commits in either scope do not reach the other."""
+        with self._lock:
+            twin = CausalScope(self._incoming)
+            twin._positions = dict(self._positions)
+            twin._unknown = dict(self._unknown)
+            twin._issued_at = dict(self._issued_at)
+            twin._monotonic_replica = dict(self._monotonic_replica)
+        return twin
+
+    def include(self, other: CausalScope) -> None:
+        """Add ``other``'s commits to this scope, as if they were made here.
+
+        ``other`` must hold no unverified token entries (a router's
+        :attr:`~sqlalchemy_replicas.ReplicaRouter.process_scope` never does):
+        an entry can only be merged once its router has verified it.
+
+        :raises ValueError: when ``other`` holds unverified token entries.
+        """
+        with other._lock:
+            if other._incoming:
+                raise ValueError("a scope with unverified token entries cannot be included")
+            positions = list(other._positions.values())
+            unknown = list(other._unknown.values())
+        for router, position in positions:
+            self.add(router, position)
+        for router in unknown:
+            self._absorb_incoming(router)
+            self.mark_unknown(router)
+
 
 _scope: ContextVar[CausalScope | None] = ContextVar("sqlalchemy_replicas.causal", default=None)
 

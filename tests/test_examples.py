@@ -64,3 +64,12 @@ def test_failover_example_serves_every_read_and_follows_the_primary() -> None:
     assert "replica1 restarted and readmitted" in output
     assert "write after failover: coffee" in output
     assert "primary moved: True" in output
+
+
+@pytest.mark.postgresql
+def test_celery_example_task_reads_the_order_only_with_the_integration() -> None:
+    """celery_app.py: with the integration installed the task reads the order the
+    request committed; uninstalled, it reads the replica that has not applied it."""
+    output = run_example("celery_app.py")
+    assert "task read with the integration: 'paid'" in output
+    assert "task read without it (stale):   None" in output

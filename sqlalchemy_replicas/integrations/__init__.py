@@ -3,6 +3,8 @@
 - :mod:`sqlalchemy_replicas.integrations.wsgi`: ``CausalMiddleware`` for any
   WSGI application (Flask, Django, Pyramid, Falcon, ...).
 - :mod:`sqlalchemy_replicas.integrations.flask`: a Flask extension built on it.
+- :mod:`sqlalchemy_replicas.integrations.celery`: causal tokens in task
+  headers (the framework-free helpers are in :mod:`sqlalchemy_replicas.jobs`).
 - :mod:`sqlalchemy_replicas.integrations.alembic`: migrations on the primary,
   then a bounded wait for the replicas.
 

@@ -78,6 +78,27 @@ def measure(make: Callable[[], Session], statements: int) -> float:
         return pk_selects(session, statements) / statements / 1000
 
 
+RULE_ROUTERS: dict[str, sr.ReplicaRouter] = {}
+
+
+def rule_variants(topology: PostgresTopology) -> dict[str, Callable[[], Session]]:
+    """Routers with table rules (where this checkout has them): a rule on a table
+    the statement does not read (its tables are looked up, cached), and one on
+    the table it reads (eventual: the read takes the rule's level)."""
+    if not hasattr(sr, "table_consistency"):
+        return {}
+    for label, rules in (
+        ("RoutingSession, replica (router scope), rule on another table", {"orders": "strong"}),
+        ("RoutingSession, replica, eventual rule on the table read", {Account: "eventual"}),
+    ):
+        RULE_ROUTERS[label] = sr.ReplicaRouter(
+            topology.primary_url,
+            topology.replica_urls,
+            rules=rules,  # type: ignore[arg-type]
+        )
+    return {label: router.sessionmaker() for label, router in RULE_ROUTERS.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--statements", type=int, default=2000)
@@ -111,6 +132,7 @@ def main() -> None:
             "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
             "RoutingSession, replica (session scope)": session_scope.sessionmaker(),
             "RoutingSession, replica (router scope)": router_scope.sessionmaker(),
+            **rule_variants(topology),
             "Flask-SQLAlchemy Session": sa.orm.sessionmaker(
                 class_=flask_sqlalchemy.session.Session, db=db
             ),
@@ -123,6 +145,7 @@ def main() -> None:
         replica_paths = [
             (session_scope, makers["RoutingSession, replica (session scope)"]),
             (router_scope, makers["RoutingSession, replica (router scope)"]),
+            *[(RULE_ROUTERS[name], makers[name]) for name in RULE_ROUTERS],
             (router_scope, makers["RoutingSession over Flask-SQLAlchemy, replica (router scope)"]),
         ]
         for router, make in replica_paths:  # each measures the replica path
@@ -140,6 +163,8 @@ def main() -> None:
         context.pop()
         session_scope.dispose()
         router_scope.dispose()
+        for rule_router in RULE_ROUTERS.values():
+            rule_router.dispose()
         engine.dispose()
         autocommit.dispose()
 

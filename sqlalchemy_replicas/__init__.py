@@ -14,6 +14,7 @@ from .classify import Classification, Classifier, StatementKind, classify
 from .consistency import LEVELS, ConsistencyLevel, consistency, default_consistency
 from .monitor import ReplicaStatus
 from .router import EngineSource, ReplicaRouter
+from .rules import table_consistency
 from .session import RoutingSession
 from .sticky import sticky
 
@@ -34,6 +35,7 @@ __all__ = [
     "default_consistency",
     "exc",
     "sticky",
+    "table_consistency",
 ]
 
 __version__ = "0.1.0.dev0"

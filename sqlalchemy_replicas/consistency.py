@@ -120,8 +120,9 @@ class consistency(ScopedSetting[ConsistencySetting]):  # used like a function
         ``max_lag``, at once.
 
     A statement's own ``consistency`` execution option wins over this; this
-    wins over the session's default, :class:`default_consistency` and the
-    router's default. Isolated per thread and per asyncio task; nests.
+    wins over per-table rules (``ReplicaRouter(rules=...)``), the session's
+    default, :class:`default_consistency` and the router's default.
+    Isolated per thread and per asyncio task; nests.
     """
 
     _stack: ContextVar[tuple[Any, ...]] = ContextVar("sqlalchemy_replicas.consistency", default=())
@@ -158,8 +159,9 @@ class default_consistency(ScopedSetting[ConsistencyLevel]):  # used like a funct
         with sr.default_consistency("eventual"):   # around a GET request
             ...
 
-    Precedence: statement > innermost ``consistency()`` > the session's own
-    default > innermost ``default_consistency()`` > the router's default.
+    Precedence: statement > innermost ``consistency()`` > per-table rules >
+    the session's own default > innermost ``default_consistency()`` > the
+    router's default.
 
     :param level: one of :data:`LEVELS` (``bounded`` uses the router's ``max_lag``).
     :raises ConfigurationError: for an unknown level, at once.

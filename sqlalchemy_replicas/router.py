@@ -48,6 +48,7 @@ from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
+from .rules import TableRules
 from .sticky import rank
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
@@ -161,6 +162,15 @@ class ReplicaRouter(Generic[_E]):
         configured primary first. A replica may be listed here too. When no
         candidate qualifies, primary connections raise
         :class:`~sqlalchemy_replicas.exc.PrimaryUnavailable`.
+    :param rules: per-table consistency: table name (``"orders"``, or
+        ``"schema.orders"``), ``Table`` or mapped class -> level, e.g.
+        ``{"orders": "strong", Product: "eventual"}``. A read's level is the
+        strictest rule of the tables it reads (strong, monotonic,
+        read_your_writes, bounded, eventual), a table without a rule
+        counting at the level that applies otherwise; a statement option or
+        a ``consistency()`` block wins over rules, rules win over session
+        and router defaults. Tables' ``info`` may hold rules too
+        (:func:`~sqlalchemy_replicas.table_consistency`); these win over them.
     :raises ConfigurationError: for a bad URL (a malformed port included),
         mixed dialects, mixed sync and async sources, a negative number, an
         unknown consistency level, ``replicas`` that is not a sequence or a
@@ -192,6 +202,7 @@ class ReplicaRouter(Generic[_E]):
         lag_check_interval: float = 1.0,
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
+        rules: Mapping[Any, ConsistencyLevel] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -212,6 +223,7 @@ class ReplicaRouter(Generic[_E]):
         lag_check_interval: float = 1.0,
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
+        rules: Mapping[Any, ConsistencyLevel] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -232,6 +244,7 @@ class ReplicaRouter(Generic[_E]):
         lag_check_interval: float = 1.0,
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
+        rules: Mapping[Any, ConsistencyLevel] | None = None,
     ) -> None: ...
     def __init__(
         self,
@@ -251,6 +264,7 @@ class ReplicaRouter(Generic[_E]):
         lag_check_interval: float = 1.0,
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
+        rules: Mapping[Any, ConsistencyLevel] | None = None,
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
@@ -318,6 +332,10 @@ class ReplicaRouter(Generic[_E]):
             "postgresql" if family == "postgresql" else "mysql" if family == "mysql" else "generic",
             writing_functions=writing_functions,
             read_only_functions=read_only_functions,
+        )
+        #: Per-table consistency rules (``rules=`` and tables' info).
+        self.table_rules = TableRules(
+            rules, classifier=self.classifier, dialect=self._primary.sync_engine.dialect
         )
         self._weights = _weights(weights, self.replica_names)
         for replica in self._replicas:

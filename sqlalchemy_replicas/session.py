@@ -30,6 +30,7 @@ from .exc import ConfigurationError
 from .policy import Decision, decide, first_caught_up, wait_candidate
 from .pools import PoolFull, nowait_checkout, pool_is_full
 from .router import ReplicaRouter, RoutedEngine
+from .rules import info_rules_declared
 from .sticky import current_sticky_key
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ class RoutingSession(Session):
                 if foreign is not None:
                     return foreign
             # No waiting here: get_bind must stay quick and free of I/O.
-            level = self._level(None)
+            level = self._level(None, None if self._flushing else clause)
             decision = self._decide(clause, level, None)
             return self._route(decision, clause, level, wait=False).sync_engine
         if self._pinned_to_primary:
@@ -307,19 +308,26 @@ class RoutingSession(Session):
 
     # -- routing ------------------------------------------------------------
 
-    def _level(self, statement_level: ConsistencyLevel | None) -> ConsistencyLevel:
-        """The level in force: statement > innermost consistency() > session's
-        own default > innermost default_consistency() > router."""
+    def _level(
+        self, statement_level: ConsistencyLevel | None, statement: Any = None
+    ) -> ConsistencyLevel:
+        """The level in force: statement > innermost consistency() > the rules
+        of the tables ``statement`` reads > session's own default > innermost
+        default_consistency() > router."""
         if statement_level is not None:
             return statement_level
         setting = current_consistency()
         if setting is not None:
             return setting.level
-        return (
+        level = (
             self.default_consistency
             or default_consistency.current()
             or self.router.default_consistency
         )
+        rules = self.router.table_rules
+        if statement is None or not (rules.explicit or info_rules_declared()):
+            return level  # no rule anywhere: nothing to look up
+        return rules.level(statement, level)
 
     def _decide(self, clause: Any, level: ConsistencyLevel, read_only: bool | None) -> Decision:
         router = self.router
@@ -713,7 +721,7 @@ class RoutingSession(Session):
                     bind_arguments={**(bind_arguments or EMPTY_DICT), "bind": foreign}, **kw,
                 )  # fmt: skip
         statement_level, read_only = _routing_options(statement, execution_options)
-        level = self._level(statement_level)
+        level = self._level(statement_level, statement)
         decision = self._decide(statement, level, read_only)
         target = self._route(decision, statement, level, wait=True)
         routed = (

@@ -89,6 +89,7 @@ OPTIONS: Final = (
     "lag_check_interval",
     "primary_candidates",
     "causal_scope",
+    "rules",
 )
 
 
@@ -111,6 +112,7 @@ class RouterOptions(TypedDict, total=False):
     lag_check_interval: float
     primary_candidates: Iterable[EngineSource]
     causal_scope: CausalScopeKind
+    rules: Mapping[Any, ConsistencyLevel] | None
 
 
 @dataclass(frozen=True)

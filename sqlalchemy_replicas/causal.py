@@ -49,6 +49,16 @@ class CausalScope:
         self._issued_at: dict[str, float] = {}
         # router name -> the replica this scope's monotonic reads stay on.
         self._monotonic_replica: dict[str, str] = {}
+        # Bumped whenever the outgoing token may differ from the incoming one,
+        # so a middleware learns that without knowing the routers or signing.
+        self._changes = 0
+
+    @property
+    def changes(self) -> int:
+        """How many times a commit (or a monotonic read's floor, or a commit
+        whose position is unknown) was recorded here: while it is 0, the
+        scope's token is the one it was seeded with."""
+        return self._changes
 
     def add(self, router: ReplicaRouter[Any], position: Any) -> None:
         """Record a commit's position."""
@@ -56,6 +66,7 @@ class CausalScope:
         with self._lock:
             self._merge(router, position)
             self._issued_at.pop(router.name, None)
+            self._changes += 1
 
     def monotonic_replica(self, router: ReplicaRouter[Any]) -> str | None:
         """The replica this scope's monotonic reads on ``router`` stay on, if any."""
@@ -75,6 +86,7 @@ class CausalScope:
         (which includes that commit) instead."""
         with self._lock:
             self._unknown[router.name] = router
+            self._changes += 1
 
     def target(self, router: ReplicaRouter[Any]) -> tuple[Any | None, bool]:
         """The position ``router``'s replicas must have applied, and whether
@@ -213,6 +225,14 @@ class CausalContext:
 
     def __init__(self, scope: CausalScope) -> None:
         self.scope = scope
+
+    @property
+    def changed(self) -> bool:
+        """Whether the block recorded commits (or a monotonic read's floor)
+        since it opened, i.e. whether :attr:`token` may differ from the token
+        it was given. Cheap: no signing, no I/O, no secret needed; a
+        middleware reads it to decide whether to send a new token."""
+        return self.scope.changes > 0
 
     @property
     def token(self) -> str | None:

@@ -36,13 +36,17 @@ __all__ = ["ASGIApp", "CausalMiddleware", "Message", "Receive", "Scope", "Send"]
 
 logger = logging.getLogger("sqlalchemy_replicas.integrations.asgi")
 
-# The ASGI types, structurally as Starlette spells them, so that
-# ``app.add_middleware(CausalMiddleware, ...)`` type-checks without casts.
-Scope: TypeAlias = MutableMapping[str, Any]
+# The ASGI types, loose enough that every framework's own spelling fits
+# without casts: Starlette's (MutableMapping scopes and messages) and
+# Litestar's (TypedDict unions, which are Mappings but not MutableMappings).
+#: An ASGI connection scope, as this module reads it (``sticky_key`` gets one).
+Scope: TypeAlias = Mapping[str, Any]
+#: An ASGI event, as this module writes it.
 Message: TypeAlias = MutableMapping[str, Any]
-Receive: TypeAlias = Callable[[], Awaitable[Message]]
-Send: TypeAlias = Callable[[Message], Awaitable[None]]
-ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
+Receive: TypeAlias = Callable[[], Awaitable[Any]]
+Send: TypeAlias = Callable[[Any], Awaitable[None]]
+#: Any ASGI application (the middleware passes the three arguments through).
+ASGIApp: TypeAlias = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 class CausalMiddleware:

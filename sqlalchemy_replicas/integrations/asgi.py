@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from contextlib import nullcontext
 from typing import Any, TypeAlias
 
 from ..causal import CausalContext, causal_context
@@ -151,7 +152,10 @@ class CausalMiddleware:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
-            with causal_context(token=self._incoming(scope)), sticky(self._sticky(scope)):
+            with (
+                causal_context(token=self._incoming(scope)),
+                sticky(self.sticky_key(scope)) if self.sticky_key else nullcontext(),
+            ):
                 await self.app(scope, receive, send)
         else:  # lifespan, and scope types of future ASGI versions
             await self.app(scope, receive, send)
@@ -175,13 +179,13 @@ class CausalMiddleware:
             level = self.method_levels.get(scope.get("method", ""))
             # Block-scoped settings in the request's own context: the app's
             # tasks and threadpool calls copy it, and another request's
-            # context never sees it.
-            with sticky(self._sticky(scope)):
-                if level is None:
-                    await self.app(scope, receive, send_with_token)
-                else:
-                    with default_consistency(level):
-                        await self.app(scope, receive, send_with_token)
+            # context never sees it. Each is skipped when not configured:
+            # this runs on every request.
+            with (
+                sticky(self.sticky_key(scope)) if self.sticky_key else nullcontext(),
+                default_consistency(level) if level else nullcontext(),
+            ):
+                await self.app(scope, receive, send_with_token)
             if started_with_changes >= 0 and ctx.scope.changes != started_with_changes:
                 self._report_once(
                     "late",
@@ -202,9 +206,6 @@ class CausalMiddleware:
             elif key == b"cookie":
                 cookies.append(value.decode("latin-1"))
         return self.transport.incoming(header_value, "; ".join(cookies) if cookies else None)
-
-    def _sticky(self, scope: Scope) -> StickyKey | None:
-        return None if self.sticky_key is None else self.sticky_key(scope)
 
     def _with_token(self, message: Message, ctx: CausalContext, *, https: bool) -> Message:
         """``message`` (a response start) with the scope's token in its

@@ -1,5 +1,9 @@
 """Integrations with the frameworks and tools applications run the router in.
 
+- :mod:`sqlalchemy_replicas.integrations.asgi`: ``CausalMiddleware`` for ASGI
+  applications (Starlette, FastAPI, Litestar).
+- :mod:`sqlalchemy_replicas.integrations.fastapi`: dependencies that yield a
+  routed session.
 - :mod:`sqlalchemy_replicas.integrations.wsgi`: ``CausalMiddleware`` for any
   WSGI application (Flask, Django, Pyramid, Falcon, ...).
 - :mod:`sqlalchemy_replicas.integrations.flask`: a Flask extension built on it.

@@ -11,7 +11,7 @@ middleware's own cost is not drowned in theirs:
   cookie among others (parsed and decoded; no router verifies it, as in a
   request that makes no query);
 - ``middleware, sticky + method level``: also a sticky key from a header and
-  ``method_levels={"GET": "eventual"}``.
+  ``method_consistency={"GET": "eventual"}``.
 
 No request commits, so no token is signed: signing costs one HMAC per
 router, on requests that wrote (and their commit costs far more). Rounds run
@@ -107,7 +107,7 @@ def main() -> None:
         "middleware": (make_app(), plain),
         "middleware, token cookie": (make_app(), cookies),
         "middleware, sticky + method level": (
-            make_app(sticky_key=user, method_levels={"GET": "eventual"}),
+            make_app(sticky_key=user, method_consistency={"GET": "eventual"}),
             cookies,
         ),
     }

@@ -29,7 +29,6 @@ from sqlalchemy_replicas import causal
 from sqlalchemy_replicas import token as sr_token
 from sqlalchemy_replicas.consistency import current_consistency, default_consistency
 from sqlalchemy_replicas.exc import ConfigurationError
-from sqlalchemy_replicas.integrations._http import TokenTransport, cookie_value
 from sqlalchemy_replicas.integrations.asgi import CausalMiddleware, Scope
 from sqlalchemy_replicas.integrations.fastapi import routed_async_session, routed_session
 from sqlalchemy_replicas.sticky import current_sticky_key
@@ -79,56 +78,6 @@ def user_from_header(scope: Scope) -> str | None:
     return None
 
 
-# --- the pure helpers -------------------------------------------------------
-
-
-def test_cookie_value_finds_ours_among_odd_cookies() -> None:
-    """The cookie parser finds the token past cookies http.cookies rejects,
-    takes the first of a name, unquotes, and says None when it is absent."""
-    header = 'bad cookie; a=b=c; db_causal="tok1"; db_causal=tok2'
-    assert cookie_value(header, "db_causal") == "tok1"
-    assert cookie_value(header, "a") == "b=c"
-    assert cookie_value("other=1", "db_causal") is None
-
-
-def test_header_wins_over_cookie_and_empty_is_no_token() -> None:
-    """TokenTransport.incoming: a non-empty header beats the cookie; an empty
-    header falls back to the cookie; an empty cookie is no token."""
-    transport = TokenTransport()
-    assert transport.incoming("from-header", "db_causal=from-cookie") == "from-header"
-    assert transport.incoming("", "db_causal=from-cookie") == "from-cookie"
-    assert transport.incoming(None, "db_causal=") is None
-    assert transport.incoming(None, None) is None
-
-
-def test_set_cookie_attributes() -> None:
-    """The Set-Cookie value: whole-second Max-Age, Path, HttpOnly, SameSite=Lax,
-    and Secure exactly when asked for or (secure=None) over https."""
-    transport = TokenTransport(max_age=3600.9)
-    assert transport.set_cookie("t") == "db_causal=t; Max-Age=3600; Path=/; HttpOnly; SameSite=Lax"
-    assert "; Secure;" in transport.set_cookie("t", https=True)
-    assert "Secure" not in TokenTransport(secure=False).set_cookie("t", https=True)
-    assert "; Secure;" in TokenTransport(secure=True, domain="example.com").set_cookie("t")
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"cookie": "db causal"},
-        {"header": "X-DB:Causal"},
-        {"max_age": 0},
-        {"max_age": float("nan")},
-        {"samesite": "none"},
-        {"path": "/a;b"},
-    ],
-)
-def test_bad_transport_options_are_refused(options: dict[str, Any]) -> None:
-    """Names or attributes that would make a broken header, a lifetime under a
-    second, and SameSite=None without Secure raise ConfigurationError."""
-    with pytest.raises(ConfigurationError):
-        TokenTransport(**options)
-
-
 # --- the middleware without a database ---------------------------------------
 
 
@@ -137,30 +86,17 @@ def test_router_without_secret_fails_at_startup() -> None:
     starts (FastAPI builds its middleware then), naming the fix."""
     router = sr.ReplicaRouter("sqlite://")
     app = FastAPI()
-    app.add_middleware(CausalMiddleware, router=router)
+    app.add_middleware(CausalMiddleware, routers=router)
     with pytest.raises(ConfigurationError, match="has no secret"), TestClient(app):
         pass
     router.dispose()
-
-
-def test_bad_level_and_sticky_key_fail_at_construction() -> None:
-    """An unknown level in method_levels, or a sticky_key that is not
-    callable, is refused where it is given."""
-
-    async def app(scope: Scope, receive: Any, send: Any) -> None:
-        raise AssertionError("never called")
-
-    with pytest.raises(ConfigurationError, match="method_levels"):
-        CausalMiddleware(app, method_levels={"GET": "fast"})  # type: ignore[dict-item]
-    with pytest.raises(ConfigurationError, match="sticky_key"):
-        CausalMiddleware(app, sticky_key="user")  # type: ignore[arg-type]
 
 
 def scope_app() -> FastAPI:
     """A FastAPI app whose endpoints report the settings in force."""
     app = FastAPI()
     app.add_middleware(
-        CausalMiddleware, sticky_key=user_from_header, method_levels={"GET": "eventual"}
+        CausalMiddleware, sticky_key=user_from_header, method_consistency={"GET": "eventual"}
     )
 
     def settings() -> dict[str, Any]:
@@ -377,7 +313,7 @@ def test_a_write_returns_a_token_that_another_server_honours(
     next request on another app server reads the write although every replica
     stopped applying; without it, that server's replicas serve the old state."""
     server_a, server_b = routers
-    with TestClient(notes_app(server_a, router=server_a)) as client_a:
+    with TestClient(notes_app(server_a, routers=server_a)) as client_a:
         assert client_a.get("/notes/1").headers.get("x-db-causal") is None
         for replica in range(len(topology.replica_names)):
             topology.pause_replay(replica)
@@ -401,7 +337,7 @@ def test_a_forged_token_never_fails_a_request(
     """Malformed and wrongly signed tokens, in the header or the cookie, are
     ignored and counted; the requests succeed."""
     server_a, _ = routers
-    with TestClient(notes_app(server_a, router=server_a)) as client:
+    with TestClient(notes_app(server_a, routers=server_a)) as client:
         token = client.post("/notes/2").headers["x-db-causal"]
         before = sum(causal.rejected_tokens.values())
         forged = token[:-4] + ("AAAA" if token[-4:] != "AAAA" else "BBBB")
@@ -414,7 +350,7 @@ def test_a_forged_token_never_fails_a_request(
 def test_a_router_without_secret_is_reported_once_never_a_failed_request(
     topology: Topology, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Without router=, a router that cannot sign tokens is reported at ERROR
+    """Without routers=, a router that cannot sign tokens is reported at ERROR
     once, at the first request that commits; that request and later ones
     succeed (their commits are done) and carry no token."""
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
@@ -439,7 +375,7 @@ def test_streaming_commit_after_start_is_not_in_the_token_and_is_reported(
     context, but the headers went out before it: no token, and one WARNING."""
     server_a, _ = routers
     with (
-        TestClient(notes_app(server_a, router=server_a)) as client,
+        TestClient(notes_app(server_a, routers=server_a)) as client,
         caplog.at_level(logging.WARNING, logger="sqlalchemy_replicas.integrations.asgi"),
     ):
         response = client.get("/stream/5")
@@ -469,7 +405,7 @@ def test_200_concurrent_requests_keep_their_own_context(topology: Topology) -> N
     topology.wait_for_catchup()
     get_session = routed_async_session(router)
     app = FastAPI()
-    app.add_middleware(CausalMiddleware, router=router)
+    app.add_middleware(CausalMiddleware, routers=router)
 
     @app.post("/write/{note_id}")
     async def write(note_id: int, session: AsyncSession = Depends(get_session)) -> dict[str, Any]:
@@ -543,7 +479,7 @@ def test_litestar_carries_the_token(routers: tuple[sr.ReplicaRouter, sr.ReplicaR
     app = Litestar(
         route_handlers=[write, read],
         middleware=[
-            DefineMiddleware(CausalMiddleware, router=server_a, sticky_key=user_from_header)
+            DefineMiddleware(CausalMiddleware, routers=server_a, sticky_key=user_from_header)
         ],
     )
     with LitestarClient(app=app) as client:

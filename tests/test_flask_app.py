@@ -165,8 +165,9 @@ def test_two_apps_in_one_process_use_their_own_routers(topology: Topology) -> No
 
 def test_extension_refuses_what_cannot_work() -> None:
     """init_app without a router or DATABASE_URL, with a router without secret, twice on one
-    app; current_router() outside an app context and on an app without the
-    extension: each raises at once, naming the fix."""
+    app, with a bad middleware option in app.config; current_router() outside
+    an app context and on an app without the extension: each raises at once,
+    naming the fix (or the config key)."""
     replicas = Replicas()
     app = flask.Flask("refusals")
     with pytest.raises(ConfigurationError, match="DATABASE_URL"):
@@ -183,6 +184,15 @@ def test_extension_refuses_what_cannot_work() -> None:
             current_router()
         with flask.Flask("bare").app_context(), pytest.raises(ConfigurationError, match="init_app"):
             current_router()
+        for key, value in (
+            ("SQLALCHEMY_REPLICAS_COOKIE_SECURE", "yes"),
+            ("SQLALCHEMY_REPLICAS_COOKIE_NAME", "db causal"),
+            ("SQLALCHEMY_REPLICAS_METHOD_CONSISTENCY", {"GET": "fast"}),
+        ):
+            configured = flask.Flask("bad_config")
+            configured.config[key] = value
+            with pytest.raises(ConfigurationError, match=f"^{key}: "):
+                replicas.init_app(configured, router=signed)
     finally:
         secretless.dispose()
         signed.dispose()
@@ -206,7 +216,7 @@ def test_init_app_builds_the_router_from_app_config() -> None:
         assert router.secret == SECRET
         assert str(router.primary.url) == "sqlite://"
         middleware = app.extensions[EXTENSION_KEY].middleware
-        assert (middleware.cookie_name, middleware.max_age) == ("causal", 3600)
+        assert (middleware.transport.cookie_name, middleware.transport.max_age) == ("causal", 3600)
     finally:
         router.dispose()
 

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import settings
 from sqlalchemy_replicas.exc import ConfigurationError
+from sqlalchemy_replicas.integrations import flask as flask_integration
 
 PG = "postgresql+psycopg://app:s3cretpw@127.0.0.1:5001/app"
 PG2 = "postgresql+psycopg://app:s3cretpw@127.0.0.1:5002/app"
@@ -353,6 +354,26 @@ def test_other_names_under_the_prefix_are_left_alone(routers: list[sr.ReplicaRou
     )
     routers.append(router)
     assert router.replicas == ()
+
+
+def test_the_flask_extensions_keys_are_not_taken_for_misspellings(
+    routers: list[sr.ReplicaRouter[Any]],
+) -> None:
+    """The Flask extension reads its middleware options from the same
+    app.config (SQLALCHEMY_REPLICAS_COOKIE_NAME, _HEADER_NAME, _COOKIE_SECURE,
+    _METHOD_CONSISTENCY): from_settings does not take them for misspelt
+    router options (METHOD_CONSISTENCY is near DEFAULT_CONSISTENCY; a
+    SECURE key would be taken for SECRET)."""
+    keys = [
+        flask_integration.COOKIE_NAME_KEY,
+        flask_integration.HEADER_NAME_KEY,
+        flask_integration.COOKIE_SECURE_KEY,
+        flask_integration.METHOD_CONSISTENCY_KEY,
+    ]
+    settings = {"DATABASE_URL": PG, **dict.fromkeys(keys, "x")}
+    routers.append(sr.ReplicaRouter.from_settings(settings))
+    with pytest.raises(ConfigurationError, match="did you mean SQLALCHEMY_REPLICAS_SECRET"):
+        sr.ReplicaRouter.from_settings({"DATABASE_URL": PG, "SQLALCHEMY_REPLICAS_SECURE": True})
 
 
 def test_missing_primary_names_what_was_looked_for() -> None:

@@ -61,7 +61,7 @@ def create_app(router: sr.ReplicaRouter[AsyncEngine]) -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
     # The token in a cookie (browsers) and the X-DB-Causal header (API clients).
-    app.add_middleware(CausalMiddleware, router=router)
+    app.add_middleware(CausalMiddleware, routers=router)
     Session = Annotated[AsyncSession, Depends(routed_async_session(router))]
 
     @app.get("/items", response_class=HTMLResponse)

@@ -10,7 +10,7 @@
     get_session = routed_session(router)
 
     app = FastAPI()
-    app.add_middleware(CausalMiddleware, router=router)
+    app.add_middleware(CausalMiddleware, routers=router)
 
     @app.get("/items")
     @sr.consistency("eventual")        # decorators keep FastAPI's introspection

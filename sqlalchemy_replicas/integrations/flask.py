@@ -35,7 +35,6 @@ from ..consistency import ConsistencyLevel
 from ..exc import ConfigurationError, ReplicasError
 from ..router import ReplicaRouter
 from ..session import RoutingSession
-from ._httputil import DEFAULT_COOKIE_NAME, DEFAULT_HEADER_NAME
 from .wsgi import CausalMiddleware, StickyKeyFunction
 
 __all__ = ["EXTENSION_KEY", "Replicas", "ReplicasState", "current_router"]
@@ -43,11 +42,20 @@ __all__ = ["EXTENSION_KEY", "Replicas", "ReplicasState", "current_router"]
 #: The key of the extension's state in ``app.extensions``.
 EXTENSION_KEY: Final = "sqlalchemy_replicas"
 
-#: app.config keys the extension reads, with their defaults.
-COOKIE_NAME_KEY: Final = "SQLALCHEMY_REPLICAS_COOKIE_NAME"
-HEADER_NAME_KEY: Final = "SQLALCHEMY_REPLICAS_HEADER_NAME"
-COOKIE_SECURE_KEY: Final = "SQLALCHEMY_REPLICAS_COOKIE_SECURE"
-METHOD_CONSISTENCY_KEY: Final = "SQLALCHEMY_REPLICAS_METHOD_CONSISTENCY"
+#: app.config keys the extension reads, and the CausalMiddleware option each
+#: sets. ``COOKIE_SECURE`` (as Flask's ``SESSION_COOKIE_SECURE``) rather than
+#: ``SECURE``: ``ReplicaRouter.from_settings`` would take that for a
+#: misspelt ``SECRET``.
+COOKIE_NAME_KEY: Final = "SQLALCHEMY_REPLICAS_COOKIE_NAME"  # cookie_name
+HEADER_NAME_KEY: Final = "SQLALCHEMY_REPLICAS_HEADER_NAME"  # header_name
+COOKIE_SECURE_KEY: Final = "SQLALCHEMY_REPLICAS_COOKIE_SECURE"  # secure
+METHOD_CONSISTENCY_KEY: Final = "SQLALCHEMY_REPLICAS_METHOD_CONSISTENCY"  # method_consistency
+_CONFIG_OPTIONS: Final = {
+    COOKIE_NAME_KEY: "cookie_name",
+    HEADER_NAME_KEY: "header_name",
+    COOKIE_SECURE_KEY: "secure",
+    METHOD_CONSISTENCY_KEY: "method_consistency",
+}
 
 
 @dataclass(frozen=True)
@@ -149,11 +157,14 @@ class Replicas:
         ``DATABASE_REPLICA_URLS`` and ``SQLALCHEMY_REPLICAS_<OPTION>``
         (``SQLALCHEMY_REPLICAS_SECRET``, ``..._WAIT_TIMEOUT``, ...).
 
-        Reads ``SQLALCHEMY_REPLICAS_COOKIE_NAME`` (default ``db_causal``),
-        ``SQLALCHEMY_REPLICAS_HEADER_NAME`` (``X-DB-Causal``),
-        ``SQLALCHEMY_REPLICAS_COOKIE_SECURE`` (False) and
-        ``SQLALCHEMY_REPLICAS_METHOD_CONSISTENCY`` (a ``{method: level}``
-        mapping; ``method_consistency=`` wins) from ``app.config``.
+        Reads the middleware's options from ``app.config``:
+        ``SQLALCHEMY_REPLICAS_COOKIE_NAME`` (``cookie_name``, default
+        ``db_causal``), ``SQLALCHEMY_REPLICAS_HEADER_NAME`` (``header_name``,
+        ``X-DB-Causal``), ``SQLALCHEMY_REPLICAS_COOKIE_SECURE`` (``secure``:
+        True, False, or None, the default, for ``Secure`` on https requests)
+        and ``SQLALCHEMY_REPLICAS_METHOD_CONSISTENCY``
+        (``method_consistency``, a ``{method: level}`` mapping;
+        ``method_consistency=`` wins).
 
         The router is the app's for its lifetime; ``router.dispose()`` when the
         app shuts down is yours (Flask has no shutdown hook). Sessions of
@@ -181,31 +192,25 @@ class Replicas:
                 "Flask views are synchronous: give init_app() a router of sync engines "
                 "(postgresql+psycopg://, mariadb+pymysql://)"
             )
-        config = app.config
-        levels = method_consistency
-        if levels is None:
-            levels = config.get(METHOD_CONSISTENCY_KEY)
-            if levels is not None and not isinstance(levels, Mapping):
-                raise ConfigurationError(
-                    f"{METHOD_CONSISTENCY_KEY} must be a mapping of HTTP method to level, "
-                    f"not {type(levels).__name__}"
-                )
-        secure = config.get(COOKIE_SECURE_KEY, False)
-        if not isinstance(secure, bool):
-            raise ConfigurationError(f"{COOKIE_SECURE_KEY} must be True or False, not {secure!r}")
+        # The middleware's options from app.config (an argument wins).
+        configured: dict[str, Any] = {
+            option: app.config[key] for key, option in _CONFIG_OPTIONS.items() if key in app.config
+        }
+        if method_consistency is not None:
+            configured.pop("method_consistency", None)
+        options = {"sticky_key": sticky_key, "method_consistency": method_consistency} | configured
         # A WSGI middleware rather than before/after_request hooks: the causal
         # context then spans everything the app does for the request,
         # teardown functions and a streamed body included (both run after
         # after_request), and the token goes into the final headers.
-        middleware = CausalMiddleware(
-            app.wsgi_app,
-            router,
-            cookie_name=config.get(COOKIE_NAME_KEY, DEFAULT_COOKIE_NAME),
-            header_name=config.get(HEADER_NAME_KEY, DEFAULT_HEADER_NAME),
-            secure=secure,
-            sticky_key=sticky_key,
-            method_consistency=levels,
-        )
+        try:
+            middleware = CausalMiddleware(app.wsgi_app, router, **options)
+        except ConfigurationError as error:
+            # The middleware names its option; name the config key it came from.
+            for key, option in _CONFIG_OPTIONS.items():
+                if option in configured and str(error).startswith(option):
+                    raise ConfigurationError(f"{key}: {error}") from None
+            raise
         # Flask documents this assignment for WSGI middleware; mypy sees a method.
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions[EXTENSION_KEY] = ReplicasState(router=router, middleware=middleware)

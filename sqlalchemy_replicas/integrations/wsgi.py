@@ -4,33 +4,23 @@ Per request, a ``causal_context()`` seeded from the token the client sent
 (the ``X-DB-Causal`` header, else the ``db_causal`` cookie), an optional
 sticky key and an optional default consistency level per HTTP method. When
 the request's commits changed the token, the response carries the new one in
-the same header and the cookie. No I/O of its own; reading ``ctx.token``
-after a commit whose position was lost asks the primary once.
+the same header and the cookie. Its options, and the ASGI twin's, are those
+of :class:`~sqlalchemy_replicas.integrations._http.CausalMiddlewareBase`. No
+I/O of its own; reading ``ctx.token`` after a commit whose position was lost
+asks the primary once.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import Callable, Iterable, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from ..causal import CausalContext, enter_causal_context
-from ..consistency import ConsistencyLevel, default_consistency, validate_level
-from ..exc import ConfigurationError
-from ..router import ReplicaRouter
-from ..sticky import StickyKey, sticky
-from ._httputil import (
-    DEFAULT_COOKIE_NAME,
-    DEFAULT_HEADER_NAME,
-    check_attribute,
-    check_cookie_name,
-    check_header_name,
-    cookie_max_age,
-    cookie_value,
-    set_cookie_header,
-)
+from ..sticky import StickyKey
+from ._http import CausalMiddlewareBase
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
@@ -38,15 +28,15 @@ if TYPE_CHECKING:
 
 __all__ = ["CausalMiddleware", "StickyKeyFunction"]
 
-logger = logging.getLogger("sqlalchemy_replicas.integrations")
-
 StickyKeyFunction: TypeAlias = "Callable[[WSGIEnvironment], StickyKey | None]"
 """Given a request's WSGI environ, the key its reads stick to (None: none)."""
 
 _Write: TypeAlias = "Callable[[bytes], object]"
+_App: TypeAlias = "WSGIApplication"
+_Environ: TypeAlias = "WSGIEnvironment"
 
 
-class CausalMiddleware:
+class CausalMiddleware(CausalMiddlewareBase[_App, _Environ]):
     """Carry each client's causal scope from request to request.
 
     ::
@@ -54,14 +44,21 @@ class CausalMiddleware:
         app.wsgi_app = CausalMiddleware(app.wsgi_app, router)    # Flask
         application = CausalMiddleware(get_wsgi_application(), router)  # Django
 
+    ``CausalMiddleware(app, routers=(), *, cookie_name="db_causal",
+    header_name="X-DB-Causal", max_age=None, secure=None, samesite="lax",
+    cookie_path="/", cookie_domain=None, sticky_key=None,
+    method_consistency=None)``: the options of
+    :class:`~sqlalchemy_replicas.integrations._http.CausalMiddlewareBase`,
+    the same as the ASGI middleware's; ``sticky_key`` is given the request's
+    WSGI environ, and ``secure=None`` follows its ``wsgi.url_scheme``.
+
     Per request, a :func:`~sqlalchemy_replicas.causal_context` holds from
     the application's call until the server closes the response (so it
     spans a streamed body too), seeded from the token in the request's
     header (which wins) or cookie. A malformed, expired or forged token is
     ignored (counted and logged), never raised. When a commit was made in
     the request and the token changed, the response carries the new one in
-    the header and in the cookie (HttpOnly, SameSite=Lax, ``Secure`` when
-    asked, for the routers' ``token_max_age``).
+    the header and in the cookie.
 
     Headers leave with the response's status, at the application's first
     body chunk (or its ``write()``, or an empty body's end), not when it
@@ -73,131 +70,43 @@ class CausalMiddleware:
     :mod:`contextvars` context, entered for the call and for each step of
     the body's iteration, so whichever thread the server iterates in, the
     body sees them and nothing leaks into the server's own context.
-
-    :param app: the WSGI application to wrap.
-    :param routers: the router, or routers, whose tokens the application
-        issues: each must have a ``secret`` (checked here, at start-up, not
-        at the first request that commits), and the shortest
-        ``token_max_age`` is the cookie's lifetime. May be empty: then
-        a router without secret is reported (logged at ERROR, the response
-        goes out without a token) at the first request that commits through
-        it, and the cookie lives a day.
-    :param cookie_name: the token cookie (default ``db_causal``).
-    :param header_name: the token header (default ``X-DB-Causal``): clients
-        that are not browsers (an API client, another service) send and read
-        it; when a request has both, the header wins.
-    :param secure: mark the cookie ``Secure`` (HTTPS only); do in production.
-    :param cookie_path: the cookie's ``Path``.
-    :param cookie_domain: the cookie's ``Domain`` (default: none, this host only).
-    :param sticky_key: given the request's environ, the key whose reads
-        stick to one replica (``sr.sticky()``), or None for none.
-    :param method_consistency: a default level per HTTP method, e.g.
-        ``{"GET": "bounded"}``, in force as ``sr.default_consistency()``:
-        weaker than a view's ``@sr.consistency()``, a statement's option
-        and a session's own ``consistency=``.
-    :raises ConfigurationError: for a router without ``secret``, a bad
-        name or an unknown level, here.
     """
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        routers: ReplicaRouter[Any] | Iterable[ReplicaRouter[Any]] = (),
-        *,
-        cookie_name: str = DEFAULT_COOKIE_NAME,
-        header_name: str = DEFAULT_HEADER_NAME,
-        secure: bool = False,
-        cookie_path: str = "/",
-        cookie_domain: str | None = None,
-        sticky_key: StickyKeyFunction | None = None,
-        method_consistency: Mapping[str, ConsistencyLevel] | None = None,
-    ) -> None:
-        self.app = app
-        self.routers: tuple[ReplicaRouter[Any], ...] = (
-            (routers,) if isinstance(routers, ReplicaRouter) else tuple(routers)
-        )
-        for router in self.routers:
-            if not isinstance(router, ReplicaRouter):
-                raise ConfigurationError(
-                    f"routers must be ReplicaRouters, not {type(router).__name__}"
-                )
-            if router.secret is None:
-                raise ConfigurationError(
-                    f"router {router.name!r} has no secret, so CausalMiddleware cannot sign "
-                    "its causal tokens; pass ReplicaRouter(..., secret=...), the same on "
-                    "every app server"
-                )
-        self.cookie_name = check_cookie_name(cookie_name, argument="cookie_name")
-        self.header_name = check_header_name(header_name, argument="header_name")
-        self.secure = bool(secure)
-        self.cookie_path = check_attribute(cookie_path, argument="cookie_path")
-        self.cookie_domain = (
-            None
-            if cookie_domain is None
-            else check_attribute(cookie_domain, argument="cookie_domain")
-        )
-        self.max_age = cookie_max_age(self.routers)
-        self.sticky_key = sticky_key
-        self.method_consistency: dict[str, ConsistencyLevel] = {
-            str(method).upper(): validate_level(level, argument=f"method_consistency[{method!r}]")
-            for method, level in (method_consistency or {}).items()
-        }
-        # The WSGI environ key of the header: X-DB-Causal -> HTTP_X_DB_CAUSAL.
-        self._environ_key = "HTTP_" + self.header_name.upper().replace("-", "_")
-        self._reported: set[str] = set()
-        self._reported_lock = threading.Lock()
+    _source_name: ClassVar[str] = "WSGI environ"
+    _logger: ClassVar[logging.Logger] = logging.getLogger(__name__)
+
+    @cached_property
+    def _environ_key(self) -> str:
+        """The WSGI environ key of the token header: X-DB-Causal -> HTTP_X_DB_CAUSAL."""
+        return "HTTP_" + self.transport.header_name.upper().replace("-", "_")
 
     def incoming_token(self, environ: WSGIEnvironment) -> str | None:
         """The token the request carries: its header's, else its cookie's."""
         header = environ.get(self._environ_key)
-        if isinstance(header, str) and header:
-            return header
         cookies = environ.get("HTTP_COOKIE")
-        return cookie_value(cookies if isinstance(cookies, str) else None, self.cookie_name)
+        return self.transport.incoming(
+            header if isinstance(header, str) else None,
+            cookies if isinstance(cookies, str) else None,
+        )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         response = _Response(self, environ, start_response)
         response.call()
         return response
 
-    def token_headers(self, ctx: CausalContext, incoming: str | None) -> list[tuple[str, str]]:
+    def token_headers(
+        self, ctx: CausalContext, incoming: str | None, *, https: bool = False
+    ) -> list[tuple[str, str]]:
         """The headers that carry ``ctx``'s token, when the request changed it.
 
-        Never raises: the response is more important than the token. A router
-        without ``secret`` is reported once, at ERROR.
+        Never raises: the response is more important than the token (see
+        :meth:`outgoing_token`).
         """
-        if not ctx.changed:
+        token = self.outgoing_token(ctx, incoming)
+        if token is None:
             return []
-        try:
-            token = ctx.token
-        except ConfigurationError as error:
-            self._report(str(error))
-            return []
-        except Exception as error:  # the commit is done; only the token is lost
-            logger.warning("no causal token for this response: %s", error)
-            return []
-        if token is None or token == incoming:
-            return []
-        cookie = set_cookie_header(
-            self.cookie_name,
-            token,
-            max_age=self.max_age,
-            secure=self.secure,
-            path=self.cookie_path,
-            domain=self.cookie_domain,
-        )
-        return [(self.header_name, token), ("Set-Cookie", cookie)]
-
-    def _report(self, message: str) -> None:
-        with self._reported_lock:
-            if message in self._reported:
-                return
-            self._reported.add(message)
-        logger.error("CausalMiddleware sends no causal tokens: %s", message)
-
-    def __repr__(self) -> str:
-        names = ", ".join(router.name for router in self.routers)
-        return f"CausalMiddleware({self.app!r}, routers=[{names}])"
+        cookie = self.transport.set_cookie(token, https=https)
+        return [(self.transport.header_name, token), ("Set-Cookie", cookie)]
 
 
 class _Response:
@@ -230,14 +139,10 @@ class _Response:
     def _enter(self) -> None:
         """Set the request's causal scope, default level and sticky key, in
         the request's own context (where they stay until it is dropped)."""
-        middleware = self._middleware
         self._ctx = enter_causal_context(self._incoming)
         method = self._environ.get("REQUEST_METHOD", "GET")
-        level = middleware.method_consistency.get(method) if isinstance(method, str) else None
-        if level is not None:
-            default_consistency(level).__enter__()
-        if middleware.sticky_key is not None:
-            sticky(middleware.sticky_key(self._environ)).__enter__()
+        for setting in self._middleware.request_settings(method, self._environ):
+            setting.__enter__()  # never left: the context is dropped with the response
 
     def _deferred_start(
         self,
@@ -266,7 +171,8 @@ class _Response:
             raise AssertionError("the WSGI application sent its body before start_response()")
         status, headers, exc_info = self._pending
         assert self._ctx is not None
-        headers += self._middleware.token_headers(self._ctx, self._incoming)
+        https = self._environ.get("wsgi.url_scheme") == "https"
+        headers += self._middleware.token_headers(self._ctx, self._incoming, https=https)
         self._write = self._start_response(status, headers, exc_info)
         return self._write
 

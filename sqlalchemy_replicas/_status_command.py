@@ -31,7 +31,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO, TypeVar
 
-from sqlalchemy import create_engine, exc as sa_exc
+from sqlalchemy import create_engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
@@ -95,7 +96,11 @@ class _Servers:
             engine = self._engine(target)
             want_position = backend if target.name == "primary" else None
 
-            def work(name: str = target.name, engine: Engine = engine) -> None:
+            def work(
+                name: str = target.name,
+                engine: Engine = engine,
+                want_position: PositionBackend | None = want_position,
+            ) -> None:
                 try:
                     results[name] = _ask(engine, want_position)
                 except Exception as error:
@@ -352,9 +357,7 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
             if isinstance(replicas, Mapping)
             else [_as_sync(url) for url in replicas]
         )
-        router: ReplicaRouter[Any] = ReplicaRouter(
-            _as_sync(arguments.primary), replicas, **options
-        )
+        router: ReplicaRouter[Any] = ReplicaRouter(_as_sync(arguments.primary), replicas, **options)
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as error:
         return config_error(str(error))
     except ImportError as error:

@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             return 1
     parser.error(f"unknown command {args.command!r}")
+    return 2  # not reached: error() exits
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def summary(snapshot: StatusSnapshot) -> str:
         text = f"primary and {count} replica{'' if count == 1 else 's'} healthy"
     else:
         text = "; ".join(problems)
-    return f"{SUMMARY_WORDS[code]}: {text}"
+    # One line: Nagios shows the first line of the output.
+    return " ".join(f"{SUMMARY_WORDS[code]}: {text}".split())
 
 
 # -- JSON -------------------------------------------------------------------------
@@ -324,7 +325,10 @@ def _behind(status: ReplicaStatus) -> str:
 def _aligned(rows: Iterable[Sequence[str]]) -> list[str]:
     rows = [[" ".join(cell.split()) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 # -- secrets ----------------------------------------------------------------------
@@ -333,7 +337,8 @@ def _aligned(rows: Iterable[Sequence[str]]) -> list[str]:
 MIN_SECRET_LENGTH: Final = 4
 
 # scheme://user:password@host -> scheme://user:***@host
-_URL_PASSWORD: Final = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@\s]*@")
+# (greedy up to the last "@" before the path: a password may hold an unquoted "@")
+_URL_PASSWORD: Final = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^\s/]*@")
 # libpq/ODBC key=value DSNs and driver messages: password=secret, pwd='secret'
 _KEY_PASSWORD: Final = re.compile(
     r"(?P<key>\b(?:password|passwd|pwd)\s*[=:]\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;&)]+)",

@@ -32,6 +32,7 @@ connects exactly as the sessions do.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
@@ -40,8 +41,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -62,6 +62,13 @@ __all__ = ["LagEstimator", "LagMonitor", "ReplicaStatus"]
 logger = logging.getLogger("sqlalchemy_replicas.monitor")
 _R = TypeVar("_R")
 
+#: Seconds between the extra samples of the primary's position taken while
+#: a replica is behind (:meth:`LagMonitor._between_checks`).
+DENSE_SAMPLE_INTERVAL: Final = 0.05
+#: ...until this many seconds after the last check that found one behind (a
+#: replica that applies in bursts, as MariaDB's MASTER_DELAY does, is caught
+#: up at some checks and behind again at the next).
+DENSE_HOLD: Final = 10.0
 #: A left-out replica is readmitted once its lag is below max_lag times this.
 READMIT_FRACTION: Final = 0.8
 #: Where a monitor connection keeps the identity its server gave (read once
@@ -89,7 +96,12 @@ class ReplicaStatus:
     :ivar url: its URL, without the password.
     :ivar healthy: True when it gets reads (reachable, within ``max_lag``);
         None before the first check.
-    :ivar lag_seconds: measured lag (an upper bound), None when unknown.
+    :ivar lag_seconds: how stale the replica was at its last check, in
+        seconds: an upper bound on the age of the oldest commit it had not
+        applied (0 when it had everything the primary had), tight to about
+        0.1 s whatever ``lag_check_interval`` (see the lag monitor section of
+        docs/consistency.md); None when unknown. ``bounded(max_lag)`` reads
+        and the ``max_lag`` exclusion use this figure.
     :ivar position: the position it had applied at the last check (text).
     :ivar reason: why it gets no reads, when it gets none.
     :ivar lag_bytes: PostgreSQL: bytes of WAL it had still to replay at the
@@ -110,37 +122,106 @@ class ReplicaStatus:
     lag_bytes: int | None = None
     lag_transactions: int | None = None
     pool_full_skips: int = 0
+    #: ``time.monotonic()`` of the check that measured ``lag_seconds`` (None
+    #: before one did).
+    lag_measured_at: float | None = None
 
 
 class LagEstimator:
-    """Lag from a timeline of the primary's positions (pure, no I/O).
+    """Lag from a timeline of the primary's positions (pure, no I/O; thread-safe).
+
+    A sample ``(when, position)`` says: every commit not covered by
+    ``position`` was made after ``when`` (so ``when`` must be taken *before*
+    the position is read). A replica that has applied ``position`` is
+    therefore at most ``now - when`` seconds stale: the lag is that bound
+    for the newest sample it has applied, tightened by the age of the last
+    commit it replayed when the backend tells it (the first commit it has
+    not applied came after that one), and 0 when it has applied the newest
+    sample (everything the primary had). Any subset of valid samples gives
+    a valid (looser) bound, so samples may be dropped freely.
 
     :param reached: the backend's ``reached(applied, target)``.
     :param horizon: seconds of primary samples to keep.
+    :param spacing: commit samples (:meth:`record_commit`) closer than this
+        to the newest sample are dropped (the cost of a busy primary stays
+        bounded: at most ``horizon / spacing`` of them).
     """
 
-    def __init__(self, reached: Callable[[Any, Any], bool], horizon: float) -> None:
+    def __init__(
+        self, reached: Callable[[Any, Any], bool], horizon: float, spacing: float = 0.02
+    ) -> None:
         self._reached = reached
         self._horizon = horizon
-        self._samples: deque[tuple[float, Any]] = deque()
+        self._spacing = spacing
+        self._lock = threading.Lock()
+        # Sorted by time.
+        self._samples: list[tuple[float, Any]] = []
 
     def record_primary(self, when: float, position: Any) -> None:
-        """The primary was at ``position`` at monotonic time ``when``."""
-        self._samples.append((when, position))
-        while self._samples and when - self._samples[0][0] > self._horizon:
-            self._samples.popleft()
+        """The primary was at ``position`` at monotonic time ``when`` (or later)."""
+        with self._lock:
+            if self._samples and when < self._samples[-1][0]:
+                bisect.insort(self._samples, (when, position), key=_sample_time)
+            else:
+                self._samples.append((when, position))
+            self._forget(max(when, self._samples[-1][0]))
 
-    def lag(self, applied: Any, now: float) -> tuple[float, bool]:
-        """Seconds since the newest primary sample ``applied`` has reached (0
-        when it has reached the latest one), and whether that is exact to a
-        check interval. When it has reached no sample kept, the time since
-        the oldest one is only a lower bound."""
-        for when, position in reversed(self._samples):
-            if self._reached(applied, position):
-                return (0.0 if when == self._samples[-1][0] else max(0.0, now - when)), True
-        if not self._samples:
-            return 0.0, False
-        return max(0.0, now - self._samples[0][0]), False
+    def record_commit(self, when: float, position: Any) -> None:
+        """A commit acknowledged at ``when`` is at ``position``: every later
+        commit is not covered by it. Dropped within ``spacing`` of (or before)
+        the newest sample."""
+        with self._lock:
+            if self._samples and when < self._samples[-1][0] + self._spacing:
+                return
+            self._samples.append((when, position))
+            self._forget(when)
+
+    def _forget(self, newest: float) -> None:
+        cut = bisect.bisect_left(self._samples, newest - self._horizon, key=_sample_time)
+        if cut:
+            del self._samples[:cut]
+
+    @property
+    def newest(self) -> Any | None:
+        """The position of the newest sample, or None."""
+        with self._lock:
+            return self._samples[-1][1] if self._samples else None
+
+    def lag(
+        self, applied: Any, now: float, last_replayed: float | None = None
+    ) -> tuple[float, bool]:
+        """How stale a replica that has applied ``applied`` can be at ``now``,
+        and whether that is an upper bound.
+
+        0 when it has reached the newest sample. Otherwise the least of: the
+        time since the newest sample it has reached, and, with
+        ``last_replayed`` (the monotonic time, or earlier, of the last commit
+        it applied), the time since then. When neither is known (it reached
+        no sample kept), the time since the oldest sample: only a lower bound.
+        """
+        with self._lock:
+            samples = self._samples
+            if not samples:  # nothing to compare with (the primary never answered)
+                return 0.0, False
+            bound: float | None = None
+            for index in range(len(samples) - 1, -1, -1):
+                when, position = samples[index]
+                if self._reached(applied, position):
+                    if index == len(samples) - 1:
+                        return 0.0, True
+                    bound = now - when
+                    break
+            oldest = samples[0][0]
+        if last_replayed is not None:
+            replayed_bound = now - last_replayed
+            bound = replayed_bound if bound is None else min(bound, replayed_bound)
+        if bound is None:
+            return max(0.0, now - oldest), False
+        return max(0.0, bound), True
+
+
+def _sample_time(sample: tuple[float, Any]) -> float:
+    return sample[0]
 
 
 class _StillRunning(Exception):
@@ -211,6 +292,8 @@ class _Health:
     reason: str | None = None
     # How much it had still to apply at the last check (backend.behind_unit).
     behind: int | None = None
+    # time.monotonic() when ``lag`` was measured.
+    measured_at: float | None = None
 
 
 class LagMonitor:
@@ -247,6 +330,11 @@ class LagMonitor:
         self._checked = threading.Condition()
         #: True once every replica has been checked at least once.
         self.all_checked = not self._health
+        #: Extra primary samples taken between checks so far (see
+        #: :meth:`_between_checks`).
+        self.primary_samples = 0
+        # When a check last found a replica behind (time.monotonic()).
+        self._behind_at: float | None = None
 
     def start(self) -> None:
         """Start checking in the background."""
@@ -298,6 +386,7 @@ class LagMonitor:
                     lag_bytes=health.behind if unit == "bytes" else None,
                     lag_transactions=health.behind if unit == "transactions" else None,
                     pool_full_skips=router.pool_full_skips(replica.name),
+                    lag_measured_at=health.measured_at if health.lag is not None else None,
                 )
             )
         return result
@@ -343,6 +432,23 @@ class LagMonitor:
                 _describe_error(error),
             )
 
+    def note_commit(self, when: float, position: Any) -> None:
+        """A commit acknowledged through the router by ``when`` is at
+        ``position`` (read on its connection after ``when``): one more sample
+        of the primary's timeline, free. Ignored when it does not name every
+        replication domain (stream) the primary has, as a MariaDB
+        ``@@last_gtid`` with several domains: commits in the others may be
+        older than ``when``."""
+        estimator = self._estimator
+        newest = None if estimator is None else estimator.newest
+        if estimator is None or newest is None:
+            return
+        if isinstance(newest, Mapping) and not (
+            isinstance(position, Mapping) and newest.keys() <= position.keys()
+        ):
+            return
+        estimator.record_commit(when, position)
+
     def check_once(self, router: ReplicaRouter[Any]) -> None:
         """Sample the primary, then every replica that is due (in parallel);
         update lags and exclusions. Each query gets :attr:`check_timeout`
@@ -371,11 +477,12 @@ class LagMonitor:
                     router,
                     primary,
                     _identified(
-                        functools.partial(backend.primary_identity, host=host), backend.current
+                        functools.partial(backend.primary_identity, host=host),
+                        _timed(backend.current),
                     ),
                 ),
             )
-            self._primary_identity, primary_position = check.result(self.check_timeout)
+            self._primary_identity, (asked, primary_position) = check.result(self.check_timeout)
         except Exception as error:
             # No new sample: lags are judged against the samples kept, and
             # down replicas are still probed (reads may need them most now).
@@ -386,7 +493,8 @@ class LagMonitor:
             if self._primary_down_logged:
                 logger.info("lag check: the primary is reachable again")
             self._primary_down_logged = False
-            self._estimator.record_primary(time.monotonic(), primary_position)
+            if primary_position is not None:
+                self._estimator.record_primary(asked, primary_position)
         now = time.monotonic()
         due = [
             replica
@@ -397,7 +505,7 @@ class LagMonitor:
         # Answers are taken as they come: one frozen replica does not hold
         # back the others' (their first reads wait on them).
         answered: queue.SimpleQueue[str] = queue.SimpleQueue()
-        question = _identified(backend.replica_identity, backend.applied)
+        question = _identified(backend.replica_identity, _timed(backend.applied_with_age))
         for replica in due:
             try:
                 checks[replica.name] = self._start(
@@ -416,13 +524,20 @@ class LagMonitor:
                 break
             check = checks.pop(name)
             try:
-                identity, applied = check.result(0)
+                identity, (asked, (applied, age)) = check.result(0)
             except Exception as error:
                 self._check_failed(by_name[name], error)
             else:
-                self._check_succeeded(router, by_name[name], identity, applied, primary_position)
+                # The server measured the age at or after ``asked``: the last
+                # commit it replayed was made at ``asked - age`` or later.
+                last_replayed = None if age is None else asked - age
+                self._check_succeeded(
+                    router, by_name[name], identity, applied, primary_position, last_replayed
+                )
         for name, check in checks.items():
             self._check_failed(by_name[name], _timed_out(check))
+        if self._any_behind():
+            self._behind_at = time.monotonic()
         self._log_when_all_out()
 
     def _learn_positions(self, router: ReplicaRouter) -> PositionBackend | None:
@@ -472,9 +587,10 @@ class LagMonitor:
         identity: Any,
         applied: Any | None,
         primary_position: Any | None,
+        last_replayed: float | None = None,
     ) -> None:
         try:
-            self._judge(router, replica, identity, applied, primary_position)
+            self._judge(router, replica, identity, applied, primary_position, last_replayed)
         finally:
             self._notify_checked()
 
@@ -485,6 +601,7 @@ class LagMonitor:
         identity: Any,
         applied: Any | None,
         primary_position: Any | None,
+        last_replayed: float | None = None,
     ) -> None:
         backend = router.positions
         assert backend is not None
@@ -520,12 +637,13 @@ class LagMonitor:
                 health.checked, health.lag, health.excluded = True, None, True
                 health.reason = "not replicating (no applied position)"
             return
-        lag, exact = self._estimator.lag(applied, time.monotonic())
+        now = time.monotonic()
+        lag, exact = self._estimator.lag(applied, now, last_replayed)
         router.note_applied(replica.name, applied)
         behind = None if primary_position is None else backend.behind(primary_position, applied)
         with self._lock:
             health.checked, health.lag, health.lag_exact = True, lag, exact
-            health.position, health.behind = applied, behind
+            health.position, health.behind, health.measured_at = applied, behind, now
             if lag > router.max_lag:
                 health.excluded = True
                 health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
@@ -598,7 +716,59 @@ class LagMonitor:
             except Exception:  # never let the thread die; the next round retries
                 logger.exception("lag check failed")
             del router  # hold no reference while sleeping
-            self._stop.wait(self._interval)
+            self._between_checks(time.monotonic() + self._interval)
+
+    def _between_checks(self, next_check: float) -> None:
+        """Wait until ``next_check``; meanwhile, while a check found a replica
+        behind within :data:`DENSE_HOLD` seconds, sample the primary's position every
+        :data:`DENSE_SAMPLE_INTERVAL`, so that the next checks can tell when
+        each of its commits was made to within that (an idle or caught-up
+        cluster costs nothing)."""
+        next_sample = time.monotonic() + DENSE_SAMPLE_INTERVAL
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if next_check - now <= 0:
+                return
+            dense = self._behind_at is not None and now - self._behind_at < DENSE_HOLD
+            if not dense or next_check - now < DENSE_SAMPLE_INTERVAL / 2:
+                self._stop.wait(next_check - now)
+                return
+            # On a fixed schedule: a slow sample does not widen the gaps.
+            if self._stop.wait(max(0.0, next_sample - now)):
+                return
+            next_sample = max(next_sample + DENSE_SAMPLE_INTERVAL, time.monotonic())
+            router = self._router_ref()
+            if router is None:
+                return
+            try:
+                self.sample_primary(router)
+            except Exception as error:  # the next full check tells what is wrong
+                logger.debug("lag check: a primary sample failed: %s", error)
+            del router
+
+    def _any_behind(self) -> bool:
+        return any(
+            health.lag is not None
+            and (health.lag > 0 or not health.lag_exact)
+            and not health.breaker.down
+            for health in self._health.values()
+        )
+
+    def sample_primary(self, router: ReplicaRouter[Any]) -> None:
+        """One more sample of the primary's position for the lag estimate
+        (none while its previous query is still running)."""
+        backend = router.positions
+        if backend is None or self._estimator is None:
+            return
+        primary = router.primary_target
+        self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
+        check = self._start(
+            primary.name, functools.partial(self._ask, router, primary, _timed(backend.current))
+        )
+        asked, position = check.result(self.check_timeout)
+        if position is not None:
+            self._estimator.record_primary(asked, position)
+        self.primary_samples += 1
         for engine in self._engines.values():
             engine.dispose()
 
@@ -662,6 +832,17 @@ def _identified(
         if identity is None:
             identity = conn.info[_IDENTITY_KEY] = read_identity(conn)
         return identity, question(conn)
+
+    return ask
+
+
+def _timed(question: Callable[[Connection], _R]) -> Callable[[Connection], tuple[float, _R]]:
+    """``question``, answered with the monotonic time just before it was
+    asked (what the server says holds at that time or later)."""
+
+    def ask(conn: Connection) -> tuple[float, _R]:
+        asked = time.monotonic()
+        return asked, question(conn)
 
     return ask
 

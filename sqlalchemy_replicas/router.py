@@ -728,6 +728,8 @@ class ReplicaRouter(Generic[_E]):
             if backend is None:
                 return False
             self.lineage(primary)
+            # Before the capture: every commit it does not cover came later.
+            acknowledged = time.monotonic()
             position = backend.capture(primary)
         except Exception as error:  # the commit is done; only its position is lost
             logger.warning(
@@ -742,6 +744,9 @@ class ReplicaRouter(Generic[_E]):
         if position is not None:
             for scope in scopes:
                 scope.add(self, position)
+            monitor = self._monitor
+            if monitor is not None:  # a free sample for the lag estimate
+                monitor.note_commit(acknowledged, position)
         return True
 
     def note_wait_failed(self, replica: RoutedEngine) -> None:

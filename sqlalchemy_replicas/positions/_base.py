@@ -131,6 +131,13 @@ class PositionBackend(abc.ABC):
     def applied(self, replica: SQLRunner) -> Any | None:
         """The position ``replica`` has applied, or None when it cannot tell."""
 
+    def applied_with_age(self, replica: SQLRunner) -> tuple[Any | None, float | None]:
+        """:meth:`applied`, and in the same query, when the server can tell to
+        a fraction of a second, how many seconds ago the last transaction it
+        applied was committed on the primary (None when it cannot: the
+        default). The lag monitor's check; one round trip."""
+        return self.applied(replica), None
+
     @abc.abstractmethod
     def wait(self, replica: SQLRunner, target: Any, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for ``replica`` to apply ``target``.

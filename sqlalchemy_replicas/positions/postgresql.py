@@ -24,6 +24,13 @@ _CAPTURE: Final = (
     "pg_size_bytes(current_setting('wal_segment_size'))"
 )
 _APPLIED: Final = "SELECT pg_last_wal_replay_lsn()::text"
+# The commit timestamp of the last transaction replayed is the primary's
+# clock; clock_timestamp() the standby's (the same clock on one host; NTP
+# skew otherwise). NULL until the standby has replayed a transaction.
+_APPLIED_WITH_AGE: Final = (
+    "SELECT pg_last_wal_replay_lsn()::text, "
+    "extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
+)
 _IDENTITY: Final = "SELECT system_identifier::text, pg_is_in_recovery() FROM pg_control_system()"
 # PostgreSQL 15-18 have no server-side wait for an LSN (19 adds WAIT FOR LSN):
 # a recursive query polls the replay position on the server with growing
@@ -147,6 +154,10 @@ class PostgresPositions(PositionBackend):
     def applied(self, replica: SQLRunner) -> int | None:
         text = replica.exec_driver_sql(_APPLIED).scalar()
         return None if text is None else parse_lsn(text)
+
+    def applied_with_age(self, replica: SQLRunner) -> tuple[int | None, float | None]:
+        text, age = replica.exec_driver_sql(_APPLIED_WITH_AGE).one()
+        return (None if text is None else parse_lsn(text)), (None if age is None else float(age))
 
     def wait(self, replica: SQLRunner, target: int, timeout: float) -> bool:
         reached = replica.exec_driver_sql(

@@ -1,10 +1,33 @@
 """Replica lag monitor: how far behind each replica is, measured by position.
 
 Every ``lag_check_interval`` a background thread samples the primary's
-position and each replica's applied position. A replica's lag is the time
-since the newest primary sample it has applied: an upper bound, exact to
-within one check interval, the same for every backend, and correct for an
-idle primary (nothing to apply, no lag). A replica lagging more than
+position and each replica's applied position. A replica's lag is an upper
+bound on its staleness (now minus the commit time of the first transaction
+it has not applied; 0 when it has everything the primary had, so an idle
+primary gives no lag), tight to about 0.1 s whatever the interval. It is the
+least of these bounds (:class:`LagEstimator`):
+
+- positions: the time since the newest primary sample the replica has
+  applied (each sample is timed *before* its query, so every commit it does
+  not cover came later). Its error is the gap between samples, so besides
+  the checks' own samples there are: (b) the router's own commits (their
+  position and the time just before it was read, free, thinned to one per
+  20 ms); (a) while a check found a replica behind in the last
+  :data:`DENSE_HOLD` seconds, one primary-only sample every
+  :data:`DENSE_SAMPLE_INTERVAL` (at most 20 cheap queries a second on the
+  primary; none for an idle or caught-up cluster). Works on every backend,
+  also for commits made by other processes and for sparse writes.
+- PostgreSQL: the age of the last commit the standby replayed
+  (``pg_last_xact_replay_timestamp()``, in the check's own query): the first
+  commit it lacks is younger. Tight under steady writes from the first check,
+  loose for sparse ones (then the positions bound wins); relies on the
+  standby's and primary's clocks agreeing. MariaDB has no sub-second
+  equivalent (``Seconds_Behind_Master`` is whole seconds).
+
+What stays coarse (to one check interval): the first commit after an idle
+period, made by another process, until the replica has applied it (MariaDB;
+on PostgreSQL too until the replica replays any commit), because no sample
+was taken just before it. A replica lagging more than
 ``max_lag`` (or unreachable) is left out of reads until it is back under
 ``max_lag`` by a margin (hysteresis).
 

@@ -272,6 +272,10 @@ class _Check:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the answer (or the error)."""
+        self._thread.join(max(0.0, timeout))
+
     def result(self, timeout: float) -> Any:
         """The answer, waiting up to ``timeout`` seconds for it.
 
@@ -368,6 +372,12 @@ class LagMonitor:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        # A check still running holds one of these engines' connections:
+        # disposing under it would leave that connection to the garbage
+        # collector. Each check ends within check_timeout.
+        deadline = time.monotonic() + self.check_timeout
+        for check in list(self._in_flight.values()):
+            check.wait(deadline - time.monotonic())
         for engine in self._engines.values():
             engine.dispose()
 

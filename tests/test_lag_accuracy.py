@@ -203,7 +203,11 @@ CASES: dict[str, list[tuple[float, str]]] = {
     "postgresql": [(0.2, "external"), (0.5, "external"), (2.0, "external")],
     "mariadb": [(1.0, "router"), (2.0, "router"), (1.0, "external")],
 }
-TOLERANCE = 0.15  # over the truth
+# Over the truth. MariaDB applies in whole-second bursts (MASTER_DELAY and
+# event timestamps are whole seconds) and has no sub-second replay time, so
+# its figure rests on the primary samples alone: on a loaded 2-core machine
+# their 50 ms cadence slips, and +0.23 s was seen (+0.14 s when idle).
+TOLERANCE = {"postgresql": 0.15, "mariadb": 0.35}
 SKEW = 0.01  # under it: one host, the check's own round trips
 CHECKS = 4
 INTERVAL = 1.0
@@ -290,7 +294,7 @@ def test_status_lag_tracks_the_true_staleness(topology: Topology, case: int) -> 
         highest = writer.truth(before[-1][2] + 1, at)
         assert lag >= lowest - SKEW, (at - started, lag, lowest)  # never under the truth
         if at >= checked_from:
-            assert lag <= highest + TOLERANCE, (at - started, lag, highest)
+            assert lag <= highest + TOLERANCE[topology.backend], (at - started, lag, highest)
             report.append(f"{lag:.3f}/{lowest:.3f}-{highest:.3f}")
     assert len(report) >= CHECKS - 1
     print(f"\n{topology.backend} D={delay} {kind}: lag/truth {report}; extra {rate:.1f} q/s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeAlias, TypeVar
 
 from sqlalchemy import event
@@ -224,7 +224,16 @@ class RoutingSession(Session):
         # causal waits of the statement being explained.
         self._reason: Reason = _NO_COMMIT
         self._explain_waits: list[ExplainWait] = []
+        # True once the current flush has been routed (to the primary, which
+        # it pins): SQLAlchemy asks get_bind more than once per flush.
+        self._flush_routed = False
         super().__init__(*args, **kwargs)
+
+    def flush(self, objects: Sequence[Any] | None = None) -> None:
+        """Flush as ``Session.flush`` does; its route is decided (and counted,
+        and explained) once."""
+        self._flush_routed = False
+        super().flush(objects)
 
     def get_bind(
         self,
@@ -255,6 +264,10 @@ class RoutingSession(Session):
                 foreign = self._foreign_bind(mapper, clause, kw)
                 if foreign is not None:
                     return foreign
+            if self._flushing:
+                if self._flush_routed and self._pinned_to_primary:
+                    return self.router.primary_target.sync_engine  # decided already
+                self._flush_routed = True
             # No waiting here: get_bind must stay quick and free of I/O.
             level = self._level(None, None if self._flushing else clause)
             decision = self._decide(clause, level, None)

@@ -62,8 +62,10 @@ def test_log_helpers_filter_and_list() -> None:
     assert log.rerun()[0].reruns == (rerun,)
     assert log.matching("insert").targets() == ["primary"]
     assert log[1:].targets() == ["replica1", "primary"]
-    assert log[1].on_replica and log[1].target_kind == "replica"
-    assert not log[0].on_replica and log[0].wait is None
+    assert log[1].on_replica
+    assert log[1].target_kind == "replica"
+    assert not log[0].on_replica
+    assert log[0].wait is None
 
 
 def test_str_of_a_log_names_target_reason_wait_and_rerun() -> None:
@@ -176,8 +178,11 @@ def test_decorator_appends_each_call(sqlite_router: sr.ReplicaRouter) -> None:
 # -- real topologies ----------------------------------------------------------------
 
 
-def one_replica_router(topology: Topology, **options: object) -> sr.ReplicaRouter:
-    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1], **options)  # type: ignore[arg-type]
+def one_replica_router(topology: Topology, *, wait_timeout: float = 0.5) -> sr.ReplicaRouter:
+    """A started router over the first replica only."""
+    router = sr.ReplicaRouter(
+        topology.primary_url, topology.replica_urls[:1], wait_timeout=wait_timeout
+    )
     router.start()
     return router
 
@@ -213,10 +218,13 @@ def test_write_on_primary_then_read_on_replica_after_a_wait(tables: Topology) ->
         assert read.reason == "caught_up_after_wait"
         assert read.statement.startswith("SELECT note.text FROM note WHERE note.id =")
         wait = read.wait
-        assert wait is not None and wait.replica == "replica1" and wait.outcome == "reached"
+        assert wait is not None
+        assert wait.replica == "replica1"
+        assert wait.outcome == "reached"
         assert wait.position  # the commit's LSN / GTID, as text
         assert 0.2 <= wait.seconds < 5.0
-        assert wait.position in str(log) and "caught_up_after_wait" in str(log)
+        assert wait.position in str(log)
+        assert "caught_up_after_wait" in str(log)
     finally:
         router.dispose()
 
@@ -236,7 +244,9 @@ def test_fallback_to_the_primary_after_a_timed_out_wait(tables: Topology) -> Non
         assert log.targets() == ["primary", "primary", "primary"], log
         assert log.reasons() == ["write", "not_caught_up", "not_caught_up"]
         wait = log[1].wait
-        assert wait is not None and wait.outcome == "timed_out" and wait.replica == "replica1"
+        assert wait is not None
+        assert wait.outcome == "timed_out"
+        assert wait.replica == "replica1"
         assert wait.seconds >= 0.15
         assert log[2].waits == ()
     finally:

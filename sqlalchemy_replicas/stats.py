@@ -235,7 +235,9 @@ class StatsRecorder:
         self._reset()
 
     def _reset(self) -> None:
-        self._decisions: dict[DecisionKey, int] = {}
+        # Plain tuples (to_primary, reason, level) on the hot path: a
+        # NamedTuple costs a Python-level __new__ per statement.
+        self._decisions: dict[tuple[bool, ReasonCode, ConsistencyLevel], int] = {}
         self._fallbacks: dict[str, int] = {}
         self._reruns: dict[str, int] = {}
         self._down: dict[str, int] = {}
@@ -250,7 +252,7 @@ class StatsRecorder:
 
     def decision(self, to_primary: bool, reason: ReasonCode, level: ConsistencyLevel) -> None:
         """Count one routing decision (and a fallback, for a fallback reason)."""
-        key = DecisionKey("primary" if to_primary else "replica", reason, level)
+        key = (to_primary, reason, level)
         with self._lock:
             decisions = self._decisions
             decisions[key] = decisions.get(key, 0) + 1
@@ -297,7 +299,12 @@ class StatsRecorder:
                 running += count
                 cumulative.append((bound, running))
             return RouterStats(
-                decisions=MappingProxyType(dict(self._decisions)),
+                decisions=MappingProxyType(
+                    {
+                        DecisionKey("primary" if primary else "replica", reason, level): count
+                        for (primary, reason, level), count in self._decisions.items()
+                    }
+                ),
                 waits=WaitStats(
                     waits.count,
                     waits.reached,

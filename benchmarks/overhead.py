@@ -19,7 +19,11 @@ PostgreSQL server:
   ``get_bind`` picks the engine per model), in an app context;
 - ``RoutingSession over Flask-SQLAlchemy, replica (router scope)``: the two
   combined: each statement also asks Flask-SQLAlchemy's ``get_bind`` whether
-  the model lives in another database (it does not).
+  the model lives in another database (it does not);
+- ``RoutingSession, replica (router scope), explain on`` (where this checkout
+  has ``sr.explain``): the same reads inside ``with sr.explain()``, each
+  recorded with its SQL text. The router scope row is the one to compare
+  with main for the cost of counting (``router.stats()``) and of explain off.
 
 CPU time is the client's own, so which server answers matters little.
 Rounds run them in shuffled order and ratios of medians are reported: on a
@@ -72,10 +76,22 @@ def pk_selects(session: Session, statements: int) -> int:
     return time.process_time_ns() - started
 
 
-def measure(make: Callable[[], Session], statements: int) -> float:
-    """CPU microseconds per statement for one round in a fresh session."""
+EXPLAIN_ON = "RoutingSession, replica (router scope), explain on"
+#: Reasons of explained reads the primary served (the replica path was not measured).
+OFF_REPLICA: list[str] = []
+
+
+def measure(make: Callable[[], Session], statements: int, *, explained: bool = False) -> float:
+    """CPU microseconds per statement for one round in a fresh session
+    (inside ``sr.explain()`` when ``explained``)."""
     with make() as session:
-        return pk_selects(session, statements) / statements / 1000
+        if not explained:
+            return pk_selects(session, statements) / statements / 1000
+        with sr.explain() as log:
+            spent = pk_selects(session, statements)
+        assert len(log) == statements, len(log)
+        OFF_REPLICA.extend(entry.reason for entry in log.on_primary())
+        return spent / statements / 1000
 
 
 RULE_ROUTERS: dict[str, sr.ReplicaRouter] = {}
@@ -118,6 +134,7 @@ def main() -> None:
             topology.primary_url, topology.replica_urls, causal_scope="session"
         )
         router_scope = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+        router_scope.start()  # the replica checked before the first read
         app = flask.Flask(__name__)
         app.config["SQLALCHEMY_DATABASE_URI"] = topology.primary_url.render_as_string(
             hide_password=False
@@ -132,6 +149,7 @@ def main() -> None:
             "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
             "RoutingSession, replica (session scope)": session_scope.sessionmaker(),
             "RoutingSession, replica (router scope)": router_scope.sessionmaker(),
+            **({EXPLAIN_ON: router_scope.sessionmaker()} if hasattr(sr, "explain") else {}),
             **rule_variants(topology),
             "Flask-SQLAlchemy Session": sa.orm.sessionmaker(
                 class_=flask_sqlalchemy.session.Session, db=db
@@ -140,8 +158,8 @@ def main() -> None:
                 class_=FlaskRoutingSession, db=db, router=router_scope
             ),
         }
-        for make in makers.values():
-            measure(make, 200)  # warm up caches and the pools
+        for name, make in makers.items():
+            measure(make, 200, explained=name == EXPLAIN_ON)  # warm up caches and the pools
         replica_paths = [
             (session_scope, makers["RoutingSession, replica (session scope)"]),
             (router_scope, makers["RoutingSession, replica (router scope)"]),
@@ -152,12 +170,15 @@ def main() -> None:
             with StatementLog(router) as log, make() as session:
                 pk_selects(session, 1)
             assert [s.node for s in log.statements] == ["replica1"], log.statements
+        OFF_REPLICA.clear()
         results: dict[str, list[float]] = {name: [] for name in makers}
         order = list(makers)
         for _ in range(args.rounds):
             random.shuffle(order)  # no variant always runs first or last
             for name in order:
-                results[name].append(measure(makers[name], args.statements))
+                results[name].append(
+                    measure(makers[name], args.statements, explained=name == EXPLAIN_ON)
+                )
         for flask_engine in db.engines.values():
             flask_engine.dispose()
         context.pop()
@@ -169,6 +190,8 @@ def main() -> None:
         autocommit.dispose()
 
     print(f"{version}, {args.rounds} rounds x {args.statements} PK ORM selects, CPU time")
+    if OFF_REPLICA:
+        print(f"warning: {len(OFF_REPLICA)} explained reads ran on the primary: {set(OFF_REPLICA)}")
     # Medians, and minimums (the least disturbed rounds on a shared machine).
     base_median, base_min = statistics.median(results["Session"]), min(results["Session"])
     for name, values in results.items():

@@ -12,10 +12,12 @@ from . import exc
 from .causal import CausalContext, causal_context
 from .classify import Classification, Classifier, StatementKind, classify
 from .consistency import LEVELS, ConsistencyLevel, consistency, default_consistency
+from .explain import ExplainEntry, ExplainLog, ExplainRerun, ExplainWait, explain
 from .monitor import ReplicaStatus
 from .router import EngineSource, ReplicaRouter
 from .rules import table_consistency
 from .session import RoutingSession
+from .stats import DecisionKey, ReasonCode, RouterStats, WaitStats
 from .sticky import sticky
 
 __all__ = [
@@ -24,16 +26,25 @@ __all__ = [
     "Classification",
     "Classifier",
     "ConsistencyLevel",
+    "DecisionKey",
     "EngineSource",
+    "ExplainEntry",
+    "ExplainLog",
+    "ExplainRerun",
+    "ExplainWait",
+    "ReasonCode",
     "ReplicaRouter",
     "ReplicaStatus",
+    "RouterStats",
     "RoutingSession",
     "StatementKind",
+    "WaitStats",
     "causal_context",
     "classify",
     "consistency",
     "default_consistency",
     "exc",
+    "explain",
     "sticky",
     "table_consistency",
 ]

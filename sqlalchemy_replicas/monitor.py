@@ -448,6 +448,16 @@ class LagMonitor:
         """When (``time.monotonic()``) replica ``name`` last went down, or None."""
         return self._health[name].breaker.down_since
 
+    def _count_transition(self, name: str, *, down: bool) -> None:
+        """Count replica ``name`` going down or coming back in the router's stats."""
+        router = self._router_ref()
+        if router is not None:
+            recorder = router.stats_recorder
+            if down:
+                recorder.replica_down(name)
+            else:
+                recorder.replica_up(name)
+
     def mark_down(self, name: str, error: BaseException) -> None:
         """A session lost (or could not open) a connection to replica ``name``:
         no reads go there until a probe gets through."""
@@ -459,6 +469,7 @@ class LagMonitor:
                 health.reason = f"disconnected: {_describe_error(error)}"
         self._notify_checked()
         if tripped:
+            self._count_transition(name, down=True)
             logger.warning(
                 "replica %s is down (%s); no reads go there until a probe succeeds",
                 name,
@@ -607,6 +618,7 @@ class LagMonitor:
             health.reason = f"unreachable: {_describe_error(error)}"
         self._notify_checked()
         if tripped:
+            self._count_transition(replica.name, down=True)
             logger.warning(
                 "replica %s is unreachable (%s); no reads go there until a probe succeeds",
                 replica.name,
@@ -643,6 +655,7 @@ class LagMonitor:
         with self._lock:
             came_back = health.breaker.succeed()
         if came_back:
+            self._count_transition(replica.name, down=False)
             logger.info("replica %s is reachable again; its lag decides its reads", replica.name)
         why = (
             "the primary has not answered yet to compare it with"

@@ -12,6 +12,7 @@ from typing import Any, Final, TypeVar
 
 from .classify import Classification
 from .consistency import ConsistencyLevel
+from .stats import Reason, ReasonCode
 
 __all__ = ["Decision", "decide", "first_caught_up", "wait_candidate"]
 
@@ -25,20 +26,25 @@ class Decision:
     :ivar to_primary: True for the primary, False for a replica.
     :ivar pins: True when the statement writes or locks, so the rest of the
         transaction must follow it to the primary.
-    :ivar reason: short human-readable reason, for logs.
+    :ivar reason: why: a stable code (for counters) and short
+        human-readable text (for logs and ``explain()``).
     """
 
     to_primary: bool
     pins: bool
-    reason: str
+    reason: Reason
 
 
-PINNED: Final = Decision(True, False, "this transaction already wrote or locked")
-SAVEPOINT: Final = Decision(True, True, "inside a SAVEPOINT (begin_nested)")
-STRONG: Final = Decision(True, False, "consistency='strong'")
-DECLARED_WRITE: Final = Decision(True, True, "execution option read_only=False")
-DECLARED_READ: Final = Decision(False, False, "execution option read_only=True")
-NO_REPLICAS: Final = Decision(True, False, "no replica configured")
+PINNED: Final = Decision(True, False, Reason("pinned", "this transaction already wrote or locked"))
+SAVEPOINT: Final = Decision(True, True, Reason("savepoint", "inside a SAVEPOINT (begin_nested)"))
+STRONG: Final = Decision(True, False, Reason("strong", "consistency='strong'"))
+DECLARED_WRITE: Final = Decision(
+    True, True, Reason("declared_write", "execution option read_only=False")
+)
+DECLARED_READ: Final = Decision(
+    False, False, Reason("declared_read", "execution option read_only=True")
+)
+NO_REPLICAS: Final = Decision(True, False, Reason("no_replicas", "no replica configured"))
 
 
 def decide(
@@ -72,12 +78,27 @@ def decide(
     if read_only is False:
         return DECLARED_WRITE
     if not classification.is_read and read_only is None:
-        return Decision(True, True, classification.reason)
+        return Decision(True, True, _reason("write", classification.reason))
     if not has_replicas:
         return NO_REPLICAS
     if not classification.is_read:
         return DECLARED_READ
-    return Decision(False, False, classification.reason)
+    return Decision(False, False, _reason("read", classification.reason))
+
+
+# The classifier's reasons are a finite set of texts (function names come
+# from the code, not from data): one Reason each, not one per statement.
+_REASONS: dict[tuple[str, str], Reason] = {}
+_MAX_CACHED: Final = 1024
+
+
+def _reason(code: ReasonCode, text: str) -> Reason:
+    reason = _REASONS.get((code, text))
+    if reason is None:
+        reason = Reason(code, text)
+        if len(_REASONS) < _MAX_CACHED:
+            _REASONS[code, text] = reason
+    return reason
 
 
 def first_caught_up(

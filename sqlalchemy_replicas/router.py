@@ -49,6 +49,7 @@ from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .rules import TableRules
+from .stats import RouterStats, StatsRecorder
 from .sticky import rank
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
@@ -354,6 +355,9 @@ class ReplicaRouter(Generic[_E]):
         self._applied_lock = threading.Lock()
         # Replica name -> when a wait on it last timed out (monotonic seconds).
         self._wait_failed_at: dict[str, float] = {}
+        #: The live counters behind :meth:`stats` (sessions and the lag
+        #: monitor update them).
+        self.stats_recorder = StatsRecorder()
         # Replica name -> reads sent elsewhere because its pool was full.
         self._pool_full_skips: dict[str, int] = {}
         self._pool_full_lock = threading.Lock()
@@ -908,6 +912,23 @@ class ReplicaRouter(Generic[_E]):
                 for r in self._replicas
             ]
         return monitor.status(self)
+
+    def stats(self) -> RouterStats:
+        """A snapshot of the routing counters since the router was created
+        (or :meth:`reset_stats`): decisions by target kind, reason code and
+        level; causal waits (outcomes, total time, a histogram); fallbacks to
+        the primary by cause; reruns; replicas marked down and readmitted;
+        and causal tokens rejected in this process, by reason.
+        See :class:`~sqlalchemy_replicas.stats.RouterStats`. No I/O."""
+        from . import causal
+
+        with causal._rejected_lock:
+            rejected = dict(causal.rejected_tokens)
+        return self.stats_recorder.snapshot(rejected)
+
+    def reset_stats(self) -> None:
+        """Count from zero again (the process-wide rejected token counts excepted)."""
+        self.stats_recorder.reset()
 
     def _ensure_monitor(self) -> LagMonitor | None:
         if self._monitor is None and self._replicas:

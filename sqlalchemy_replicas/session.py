@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeAlias, TypeVar
 
 from sqlalchemy import event
@@ -27,10 +28,12 @@ from .consistency import (
     validate_level,
 )
 from .exc import ConfigurationError
+from .explain import ExplainEntry, ExplainLog, ExplainRerun, ExplainWait, active_logs, short_sql
 from .policy import Decision, decide, first_caught_up, wait_candidate
 from .pools import PoolFull, nowait_checkout, pool_is_full
 from .router import ReplicaRouter, RoutedEngine
 from .rules import info_rules_declared
+from .stats import Reason, RerunCause, WaitOutcome
 from .sticky import current_sticky_key
 
 if TYPE_CHECKING:
@@ -47,7 +50,38 @@ logger = logging.getLogger("sqlalchemy_replicas.routing")
 # The key under which execute() hands its choice of target to get_bind
 # (SQLAlchemy passes bind_arguments to get_bind as keywords).
 _TARGET_KEY: Final = "sqlalchemy_replicas_target"
-_NO_FREE_CONNECTION: Final = "the replicas that qualify have no free connection"
+_NO_FREE_CONNECTION: Final = Reason(
+    "pool_full", "the replicas that qualify have no free connection"
+)
+_NO_REPLICA: Final = Reason("no_replica_available", "no replica qualifies (lagging or unreachable)")
+_UNKNOWN_POSITION: Final = Reason(
+    "position_unknown", "a commit in this scope has an unknown position"
+)
+_NO_COMMIT: Final = Reason("nothing_to_wait_for", "no commit to wait for")
+_KNOWN: Final = Reason("known_caught_up", "known to have applied this scope's commits")
+_WAITED: Final = Reason(
+    "caught_up_after_wait", "caught up with this scope's commits within wait_timeout"
+)
+_NOT_CAUGHT_UP: Final = Reason("not_caught_up", "no replica has applied this scope's commits")
+_MONOTONIC_OUT: Final = Reason(
+    "monotonic_replica_out", "monotonic: the replica this scope read from is out"
+)
+_MONOTONIC_FULL: Final = Reason(
+    "pool_full", "monotonic: the replica this scope reads from has no free connection"
+)
+_MONOTONIC_STAY: Final = Reason(
+    "monotonic_same_replica", "monotonic: the replica this scope reads from"
+)
+_MONOTONIC_UNKNOWN: Final = Reason(
+    "position_unknown", "monotonic: the replica left cannot tell its position"
+)
+_RECOVERY_CONFLICT: Final = Reason(
+    "recovery_conflict", "the replica cancelled the read (conflict with recovery)"
+)
+_SCHEMA_BEHIND: Final = Reason(
+    "schema_behind", "the replica lacks an object the read names (a migration not applied yet?)"
+)
+_REFUSED_WRITE: Final = Reason("refused_write", "the read-only replica refused it as a write")
 _T = TypeVar("_T")
 
 # What an engine chosen by a wrapped session class's get_bind is to the router.
@@ -186,7 +220,20 @@ class RoutingSession(Session):
         # or _AMBIGUOUS). Per session: cheap to rebuild, and never stale if
         # the application replaces its engines.
         self._bind_kinds: dict[Engine, str] = {}
+        # Why the last statement went where it went (for explain()), and the
+        # causal waits of the statement being explained.
+        self._reason: Reason = _NO_COMMIT
+        self._explain_waits: list[ExplainWait] = []
+        # True once the current flush has been routed (to the primary, which
+        # it pins): SQLAlchemy asks get_bind more than once per flush.
+        self._flush_routed = False
         super().__init__(*args, **kwargs)
+
+    def flush(self, objects: Sequence[Any] | None = None) -> None:
+        """Flush as ``Session.flush`` does; its route is decided (and counted,
+        and explained) once."""
+        self._flush_routed = False
+        super().flush(objects)
 
     def get_bind(
         self,
@@ -217,10 +264,21 @@ class RoutingSession(Session):
                 foreign = self._foreign_bind(mapper, clause, kw)
                 if foreign is not None:
                     return foreign
+            if self._flushing:
+                if self._flush_routed and self._pinned_to_primary:
+                    return self.router.primary_target.sync_engine  # decided already
+                self._flush_routed = True
             # No waiting here: get_bind must stay quick and free of I/O.
             level = self._level(None, None if self._flushing else clause)
             decision = self._decide(clause, level, None)
-            return self._route(decision, clause, level, wait=False).sync_engine
+            logs = active_logs()
+            if logs:
+                self._explain_waits = []
+            chosen = self._route(decision, clause, level, wait=False)
+            if logs:
+                what = "flush" if self._flushing else _describe(clause)
+                self._explain(logs, what, chosen, level, ())
+            return chosen.sync_engine
         if self._pinned_to_primary:
             # An autoflush wrote after execute() chose a replica.
             return self.router.primary_target.sync_engine
@@ -365,7 +423,7 @@ class RoutingSession(Session):
             self._pinned_to_primary = True
         router = self.router
         reason = decision.reason
-        target: RoutedEngine | None
+        target: RoutedEngine
         if decision.to_primary:
             target = router.primary_target
         elif level == "read_your_writes":
@@ -374,14 +432,16 @@ class RoutingSession(Session):
             target, reason = self._monotonic_replica(wait=wait, avoid=avoid)
         else:
             target, reason = self._any_replica(level, reason, avoid)
+        self._reason = reason
+        router.stats_recorder.decision(target is router.primary_target, reason.code, level)
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
-            logger.debug("%s -> %s: %s", what, target.name, reason)
+            logger.debug("%s -> %s: %s", what, target.name, reason.text)
         return target
 
     def _any_replica(
-        self, level: ConsistencyLevel, reason: str, avoid: Collection[RoutedEngine]
-    ) -> tuple[RoutedEngine, str]:
+        self, level: ConsistencyLevel, reason: Reason, avoid: Collection[RoutedEngine]
+    ) -> tuple[RoutedEngine, Reason]:
         """eventual: any replica the monitor lets serve, with a connection to
         spare; bounded: one measured within the lag bound in force. Else the
         primary."""
@@ -396,10 +456,12 @@ class RoutingSession(Session):
             )
         order = router.replica_order(current_sticky_key(), max_lag=bound)
         if not order:
-            return router.primary_target, "no replica qualifies (lagging or unreachable)"
+            return router.primary_target, _NO_REPLICA
         for replica in order:
             if replica not in avoid and not self._pool_full(replica):
-                return replica, reason if bound is None else f"measured lag within {bound}s"
+                if bound is None:
+                    return replica, reason
+                return replica, Reason("within_lag_bound", f"measured lag within {bound}s")
         return router.primary_target, _NO_FREE_CONNECTION
 
     def _causal_target(self) -> tuple[Any | None, bool]:
@@ -428,34 +490,34 @@ class RoutingSession(Session):
 
     def _causal_replica(
         self, *, wait: bool, avoid: Collection[RoutedEngine]
-    ) -> tuple[RoutedEngine, str]:
+    ) -> tuple[RoutedEngine, Reason]:
         position, unknown = self._causal_target()
         if unknown:
-            return self.router.primary_target, "a commit in this scope has an unknown position"
+            return self.router.primary_target, _UNKNOWN_POSITION
         return self._replica_with(position, wait=wait, avoid=avoid)
 
     def _replica_with(
         self, position: Any | None, *, wait: bool, avoid: Collection[RoutedEngine] = ()
-    ) -> tuple[RoutedEngine, str]:
+    ) -> tuple[RoutedEngine, Reason]:
         """A replica that has applied ``position`` (known, or after a bounded
         wait on one) and has a connection to spare, else the primary."""
         router = self.router
         order = router.replica_order(current_sticky_key())
         if not order:
-            return router.primary_target, "no replica qualifies (lagging or unreachable)"
+            return router.primary_target, _NO_REPLICA
         order = [r for r in order if r not in avoid]
         if position is None:
             free = next((r for r in order if not self._pool_full(r)), None)
             if free is None:
                 return router.primary_target, _NO_FREE_CONNECTION
-            return free, "no commit to wait for"
+            return free, _NO_COMMIT
         backend = router.positions
         assert backend is not None
         full = False
         known = [(r, router.known_applied(r.name)) for r in order]
         while (caught_up := first_caught_up(position, known, backend.reached)) is not None:
             if not self._pool_full(caught_up):
-                return caught_up, "known to have applied this scope's commits"
+                return caught_up, _KNOWN
             # The next one known to be caught up, else a wait on one that is not.
             full = True
             known = [(r, applied) for r, applied in known if r is not caught_up]
@@ -469,7 +531,7 @@ class RoutingSession(Session):
                     continue
                 try:
                     if self._wait_on(candidate, position):
-                        return candidate, "caught up with this scope's commits within wait_timeout"
+                        return candidate, _WAITED
                 except PoolFull:  # its last free connection went to another thread
                     self._note_pool_full(candidate)
                     full = True
@@ -479,11 +541,11 @@ class RoutingSession(Session):
                 # else it went down: wait on the next one
         if full:
             return router.primary_target, _NO_FREE_CONNECTION
-        return router.primary_target, "no replica has applied this scope's commits"
+        return router.primary_target, _NOT_CAUGHT_UP
 
     def _monotonic_replica(
         self, *, wait: bool, avoid: Collection[RoutedEngine]
-    ) -> tuple[RoutedEngine, str]:
+    ) -> tuple[RoutedEngine, Reason]:
         """read_your_writes, and never older than what the scope already read.
 
         The scope's reads stay on one replica, which never goes back in time.
@@ -496,7 +558,7 @@ class RoutingSession(Session):
         router = self.router
         position, unknown = self._causal_target()
         if unknown:
-            return router.primary_target, "a commit in this scope has an unknown position"
+            return router.primary_target, _UNKNOWN_POSITION
         scope = current_scope() or self._scope
         backend = router.positions
         stay_name = scope.monotonic_replica(router)
@@ -506,11 +568,10 @@ class RoutingSession(Session):
             # the scope read there. The primary is not, and reading there
             # raises the floor for the next replica to the primary's position.
             scope.stay_on(router, None)
-            return router.primary_target, "monotonic: the replica this scope read from is out"
+            return router.primary_target, _MONOTONIC_OUT
         if stay is not None:
-            full_reason = "monotonic: the replica this scope reads from has no free connection"
             if stay in avoid or self._pool_full(stay):
-                return router.primary_target, full_reason
+                return router.primary_target, _MONOTONIC_FULL
             applied = router.known_applied(stay.name)
             try:
                 if (
@@ -522,19 +583,19 @@ class RoutingSession(Session):
                     )
                     or (wait and router.wait_timeout > 0 and self._wait_on(stay, position))
                 ):
-                    return stay, "monotonic: the replica this scope reads from"
+                    return stay, _MONOTONIC_STAY
                 floor = self._applied_on(stay)
             except PoolFull:  # its last free connection went to another thread
                 self._note_pool_full(stay)
-                return router.primary_target, full_reason
+                return router.primary_target, _MONOTONIC_FULL
             if floor is None:
                 scope.stay_on(router, None)
-                return router.primary_target, "monotonic: the replica left cannot tell its position"
+                return router.primary_target, _MONOTONIC_UNKNOWN
             scope.add(router, floor)
             position, _ = self._causal_target()
         target, reason = self._replica_with(position, wait=wait, avoid=avoid)
         scope.stay_on(router, None if target is router.primary_target else target.name)
-        return target, f"monotonic: {reason}"
+        return target, Reason(reason.code, f"monotonic: {reason.text}")
 
     def _applied_on(self, replica: RoutedEngine) -> Any | None:
         """The position ``replica`` has applied, or None when it cannot tell.
@@ -577,14 +638,26 @@ class RoutingSession(Session):
         router = self.router
         backend = router.positions
         assert backend is not None
+        started = time.perf_counter()
+        outcome: WaitOutcome
         try:
             connection = self._replica_connection(replica)
             reached = backend.wait(connection, position, router.wait_timeout)
+            outcome = "reached" if reached else "timed_out"
         except sa_exc.DBAPIError as error:
             logger.warning("waiting on replica %s failed: %s", replica.name, error)
-            if self._replica_failed(replica, error):
-                return False
-            reached = False
+            reached, outcome = False, "failed"
+            gone = self._replica_failed(replica, error)
+        else:
+            gone = False
+        seconds = time.perf_counter() - started
+        router.stats_recorder.wait(outcome, seconds)
+        if active_logs():
+            self._explain_waits.append(
+                ExplainWait(replica.name, backend.format(position), seconds, outcome)
+            )
+        if gone:
+            return False
         if reached:
             router.note_applied(replica.name, position)
         else:
@@ -723,31 +796,43 @@ class RoutingSession(Session):
         statement_level, read_only = _routing_options(statement, execution_options)
         level = self._level(statement_level, statement)
         decision = self._decide(statement, level, read_only)
+        logs = active_logs()
+        if logs:
+            self._explain_waits = []
         target = self._route(decision, statement, level, wait=True)
         routed = (
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
+        reruns: list[ExplainRerun] | None = None
         if target is not self.router.primary_target:
             # Each failure marks a replica down, or (its pool full) leaves it out
             # of this statement's route, so the route ends on the primary.
             avoid: list[RoutedEngine] = []
+            reruns = []
             for _ in range(len(self.router.replica_targets)):
                 try:
                     # The pre-check in _route saw a free connection, but another
                     # thread may have taken it since: never wait for it.
                     with nowait_checkout(target.sync_engine):
-                        return method(
+                        result = method(
                             statement, params, execution_options=execution_options,
                             bind_arguments=routed, **kw,
                         )  # fmt: skip
                 except PoolFull:
                     self._note_pool_full(target)
+                    self._note_rerun(reruns, target, "pool_full", "its pool had no free connection")
                     avoid.append(target)
                 except sa_exc.DBAPIError as error:
                     if is_read_only_violation(error):
-                        return self._rerun_refused_write(
+                        self._rerun_on_primary(reruns, target, _REFUSED_WRITE, level)
+                        result = self._rerun_refused_write(
                             method, statement, params, execution_options, routed, kw, target, error
                         )
+                        if logs:
+                            self._explain(
+                                logs, statement, self.router.primary_target, level, reruns
+                            )
+                        return result
                     if is_recovery_conflict(error):
                         # The replica is fine; replay needed what this read held.
                         logger.warning(
@@ -755,7 +840,7 @@ class RoutingSession(Session):
                             "it on the primary",
                             target.name,
                         )
-                        target = self.router.primary_target
+                        target = self._rerun_on_primary(reruns, target, _RECOVERY_CONFLICT, level)
                         routed[_TARGET_KEY] = target
                         break
                     if is_schema_behind(error):
@@ -768,7 +853,7 @@ class RoutingSession(Session):
                             target.name,
                             _first_line(error.orig),
                         )
-                        target = self.router.primary_target
+                        target = self._rerun_on_primary(reruns, target, _SCHEMA_BEHIND, level)
                         routed[_TARGET_KEY] = target
                         break
                     if not self._replica_failed(target, error):
@@ -777,6 +862,13 @@ class RoutingSession(Session):
                         "replica %s went away during a read; running the read elsewhere",
                         target.name,
                     )
+                    self._note_rerun(
+                        reruns, target, "replica_failed", f"went away: {_first_line(error.orig)}"
+                    )
+                else:
+                    if logs:
+                        self._explain(logs, statement, target, level, reruns)
+                    return result
                 # Nothing was returned yet, and replica reads hold no transaction
                 # state: the read can run again wherever the policy now says.
                 target = self._route(decision, statement, level, wait=True, avoid=avoid)
@@ -789,7 +881,62 @@ class RoutingSession(Session):
         )  # fmt: skip
         if target is self.router.primary_target and level == "monotonic" and not decision.pins:
             self._raise_floor_after_primary_read()
+        if logs:
+            self._explain(logs, statement, target, level, reruns or ())
         return result
+
+    # -- explain() and stats ------------------------------------------------------
+
+    def _note_rerun(
+        self, reruns: list[ExplainRerun], replica: RoutedEngine, cause: RerunCause, detail: str
+    ) -> None:
+        """Count a statement leaving ``replica`` to run again elsewhere."""
+        self.router.stats_recorder.rerun(cause)
+        reruns.append(ExplainRerun(replica.name, cause, detail))
+
+    def _rerun_on_primary(
+        self,
+        reruns: list[ExplainRerun],
+        replica: RoutedEngine,
+        reason: Reason,
+        level: ConsistencyLevel,
+    ) -> RoutedEngine:
+        """Count a statement leaving ``replica`` for the primary, for ``reason``
+        (a rerun, and a decision to the primary); return the primary."""
+        router = self.router
+        cause: RerunCause = reason.code  # type: ignore[assignment]
+        self._note_rerun(reruns, replica, cause, reason.text)
+        router.stats_recorder.decision(True, reason.code, level)
+        self._reason = reason
+        return router.primary_target
+
+    def _explain(
+        self,
+        logs: tuple[ExplainLog, ...],
+        statement: Any,
+        target: RoutedEngine,
+        level: ConsistencyLevel,
+        reruns: Collection[ExplainRerun],
+    ) -> None:
+        """Append the statement just routed to every active explain() log."""
+        reason = self._reason
+        text = (
+            statement
+            if isinstance(statement, str)
+            else short_sql(statement, target.sync_engine.dialect)
+        )
+        entry = ExplainEntry(
+            text,
+            target.name,
+            reason.code,
+            reason.text,
+            level,
+            tuple(self._explain_waits),
+            tuple(reruns),
+        )
+        self._explain_waits = []
+        for log in logs:
+            log.append(entry)
 
     def _rerun_refused_write(
         self,

@@ -372,13 +372,17 @@ class LagMonitor:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
-        # A check still running holds one of these engines' connections:
-        # disposing under it would leave that connection to the garbage
-        # collector. Each check ends within check_timeout.
+        self._close()
+
+    def _close(self) -> None:
+        """Close the monitor's own connections. A check still running holds
+        one of them: disposing under it would leave that connection to the
+        garbage collector, so wait for it first (each ends within
+        check_timeout)."""
         deadline = time.monotonic() + self.check_timeout
         for check in list(self._in_flight.values()):
             check.wait(deadline - time.monotonic())
-        for engine in self._engines.values():
+        for engine in list(self._engines.values()):
             engine.dispose()
 
     def may_serve(self, name: str, max_lag: float | None, ignore_lag: bool) -> bool:
@@ -763,6 +767,9 @@ class LagMonitor:
                 logger.exception("lag check failed")
             del router  # hold no reference while sleeping
             self._between_checks(time.monotonic() + self._interval)
+        # Stopped, or the router was collected without dispose(): either way
+        # the monitor's connections are closed here, not left to the GC.
+        self._close()
 
     def _between_checks(self, next_check: float) -> None:
         """Wait until ``next_check``; meanwhile, while a check found a replica

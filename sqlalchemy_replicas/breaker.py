@@ -65,6 +65,11 @@ class Breaker:
         regular lag check), while down only once its backoff has passed."""
         return not self.down or now >= self.next_probe
 
+    def probe_at_once(self) -> None:
+        """Make the next probe due now (a late answer showed the replica
+        alive); the backoff is kept for the case the probe fails."""
+        self.next_probe = 0.0
+
     def succeed(self) -> bool:
         """A check got through: the replica is up again. Returns True when it
         was down."""

@@ -29,7 +29,9 @@ period, made by another process, until the replica has applied it (MariaDB;
 on PostgreSQL too until the replica replays any commit), because no sample
 was taken just before it. A replica lagging more than
 ``max_lag`` (or unreachable) is left out of reads until it is back under
-``max_lag`` by a margin (hysteresis).
+``max_lag`` by a margin (hysteresis). A replica that has applied no
+sample kept is left out only after a second look, taken at once: its bound
+is then only the age of its last replayed commit, loose after a quiet spell.
 
 A replica serves no read before the monitor has checked that it replicates
 from this primary (its identity: PostgreSQL's system identifier and recovery
@@ -204,6 +206,12 @@ class LagEstimator:
         if cut:
             del self._samples[:cut]
 
+    def reached_any(self, applied: Any) -> bool:
+        """Whether ``applied`` covers any sample kept (its lag is then bounded
+        by a sample, not only by the age of the last commit it replayed)."""
+        with self._lock:
+            return any(self._reached(applied, position) for _, position in self._samples)
+
     @property
     def newest(self) -> Any | None:
         """The position of the newest sample, or None."""
@@ -266,11 +274,19 @@ class _Check:
         self._on_done = on_done
         self._answer: Any = None
         self._error: BaseException | None = None
+        #: Set when the monitor stopped waiting for it (its server counted
+        #: as unreachable); it may still answer later.
+        self.timed_out = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def succeeded(self) -> bool:
+        """True once it has ended with an answer (not an error)."""
+        return not self._thread.is_alive() and self._error is None
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the answer (or the error)."""
@@ -321,6 +337,9 @@ class _Health:
     behind: int | None = None
     # time.monotonic() when ``lag`` was measured.
     measured_at: float | None = None
+    # True while a judgement "over max_lag" awaits its quick second look
+    # (see LagMonitor._judge).
+    deferred: bool = False
 
 
 class LagMonitor:
@@ -362,6 +381,8 @@ class LagMonitor:
         self.primary_samples = 0
         # When a check last found a replica behind (time.monotonic()).
         self._behind_at: float | None = None
+        # Set when a judgement was deferred: the next round comes at once.
+        self._recheck_soon = False
 
     def start(self) -> None:
         """Start checking in the background."""
@@ -503,7 +524,7 @@ class LagMonitor:
         seconds: a server that accepts connections but answers nothing (a
         paused VM, a black-holed host) counts as unreachable, and cannot
         stall the checks of the others."""
-        self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
+        self._drop_finished()
         backend = router.positions
         if backend is None and router.positions_pending:
             backend = self._learn_positions(router)
@@ -513,7 +534,7 @@ class LagMonitor:
             horizon = max(10.0, 3 * router.max_lag)
             self._estimator = LagEstimator(backend.reached, horizon)
         # Again: telling the server kind may just have asked the primary.
-        self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
+        self._drop_finished()
         primary = router.primary_target
         primary_position = None
         host = make_url(router.primary_url).host
@@ -583,6 +604,7 @@ class LagMonitor:
                     router, by_name[name], identity, applied, primary_position, last_replayed
                 )
         for name, check in checks.items():
+            check.timed_out = True
             self._check_failed(by_name[name], _timed_out(check))
         if self._any_behind():
             self._behind_at = time.monotonic()
@@ -603,6 +625,20 @@ class LagMonitor:
             logger.debug("lag check: the primary's server kind is unknown yet: %s", error)
             return None
         return router.learn_positions(engine)
+
+    def _drop_finished(self) -> None:
+        """Forget the checks that have ended. A replica whose check timed out
+        (so it went down) but answered since is alive, only slow (a loaded
+        host, a long connect): it is probed in this round, not after its
+        backoff, so one slow answer costs it one round of reads at most."""
+        running = {}
+        for name, check in self._in_flight.items():
+            if check.is_alive():
+                running[name] = check
+            elif check.timed_out and check.succeeded and name in self._health:
+                with self._lock:
+                    self._health[name].breaker.probe_at_once()
+        self._in_flight = running
 
     def _start(
         self, name: str, question: Callable[[], Any], on_done: Callable[[], None] | None = None
@@ -691,9 +727,27 @@ class LagMonitor:
         lag, exact = self._estimator.lag(applied, now, last_replayed)
         router.note_applied(replica.name, applied)
         behind = None if primary_position is None else backend.behind(primary_position, applied)
+        # A replica that has applied no sample kept has a lag bounded only by
+        # the age of the last commit it replayed: after a quiet spell that is
+        # long even when all it lacks is WAL written a moment before the
+        # primary's sample (a new monitor's first round, under load). Before
+        # leaving a serving (or unchecked) replica out on that bound alone,
+        # look once more right away: by then it has applied a sample, or the
+        # bound stands.
+        defer = (
+            lag > router.max_lag
+            and not health.excluded
+            and not health.deferred
+            and not self._estimator.reached_any(applied)
+        )
         with self._lock:
-            health.checked, health.lag, health.lag_exact = True, lag, exact
+            health.lag, health.lag_exact = lag, exact
             health.position, health.behind, health.measured_at = applied, behind, now
+            health.deferred = defer
+            if defer:
+                self._recheck_soon = True
+                return
+            health.checked = True
             if lag > router.max_lag:
                 health.excluded = True
                 health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
@@ -761,12 +815,14 @@ class LagMonitor:
             router = self._router_ref()
             if router is None:
                 break
+            self._recheck_soon = False
             try:
                 self.check_once(router)
             except Exception:  # never let the thread die; the next round retries
                 logger.exception("lag check failed")
             del router  # hold no reference while sleeping
-            self._between_checks(time.monotonic() + self._interval)
+            wait = DENSE_SAMPLE_INTERVAL if self._recheck_soon else self._interval
+            self._between_checks(time.monotonic() + wait)
         # Stopped, or the router was collected without dispose(): either way
         # the monitor's connections are closed here, not left to the GC.
         self._close()
@@ -814,7 +870,7 @@ class LagMonitor:
         if backend is None or self._estimator is None:
             return
         primary = router.primary_target
-        self._in_flight = {n: c for n, c in self._in_flight.items() if c.is_alive()}
+        self._drop_finished()
         check = self._start(
             primary.name, functools.partial(self._ask, router, primary, _timed(backend.current))
         )

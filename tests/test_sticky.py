@@ -103,12 +103,13 @@ def test_sticky_reads_stay_on_the_keys_replica(topology: Topology) -> None:
     different keys use both replicas."""
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
     router.start()
-    # Once the lag monitor has seen both replicas, both are known to have applied the
-    # router's start position: no read prefers a replica merely known to be caught up.
+    # Once the lag monitor has seen both replicas serving, both are known to have
+    # applied the router's start position: no read prefers a replica merely known
+    # to be caught up.
     wait_until(
-        lambda: all(status.position is not None for status in router.status()),
+        lambda: all(s.healthy and s.position is not None for s in router.status()),
         timeout=10,
-        what="the lag monitor's first check of both replicas",
+        what="the lag monitor to see both replicas serving",
     )
     try:
         used: dict[str, set[str]] = {}

@@ -68,13 +68,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import ConnectionPoolEntry
 
 from .breaker import Breaker
-from .connections import MonitorConnect
+from .connections import probe_engine
+from .exc import describe_error
+from .urls import sync_url
 
 if TYPE_CHECKING:
     from .positions import PositionBackend
@@ -97,18 +97,6 @@ READMIT_FRACTION: Final = 0.8
 #: Where a monitor connection keeps the identity its server gave (read once
 #: per connection: a new connection may reach another server).
 _IDENTITY_KEY: Final = "sqlalchemy_replicas.identity"
-_SYNC_DRIVERS: Final = {
-    "psycopg_async": "psycopg",
-    "asyncpg": "psycopg",
-    "aiomysql": "pymysql",
-    "asyncmy": "pymysql",
-}
-# Connect parameters an async driver names otherwise than its sync twin.
-_SYNC_PARAMS: Final = {
-    "asyncpg": {"database": "dbname"},
-    "aiomysql": {"db": "database"},
-    "asyncmy": {"db": "database"},
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,14 +458,14 @@ class LagMonitor:
             tripped = health.breaker.trip(time.monotonic())
             if tripped:
                 health.checked = True
-                health.reason = f"disconnected: {_describe_error(error)}"
+                health.reason = f"disconnected: {describe_error(error)}"
         self._notify_checked()
         if tripped:
             self._count_transition(name, down=True)
             logger.warning(
                 "replica %s is down (%s); no reads go there until a probe succeeds",
                 name,
-                _describe_error(error),
+                describe_error(error),
             )
 
     def note_commit(self, when: float, position: Any) -> None:
@@ -619,14 +607,14 @@ class LagMonitor:
             tripped = health.breaker.check_failed(time.monotonic())
             health.checked, health.lag, health.lag_exact = True, None, False
             health.behind = None
-            health.reason = f"unreachable: {_describe_error(error)}"
+            health.reason = f"unreachable: {describe_error(error)}"
         self._notify_checked()
         if tripped:
             self._count_transition(replica.name, down=True)
             logger.warning(
                 "replica %s is unreachable (%s); no reads go there until a probe succeeds",
                 replica.name,
-                _describe_error(error),
+                describe_error(error),
             )
 
     def _check_succeeded(
@@ -731,28 +719,19 @@ class LagMonitor:
     def _engine(self, router: ReplicaRouter[Any], target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
-            url = _sync_url(target.sync_engine.url)
-            timeouts = _connect_timeout(url, self._interval)
+            timeouts = _connect_timeout(sync_url(target.sync_engine.url), self._interval)
             # AUTOCOMMIT, no ROLLBACK on return: a check is one round trip.
-            options: dict[str, Any] = {
-                "pool_size": 1,
-                "max_overflow": 0,
-                "isolation_level": "AUTOCOMMIT",
-                "skip_autocommit_rollback": True,
-            }
-            if target.is_async and not _default_creator(target.sync_engine):
-                # An async engine's own creator needs the application's event
-                # loop: only the URL is left (docs/failures.md).
-                engine = create_engine(url, connect_args=timeouts, **options)
-            else:
-                # The sync dialect that opens the connections is this
-                # engine's, which exists only once the creator is made.
-                how: list[MonitorConnect] = []
-                engine = create_engine(url, creator=_routed_creator(target, how), **options)
-                renames = _SYNC_PARAMS.get(target.sync_engine.url.get_driver_name(), {})
-                how.append(MonitorConnect(engine.dialect, timeouts, renames))
-            if target is router.primary_target:
-                router.install_discovery(engine)
+            engine = probe_engine(
+                target,
+                timeouts,
+                install_discovery=(
+                    router.install_discovery if target is router.primary_target else None
+                ),
+                pool_size=1,
+                max_overflow=0,
+                isolation_level="AUTOCOMMIT",
+                skip_autocommit_rollback=True,
+            )
             self._engines[target.name] = engine
         return engine
 
@@ -826,35 +805,6 @@ class LagMonitor:
             engine.dispose()
 
 
-def _routed_creator(
-    target: RoutedEngine, how: list[MonitorConnect]
-) -> Callable[[ConnectionPoolEntry], Any]:
-    """A creator for a monitor engine that connects as ``target``'s sessions
-    do: through ``target``'s own creator, whose ``do_connect`` listeners
-    include the router's (``connections.install_monitor_connect``), which
-    open the monitor's connections as ``how[0]`` says (the monitor
-    engine's sync dialect, the connect timeouts). An engine with a
-    ``creator`` of its own (sync only) ignores the timeouts: the check's
-    own timeout still bounds the wait."""
-    routed = target.sync_engine
-
-    def creator(record: ConnectionPoolEntry) -> Any:
-        how[0].mark(record)
-        return routed.pool._invoke_creator(record)
-
-    return creator
-
-
-def _default_creator(engine: Engine) -> bool:
-    """True when ``engine`` connects with ``create_engine``'s own creator,
-    the one that runs ``do_connect`` listeners (not a ``creator=`` or
-    ``async_creator=`` of the application's)."""
-    made = engine.pool._creator
-    return getattr(made, "__module__", None) == "sqlalchemy.engine.create" and getattr(
-        made, "__qualname__", ""
-    ).startswith("create_engine.")
-
-
 def check_timeout(interval: float) -> float:
     """Seconds a check may take: 2, or twice the interval when that is longer."""
     return max(2.0, 2 * interval)
@@ -906,17 +856,3 @@ def _timed_out(check: _Check) -> BaseException:
     except BaseException as error:
         return error
     return TimeoutError("no answer in time")
-
-
-def _describe_error(error: BaseException) -> str:
-    """One line naming the error: the driver's exception, not SQLAlchemy's wrapper."""
-    orig = getattr(error, "orig", None) or error
-    text = " ".join(str(orig).split())
-    return f"{type(orig).__name__}: {text[:200]}"
-
-
-def _sync_url(url: URL) -> URL:
-    """The same server through the sync driver of its dialect."""
-    backend, _, driver = url.drivername.partition("+")
-    sync_driver = _SYNC_DRIVERS.get(driver)
-    return url.set(drivername=f"{backend}+{sync_driver}") if sync_driver else url

@@ -298,6 +298,8 @@ class _Health:
     verified: bool = False
     # Left out for lag, identity (or not replicating); being down is the breaker's.
     excluded: bool = False
+    # Left out for lag (over max_lag) and not readmitted since: counted in stats.
+    lag_excluded: bool = False
     breaker: Breaker = field(default_factory=Breaker)
     checked: bool = False
     lag: float | None = None
@@ -449,6 +451,13 @@ class LagMonitor:
                 recorder.replica_down(name)
             else:
                 recorder.replica_up(name)
+
+    def _count_lag_transition(self, router: ReplicaRouter[Any], name: str, *, out: bool) -> None:
+        """Count replica ``name`` left out for lag, or readmitted, in the router's stats."""
+        if out:
+            router.stats_recorder.replica_over_max_lag(name)
+        else:
+            router.stats_recorder.replica_under_max_lag(name)
 
     def mark_down(self, name: str, error: BaseException) -> None:
         """A session lost (or could not open) a connection to replica ``name``:
@@ -679,17 +688,24 @@ class LagMonitor:
         lag, exact = self._estimator.lag(applied, now, last_replayed)
         router.note_applied(replica.name, applied)
         behind = None if primary_position is None else backend.behind(primary_position, applied)
+        lag_transition = None
         with self._lock:
             health.checked, health.lag, health.lag_exact = True, lag, exact
             health.position, health.behind, health.measured_at = applied, behind, now
             if lag > router.max_lag:
                 health.excluded = True
                 health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
+                if not health.lag_excluded:
+                    health.lag_excluded = lag_transition = True
             elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
                 health.excluded = False
                 health.reason = None
+                if health.lag_excluded:
+                    health.lag_excluded = lag_transition = False
             elif came_back:
                 health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
+        if lag_transition is not None:
+            self._count_lag_transition(router, replica.name, out=lag_transition)
 
     def _log_when_all_out(self) -> None:
         all_out = all(h.excluded or h.breaker.down for h in self._health.values())

@@ -576,7 +576,7 @@ class LagMonitor:
                 # The server measured the age at or after ``asked``: the last
                 # commit it replayed was made at ``asked - age`` or later.
                 last_replayed = None if age is None else asked - age
-                self._check_succeeded(
+                self._judge(
                     router, by_name[name], identity, applied, primary_position, last_replayed
                 )
         for name, check in checks.items():
@@ -626,20 +626,6 @@ class LagMonitor:
                 describe_error(error),
             )
 
-    def _check_succeeded(
-        self,
-        router: ReplicaRouter[Any],
-        replica: RoutedEngine,
-        identity: Any,
-        applied: Any | None,
-        primary_position: Any | None,
-        last_replayed: float | None = None,
-    ) -> None:
-        try:
-            self._judge(router, replica, identity, applied, primary_position, last_replayed)
-        finally:
-            self._notify_checked()
-
     def _judge(
         self,
         router: ReplicaRouter[Any],
@@ -649,63 +635,73 @@ class LagMonitor:
         primary_position: Any | None,
         last_replayed: float | None = None,
     ) -> None:
-        backend = router.positions
-        assert backend is not None
-        assert self._estimator is not None
-        health = self._health[replica.name]
-        with self._lock:
-            came_back = health.breaker.succeed()
-        if came_back:
-            self._count_transition(replica.name, down=False)
-            logger.info("replica %s is reachable again; its lag decides its reads", replica.name)
-        why = (
-            "the primary has not answered yet to compare it with"
-            if self._primary_identity is None
-            else backend.not_a_replica(self._primary_identity, identity)
-        )
-        if why is not None:
-            reason = f"not a replica of this primary: {why}"
+        """Judge replica ``replica`` from a check that got through: readmit it
+        if it was down, verify that it replicates from this primary, and
+        measure its lag against ``max_lag`` (left out, or readmitted, with
+        hysteresis). Whatever the verdict, first reads waiting for checks
+        are woken."""
+        try:
+            backend = router.positions
+            assert backend is not None
+            assert self._estimator is not None
+            health = self._health[replica.name]
             with self._lock:
-                health.checked, health.verified, health.excluded = True, False, True
-                health.lag, health.lag_exact, health.behind = None, False, None
-                logged, health.reason = health.reason == reason, reason
-            if not logged:
-                logger.warning("replica %s gets no reads: %s", replica.name, reason)
-            return
-        if not health.verified and health.checked:
-            logger.info("replica %s replicates from this primary again", replica.name)
-        with self._lock:
-            if not health.verified and health.reason is not None:
-                # Left out for its identity, not its lag: the lag decides now.
-                health.excluded, health.reason = False, None
-            health.verified = True
-        if applied is None:
+                came_back = health.breaker.succeed()
+            if came_back:
+                self._count_transition(replica.name, down=False)
+                logger.info(
+                    "replica %s is reachable again; its lag decides its reads", replica.name
+                )
+            why = (
+                "the primary has not answered yet to compare it with"
+                if self._primary_identity is None
+                else backend.not_a_replica(self._primary_identity, identity)
+            )
+            if why is not None:
+                reason = f"not a replica of this primary: {why}"
+                with self._lock:
+                    health.checked, health.verified, health.excluded = True, False, True
+                    health.lag, health.lag_exact, health.behind = None, False, None
+                    logged, health.reason = health.reason == reason, reason
+                if not logged:
+                    logger.warning("replica %s gets no reads: %s", replica.name, reason)
+                return
+            if not health.verified and health.checked:
+                logger.info("replica %s replicates from this primary again", replica.name)
             with self._lock:
-                health.checked, health.lag, health.excluded = True, None, True
-                health.reason = "not replicating (no applied position)"
-            return
-        now = time.monotonic()
-        lag, exact = self._estimator.lag(applied, now, last_replayed)
-        router.note_applied(replica.name, applied)
-        behind = None if primary_position is None else backend.behind(primary_position, applied)
-        lag_transition = None
-        with self._lock:
-            health.checked, health.lag, health.lag_exact = True, lag, exact
-            health.position, health.behind, health.measured_at = applied, behind, now
-            if lag > router.max_lag:
-                health.excluded = True
-                health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
-                if not health.lag_excluded:
-                    health.lag_excluded = lag_transition = True
-            elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
-                health.excluded = False
-                health.reason = None
-                if health.lag_excluded:
-                    health.lag_excluded = lag_transition = False
-            elif came_back:
-                health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
-        if lag_transition is not None:
-            self._count_lag_transition(router, replica.name, out=lag_transition)
+                if not health.verified and health.reason is not None:
+                    # Left out for its identity, not its lag: the lag decides now.
+                    health.excluded, health.reason = False, None
+                health.verified = True
+            if applied is None:
+                with self._lock:
+                    health.checked, health.lag, health.excluded = True, None, True
+                    health.reason = "not replicating (no applied position)"
+                return
+            now = time.monotonic()
+            lag, exact = self._estimator.lag(applied, now, last_replayed)
+            router.note_applied(replica.name, applied)
+            behind = None if primary_position is None else backend.behind(primary_position, applied)
+            lag_transition = None
+            with self._lock:
+                health.checked, health.lag, health.lag_exact = True, lag, exact
+                health.position, health.behind, health.measured_at = applied, behind, now
+                if lag > router.max_lag:
+                    health.excluded = True
+                    health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
+                    if not health.lag_excluded:
+                        health.lag_excluded = lag_transition = True
+                elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
+                    health.excluded = False
+                    health.reason = None
+                    if health.lag_excluded:
+                        health.lag_excluded = lag_transition = False
+                elif came_back:
+                    health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
+            if lag_transition is not None:
+                self._count_lag_transition(router, replica.name, out=lag_transition)
+        finally:
+            self._notify_checked()
 
     def _log_when_all_out(self) -> None:
         all_out = all(h.excluded or h.breaker.down for h in self._health.values())

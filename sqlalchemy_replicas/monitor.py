@@ -813,8 +813,6 @@ class LagMonitor:
         if position is not None:
             self._estimator.record_primary(asked, position)
         self.primary_samples += 1
-        for engine in self._engines.values():
-            engine.dispose()
 
 
 def check_timeout(interval: float) -> float:

@@ -384,10 +384,16 @@ def _imported_router(args: Any) -> ReplicaRouter[Any]:
         found: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             found = getattr(found, part)
-    except (ImportError, AttributeError) as error:
-        raise ConfigurationError(f"--router {args.router!r}: {error}") from None
-    if not isinstance(found, ReplicaRouter) and callable(found):
-        found = found()
+        if not isinstance(found, ReplicaRouter) and callable(found):
+            found = found()
+    except sa_exc.ArgumentError:
+        raise  # the router's own ConfigurationError says it best
+    except Exception as error:
+        # Whatever the application's module raises: still a configuration
+        # problem to a monitoring check (exit 3), not a traceback.
+        raise ConfigurationError(
+            f"--router {args.router!r}: {type(error).__name__}: {error}"
+        ) from None
     if not isinstance(found, ReplicaRouter):
         raise ConfigurationError(
             f"--router {args.router!r} is {type(found).__name__}, not a ReplicaRouter "
@@ -420,7 +426,7 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
         return EXIT_CONFIG_ERROR
 
     try:
-        router = _imported_router(args) if args.router else _settings_router(args)
+        router = _imported_router(args) if getattr(args, "router", None) else _settings_router(args)
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as error:
         return config_error(str(error))
     except ImportError as error:

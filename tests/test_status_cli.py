@@ -492,18 +492,22 @@ def test_router_option_probes_connect_as_the_router_does(
 
 
 def test_router_option_errors_exit_3(tmp_path: Path) -> None:
-    """A --router that names nothing importable, or that comes with --primary,
-    is a configuration error: exit 3 with the reason."""
+    """A --router that names nothing importable, not a router, a module that
+    raises on import, or that comes with --primary, is a configuration error:
+    exit 3 with the reason (no traceback)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
     env["PYTHONPATH"] = str(ROOT)
     (tmp_path / "not_a_router.py").write_text("router = 42\n")
+    (tmp_path / "broken_app.py").write_text("raise RuntimeError('boom at import')\n")
     cases = {
         ("--router", "no_such_module_here:router"): "no_such_module_here",
         ("--router", "not_a_router:router"): "not a ReplicaRouter",
         ("--router", "not_a_router"): "MODULE:ATTRIBUTE",
+        ("--router", "broken_app:router"): "RuntimeError: boom at import",
         ("--router", "x:y", "--primary", "postgresql://h/db"): "exclude each other",
     }
     for args, reason in cases.items():
         result = run_status(env, *args, cwd=tmp_path)
         assert result.returncode == 3, (args, result.stdout + result.stderr)
         assert reason in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr

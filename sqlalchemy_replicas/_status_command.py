@@ -1,11 +1,15 @@
 """``sqlalchemy-replicas status``: the I/O half (the output is :mod:`.status_report`'s).
 
 Builds a router from options or the application's settings (as
-``ReplicaRouter.from_env()`` does), starts it (its lag monitor checks every
+``ReplicaRouter.from_env()`` does), or imports the application's own
+(``--router MODULE:ATTRIBUTE``), starts it (its lag monitor checks every
 replica once: identity, lag), asks each server directly what it is (with a
 short timeout, in a thread of its own, so a frozen server costs the timeout
 and no more), and hands a :class:`~.status_report.StatusSnapshot` to the
-pure formatting code.
+pure formatting code. The direct questions connect as the router's
+sessions do (:func:`~.connections.probe_engine`: each engine's
+``creator``, ``connect_args`` and ``do_connect`` listeners), the
+primary's through ``primary_candidates`` to wherever the primary is now.
 
 One round right after start-up needs care: the monitor measures lag against
 the primary positions it has sampled, and it has sampled only since it

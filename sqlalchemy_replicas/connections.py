@@ -1,4 +1,9 @@
-"""Server-side guards on replica connections, and recognising their refusals."""
+"""Server-side guards on replica connections, recognising their refusals, and
+private probe engines that connect as the routed engines do.
+
+No I/O of its own: it installs listeners, builds engines and inspects
+errors; the connections are opened by whoever uses those engines.
+"""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ __all__ = [
     "check_session_kwargs",
     "check_token_max_age",
     "check_weights",
+    "kind_of",
     "server_key",
     "url_problem",
 ]
@@ -46,6 +47,13 @@ MIN_TOKEN_MAX_AGE: Final = 1.0
 RESERVED_NAMES: Final = frozenset({"primary"})
 
 _DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306}
+
+
+def kind_of(value: object) -> str:
+    """A value's type for a message ("a str", "an int"); never the value (it
+    may hold a password)."""
+    kind = type(value).__name__
+    return f"an {kind}" if kind[:1].lower() in "aeiou" else f"a {kind}"
 
 
 def url_problem(error: Exception) -> str:

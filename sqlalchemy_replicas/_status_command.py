@@ -1,11 +1,15 @@
 """``sqlalchemy-replicas status``: the I/O half (the output is :mod:`.status_report`'s).
 
 Builds a router from options or the application's settings (as
-``ReplicaRouter.from_env()`` does), starts it (its lag monitor checks every
+``ReplicaRouter.from_env()`` does), or imports the application's own
+(``--router MODULE:ATTRIBUTE``), starts it (its lag monitor checks every
 replica once: identity, lag), asks each server directly what it is (with a
 short timeout, in a thread of its own, so a frozen server costs the timeout
 and no more), and hands a :class:`~.status_report.StatusSnapshot` to the
-pure formatting code.
+pure formatting code. The direct questions connect as the router's
+sessions do (:func:`~.connections.probe_engine`: each engine's
+``creator``, ``connect_args`` and ``do_connect`` listeners), the
+primary's through ``primary_candidates`` to wherever the primary is now.
 
 One round right after start-up needs care: the monitor measures lag against
 the primary positions it has sampled, and it has sampled only since it
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -31,13 +36,14 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO, TypeVar
 
-from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from . import settings as _settings
-from .monitor import ReplicaStatus, _describe_error, _sync_url
+from .connections import probe_engine
+from .exc import ConfigurationError, describe_error
+from .monitor import ReplicaStatus
 from .positions import PositionBackend
 from .positions._sources import source_rows
 from .router import ReplicaRouter, RoutedEngine
@@ -53,6 +59,7 @@ from .status_report import (
     render_table,
     scrub,
 )
+from .urls import parse_replica_urls, parse_url, sync_url
 
 __all__ = ["DEFAULT_TIMEOUT", "DEFAULT_WATCH", "run"]
 
@@ -75,10 +82,16 @@ class _Answer:
 class _Servers:
     """The command's own engines (one per server, no pool) and their
     queries in flight: a server whose last query never answered is not
-    asked again until it does (``--watch`` leaks no thread per round)."""
+    asked again until it does (``--watch`` leaks no thread per round).
 
-    def __init__(self, connect_args: Mapping[str, Any], timeout: float) -> None:
-        self._connect_args = dict(connect_args)
+    Each engine connects as the router's sessions do
+    (:func:`~sqlalchemy_replicas.connections.probe_engine`: the routed
+    engine's ``connect_args``, ``creator`` and ``do_connect`` listeners),
+    and the primary's follows ``primary_candidates`` to wherever the
+    primary is now."""
+
+    def __init__(self, router: ReplicaRouter[Any], timeout: float) -> None:
+        self._router = router
         self._timeout = timeout
         self._engines: dict[str, Engine] = {}
         self._in_flight: dict[str, threading.Thread] = {}
@@ -104,7 +117,7 @@ class _Servers:
                 try:
                     results[name] = _ask(engine, want_position)
                 except Exception as error:
-                    results[name] = _describe_error(error)
+                    results[name] = describe_error(error)
 
             thread = threading.Thread(target=work, daemon=True, name=f"status-{target.name}")
             thread.start()
@@ -120,10 +133,15 @@ class _Servers:
     def _engine(self, target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
-            url = _sync_url(target.sync_engine.url)
-            connect_args = {**self._connect_args, **_timeouts(url, self._timeout)}
-            engine = create_engine(
-                url, poolclass=NullPool, connect_args=connect_args, isolation_level="AUTOCOMMIT"
+            router = self._router
+            engine = probe_engine(
+                target,
+                _timeouts(sync_url(target.sync_engine.url), self._timeout),
+                install_discovery=(
+                    router.install_discovery if target is router.primary_target else None
+                ),
+                poolclass=NullPool,
+                isolation_level="AUTOCOMMIT",
             )
             self._engines[target.name] = engine
         return engine
@@ -220,7 +238,7 @@ class _Status:
                 _in_thread(router.start, timeout + 4 * max(2.0, 2 * router.lag_check_interval))
                 self.started = True
             except Exception as error:
-                start_error = _describe_error(error)
+                start_error = describe_error(error)
         answers = self.servers.ask([primary_target], router.positions if self.started else None)
         primary_answer = answers["primary"]
         if isinstance(primary_answer, str):
@@ -254,7 +272,9 @@ class _Status:
                 replicas.append(ReplicaState(status, True, answer.role, answer.read_only))
             else:
                 replicas.append(ReplicaState(status, False, error=self._scrub(answer)))
-        url = primary_target.sync_engine.url.render_as_string(hide_password=True)
+        # Where primary connections go now (primary_candidates: after a failover,
+        # not the configured URL).
+        url = router.primary_url
         if primary_ok:
             assert isinstance(primary_answer, _Answer)
             primary = PrimaryState(
@@ -300,10 +320,10 @@ _BACKENDS = {"pg": "postgresql"}
 def _router_arguments(args: Any, environ: Mapping[str, str]) -> _settings.RouterArguments:
     overrides: dict[str, Any] = {}
     if args.primary is not None:
-        overrides["primary"] = _settings._url(args.primary, "--primary")
+        overrides["primary"] = parse_url(args.primary, "--primary")
     replica_items = [*(args.replica or ()), *(args.replicas or ())]
     if replica_items:
-        overrides["replicas"] = _settings._replica_urls(",".join(replica_items), "--replica")
+        overrides["replicas"] = parse_replica_urls(",".join(replica_items), "--replica")
     if args.max_lag is not None:
         overrides["max_lag"] = args.max_lag
     return _settings.from_environ(environ, prefix=args.prefix, overrides=overrides)
@@ -312,22 +332,83 @@ def _router_arguments(args: Any, environ: Mapping[str, str]) -> _settings.Router
 def _as_sync(source: Any) -> Any:
     """A URL through the sync driver of its dialect (the command is sync)."""
     if isinstance(source, (str, URL)):
-        return _sync_url(make_url(source))
+        return sync_url(make_url(source))
     return source
 
 
-def _passwords(arguments: _settings.RouterArguments) -> list[str]:
-    sources = [arguments.primary]
+def _passwords(router: ReplicaRouter[Any]) -> list[str]:
+    """The passwords of every URL the router may connect to (to scrub)."""
+    urls = [
+        *(t.sync_engine.url for t in (router.primary_target, *router.replica_targets)),
+        *router.primary_candidates,
+    ]
+    return sorted({str(url.password) for url in urls if url.password})
+
+
+def _settings_router(args: Any) -> ReplicaRouter[Any]:
+    """The router of the options and the application's settings, every URL
+    through the sync driver of its dialect (the command is sync)."""
+    arguments = _router_arguments(args, os.environ)
+    options = dict(arguments.options)
+    if "primary_candidates" in options:
+        options["primary_candidates"] = [_as_sync(url) for url in options["primary_candidates"]]
     replicas = arguments.replicas
-    sources += list(replicas.values()) if isinstance(replicas, Mapping) else list(replicas)
-    found = []
-    for source in sources:
-        try:
-            password = make_url(source).password if isinstance(source, (str, URL)) else None
-        except (sa_exc.ArgumentError, ValueError):
-            continue
-        if password:
-            found.append(str(password))
+    replicas = (
+        {name: _as_sync(url) for name, url in replicas.items()}
+        if isinstance(replicas, Mapping)
+        else [_as_sync(url) for url in replicas]
+    )
+    return ReplicaRouter(_as_sync(arguments.primary), replicas, **options)
+
+
+def _imported_router(args: Any) -> ReplicaRouter[Any]:
+    """The application's own router, ``--router MODULE:ATTRIBUTE``: a
+    :class:`ReplicaRouter`, or a callable that returns one when called with
+    no arguments. The current directory is importable, as for ``python -m``.
+
+    :raises ConfigurationError: for a bad reference, with another server
+        option, or for a router with async engines.
+    """
+    for option in ("primary", "replica", "replicas", "max_lag"):
+        if getattr(args, option):
+            raise ConfigurationError(
+                f"--router and --{option.replace('_', '-')} exclude each other: "
+                "the router's own configuration is used"
+            )
+    if args.prefix:
+        raise ConfigurationError("--router and --prefix exclude each other")
+    module_name, colon, attribute = str(args.router).partition(":")
+    if not colon or not module_name or not attribute:
+        raise ConfigurationError(
+            f"--router {args.router!r}: give MODULE:ATTRIBUTE, e.g. myapp.db:router"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+        if not isinstance(found, ReplicaRouter) and callable(found):
+            found = found()
+    except sa_exc.ArgumentError:
+        raise  # the router's own ConfigurationError says it best
+    except Exception as error:
+        # Whatever the application's module raises: still a configuration
+        # problem to a monitoring check (exit 3), not a traceback.
+        raise ConfigurationError(
+            f"--router {args.router!r}: {type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(found, ReplicaRouter):
+        raise ConfigurationError(
+            f"--router {args.router!r} is {type(found).__name__}, not a ReplicaRouter "
+            "(or a callable returning one)"
+        )
+    if found.is_async:
+        raise ConfigurationError(
+            f"--router {args.router!r} has async engines; give the command a router with "
+            "sync engines (the same URLs through the sync drivers, the same engine options "
+            "and do_connect listeners)"
+        )
     return found
 
 
@@ -349,22 +430,13 @@ def run(args: Any, out: TextIO | None = None, err: TextIO | None = None) -> int:
         return EXIT_CONFIG_ERROR
 
     try:
-        arguments = _router_arguments(args, os.environ)
-        options = dict(arguments.options)
-        replicas = arguments.replicas
-        replicas = (
-            {name: _as_sync(url) for name, url in replicas.items()}
-            if isinstance(replicas, Mapping)
-            else [_as_sync(url) for url in replicas]
-        )
-        router: ReplicaRouter[Any] = ReplicaRouter(_as_sync(arguments.primary), replicas, **options)
+        router = _imported_router(args) if getattr(args, "router", None) else _settings_router(args)
     except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as error:
         return config_error(str(error))
     except ImportError as error:
         return config_error(f"a database driver is not installed: {error}")
-    secrets = _passwords(arguments)
-    connect_args = (options.get("engine_options") or {}).get("connect_args") or {}
-    servers = _Servers(connect_args, args.timeout)
+    secrets = _passwords(router)
+    servers = _Servers(router, args.timeout)
     status = _Status(router, servers, secrets)
     code: int | None = None
     try:

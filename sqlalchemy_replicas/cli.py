@@ -71,6 +71,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="SECONDS",
         help=f"refresh every SECONDS (default {DEFAULT_WATCH:g}) until Ctrl-C",
     )
+    status.add_argument(
+        "--router",
+        metavar="MODULE:ATTRIBUTE",
+        help="the application's own ReplicaRouter (or a function returning one), e.g. "
+        "myapp.db:router: its engines' creator, connect_args and do_connect listeners "
+        "apply to the command's queries; instead of the server options and settings",
+    )
     status.add_argument("--primary", metavar="URL", help="the primary (else DATABASE_URL)")
     status.add_argument(
         "--replica",

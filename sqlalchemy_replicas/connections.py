@@ -1,18 +1,27 @@
-"""Server-side guards on replica connections, and recognising their refusals."""
+"""Server-side guards on replica connections, recognising their refusals, and
+private probe engines that connect as the routed engines do.
+
+No I/O of its own: it installs listeners, builds engines and inspects
+errors; the connections are opened by whoever uses those engines.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ._listeners import Listeners
+from .urls import SYNC_CONNECT_PARAMS, sync_url
+
+if TYPE_CHECKING:
+    from .router import RoutedEngine
 
 __all__ = [
     "MonitorConnect",
@@ -24,6 +33,7 @@ __all__ = [
     "is_read_only_violation",
     "is_recovery_conflict",
     "is_schema_behind",
+    "probe_engine",
 ]
 
 _READ_ONLY_SQL: Final = {
@@ -227,6 +237,76 @@ def install_monitor_connect(engine: Engine, listeners: Listeners) -> None:
         return connect_dialect(dialect, record, cparams).connect(*cargs, **cparams)
 
     listeners.listen(engine, "do_connect", connect_for_monitor, insert=True)
+
+
+def probe_engine(
+    target: RoutedEngine,
+    timeouts: Mapping[str, Any],
+    *,
+    install_discovery: Callable[[Engine], None] | None = None,
+    **options: Any,
+) -> Engine:
+    """A private sync engine on ``target``'s server that connects exactly as
+    the application's sessions do: through ``target``'s own connect path
+    (its ``connect_args``, its ``creator``, its ``do_connect`` listeners,
+    e.g. one that sets an IAM token), with the sync driver of its dialect
+    and ``timeouts`` added to the connect parameters. The lag monitor's
+    checks and the status command's probes use these.
+
+    An async engine with its own ``async_creator`` cannot be used outside
+    the application's event loop: then only its URL (through the sync
+    driver) and ``timeouts`` are left (docs/failures.md). An engine with a
+    sync ``creator`` of its own ignores ``timeouts`` (the caller's own
+    deadline still bounds the wait).
+
+    :param target: the routed engine (primary or replica) to reach.
+    :param timeouts: connect parameters that bound a connect to a server
+        that never answers (see :class:`MonitorConnect`).
+    :param install_discovery: for the primary, the router's
+        ``install_discovery``: the engine then connects to wherever the
+        primary is now (``primary_candidates``).
+    :param options: ``create_engine()`` keyword arguments (pool, isolation).
+    """
+    url = sync_url(target.sync_engine.url)
+    if target.is_async and not _default_creator(target.sync_engine):
+        engine = create_engine(url, connect_args=dict(timeouts), **options)
+    else:
+        # The sync dialect that opens the connections is this engine's,
+        # which exists only once the creator is made.
+        how: list[MonitorConnect] = []
+        engine = create_engine(url, creator=_routed_creator(target, how), **options)
+        renames = SYNC_CONNECT_PARAMS.get(target.sync_engine.url.get_driver_name(), {})
+        how.append(MonitorConnect(engine.dialect, timeouts, renames))
+    if install_discovery is not None:
+        install_discovery(engine)
+    return engine
+
+
+def _routed_creator(
+    target: RoutedEngine, how: list[MonitorConnect]
+) -> Callable[[ConnectionPoolEntry], Any]:
+    """A creator for a probe engine that connects as ``target``'s sessions
+    do: through ``target``'s own creator, whose ``do_connect`` listeners
+    include the router's (:func:`install_monitor_connect`), which open the
+    probe's connections as ``how[0]`` says (the probe engine's sync
+    dialect, the connect timeouts)."""
+    routed = target.sync_engine
+
+    def creator(record: ConnectionPoolEntry) -> Any:
+        how[0].mark(record)
+        return routed.pool._invoke_creator(record)
+
+    return creator
+
+
+def _default_creator(engine: Engine) -> bool:
+    """True when ``engine`` connects with ``create_engine``'s own creator,
+    the one that runs ``do_connect`` listeners (not a ``creator=`` or
+    ``async_creator=`` of the application's)."""
+    made = engine.pool._creator
+    return getattr(made, "__module__", None) == "sqlalchemy.engine.create" and getattr(
+        made, "__qualname__", ""
+    ).startswith("create_engine.")
 
 
 #: PostgreSQL cancels a standby's query that holds back replay (a lock, a

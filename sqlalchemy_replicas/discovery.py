@@ -54,6 +54,11 @@ class PrimaryDiscovery:
         self._lock = threading.Lock()
 
     @property
+    def candidates(self) -> tuple[URL, ...]:
+        """Every URL the primary may be at, the configured primary first."""
+        return self._candidates
+
+    @property
     def current_url(self) -> URL:
         """The candidate that last answered as the primary (at first: the
         configured primary)."""

@@ -30,6 +30,7 @@ __all__ = [
     "ReplicasError",
     "ServerBinaryNotFound",
     "TopologyError",
+    "describe_error",
 ]
 
 
@@ -89,3 +90,13 @@ class ServerBinaryNotFound(TopologyError):
 
     The message lists where they were looked for and how to install them.
     """
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming ``error`` for a log or a status report: the driver's
+    exception (``error.orig``), not SQLAlchemy's wrapper, its text on one
+    line and cut at 200 characters. It may still name a server or a user:
+    scrub it before showing it outside (the status CLI does)."""
+    orig = getattr(error, "orig", None) or error
+    text = " ".join(str(orig).split())
+    return f"{type(orig).__name__}: {text[:200]}"

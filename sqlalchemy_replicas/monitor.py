@@ -70,13 +70,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import ConnectionPoolEntry
 
 from .breaker import Breaker
-from .connections import MonitorConnect
+from .connections import probe_engine
+from .exc import describe_error
+from .urls import sync_url
 
 if TYPE_CHECKING:
     from .positions import PositionBackend
@@ -99,18 +99,6 @@ READMIT_FRACTION: Final = 0.8
 #: Where a monitor connection keeps the identity its server gave (read once
 #: per connection: a new connection may reach another server).
 _IDENTITY_KEY: Final = "sqlalchemy_replicas.identity"
-_SYNC_DRIVERS: Final = {
-    "psycopg_async": "psycopg",
-    "asyncpg": "psycopg",
-    "aiomysql": "pymysql",
-    "asyncmy": "pymysql",
-}
-# Connect parameters an async driver names otherwise than its sync twin.
-_SYNC_PARAMS: Final = {
-    "asyncpg": {"database": "dbname"},
-    "aiomysql": {"db": "database"},
-    "asyncmy": {"db": "database"},
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +314,8 @@ class _Health:
     verified: bool = False
     # Left out for lag, identity (or not replicating); being down is the breaker's.
     excluded: bool = False
+    # Left out for lag (over max_lag) and not readmitted since: counted in stats.
+    lag_excluded: bool = False
     breaker: Breaker = field(default_factory=Breaker)
     checked: bool = False
     lag: float | None = None
@@ -483,6 +473,13 @@ class LagMonitor:
             else:
                 recorder.replica_up(name)
 
+    def _count_lag_transition(self, router: ReplicaRouter[Any], name: str, *, out: bool) -> None:
+        """Count replica ``name`` left out for lag, or readmitted, in the router's stats."""
+        if out:
+            router.stats_recorder.replica_over_max_lag(name)
+        else:
+            router.stats_recorder.replica_under_max_lag(name)
+
     def mark_down(self, name: str, error: BaseException) -> None:
         """A session lost (or could not open) a connection to replica ``name``:
         no reads go there until a probe gets through."""
@@ -491,14 +488,14 @@ class LagMonitor:
             tripped = health.breaker.trip(time.monotonic())
             if tripped:
                 health.checked = True
-                health.reason = f"disconnected: {_describe_error(error)}"
+                health.reason = f"disconnected: {describe_error(error)}"
         self._notify_checked()
         if tripped:
             self._count_transition(name, down=True)
             logger.warning(
                 "replica %s is down (%s); no reads go there until a probe succeeds",
                 name,
-                _describe_error(error),
+                describe_error(error),
             )
 
     def note_commit(self, when: float, position: Any) -> None:
@@ -600,7 +597,7 @@ class LagMonitor:
                 # The server measured the age at or after ``asked``: the last
                 # commit it replayed was made at ``asked - age`` or later.
                 last_replayed = None if age is None else asked - age
-                self._check_succeeded(
+                self._judge(
                     router, by_name[name], identity, applied, primary_position, last_replayed
                 )
         for name, check in checks.items():
@@ -655,29 +652,15 @@ class LagMonitor:
             tripped = health.breaker.check_failed(time.monotonic())
             health.checked, health.lag, health.lag_exact = True, None, False
             health.behind = None
-            health.reason = f"unreachable: {_describe_error(error)}"
+            health.reason = f"unreachable: {describe_error(error)}"
         self._notify_checked()
         if tripped:
             self._count_transition(replica.name, down=True)
             logger.warning(
                 "replica %s is unreachable (%s); no reads go there until a probe succeeds",
                 replica.name,
-                _describe_error(error),
+                describe_error(error),
             )
-
-    def _check_succeeded(
-        self,
-        router: ReplicaRouter[Any],
-        replica: RoutedEngine,
-        identity: Any,
-        applied: Any | None,
-        primary_position: Any | None,
-        last_replayed: float | None = None,
-    ) -> None:
-        try:
-            self._judge(router, replica, identity, applied, primary_position, last_replayed)
-        finally:
-            self._notify_checked()
 
     def _judge(
         self,
@@ -688,74 +671,91 @@ class LagMonitor:
         primary_position: Any | None,
         last_replayed: float | None = None,
     ) -> None:
-        backend = router.positions
-        assert backend is not None
-        assert self._estimator is not None
-        health = self._health[replica.name]
-        with self._lock:
-            came_back = health.breaker.succeed()
-        if came_back:
-            self._count_transition(replica.name, down=False)
-            logger.info("replica %s is reachable again; its lag decides its reads", replica.name)
-        why = (
-            "the primary has not answered yet to compare it with"
-            if self._primary_identity is None
-            else backend.not_a_replica(self._primary_identity, identity)
-        )
-        if why is not None:
-            reason = f"not a replica of this primary: {why}"
+        """Judge replica ``replica`` from a check that got through: readmit it
+        if it was down, verify that it replicates from this primary, and
+        measure its lag against ``max_lag`` (left out, or readmitted, with
+        hysteresis). Whatever the verdict, first reads waiting for checks
+        are woken."""
+        try:
+            backend = router.positions
+            assert backend is not None
+            assert self._estimator is not None
+            health = self._health[replica.name]
             with self._lock:
-                health.checked, health.verified, health.excluded = True, False, True
-                health.lag, health.lag_exact, health.behind = None, False, None
-                logged, health.reason = health.reason == reason, reason
-            if not logged:
-                logger.warning("replica %s gets no reads: %s", replica.name, reason)
-            return
-        if not health.verified and health.checked:
-            logger.info("replica %s replicates from this primary again", replica.name)
-        with self._lock:
-            if not health.verified and health.reason is not None:
-                # Left out for its identity, not its lag: the lag decides now.
-                health.excluded, health.reason = False, None
-            health.verified = True
-        if applied is None:
-            with self._lock:
-                health.checked, health.lag, health.excluded = True, None, True
-                health.reason = "not replicating (no applied position)"
-            return
-        now = time.monotonic()
-        lag, exact = self._estimator.lag(applied, now, last_replayed)
-        router.note_applied(replica.name, applied)
-        behind = None if primary_position is None else backend.behind(primary_position, applied)
-        # A replica that has applied no sample kept has a lag bounded only by
-        # the age of the last commit it replayed: after a quiet spell that is
-        # long even when all it lacks is WAL written a moment before the
-        # primary's sample (a new monitor's first round, under load). Before
-        # leaving a serving (or unchecked) replica out on that bound alone,
-        # look once more right away: by then it has applied a sample, or the
-        # bound stands.
-        defer = (
-            lag > router.max_lag
-            and not health.excluded
-            and not health.deferred
-            and not self._estimator.reached_any(applied)
-        )
-        with self._lock:
-            health.lag, health.lag_exact = lag, exact
-            health.position, health.behind, health.measured_at = applied, behind, now
-            health.deferred = defer
-            if defer:
-                self._recheck_soon = True
+                came_back = health.breaker.succeed()
+            if came_back:
+                self._count_transition(replica.name, down=False)
+                logger.info(
+                    "replica %s is reachable again; its lag decides its reads", replica.name
+                )
+            why = (
+                "the primary has not answered yet to compare it with"
+                if self._primary_identity is None
+                else backend.not_a_replica(self._primary_identity, identity)
+            )
+            if why is not None:
+                reason = f"not a replica of this primary: {why}"
+                with self._lock:
+                    health.checked, health.verified, health.excluded = True, False, True
+                    health.lag, health.lag_exact, health.behind = None, False, None
+                    logged, health.reason = health.reason == reason, reason
+                if not logged:
+                    logger.warning("replica %s gets no reads: %s", replica.name, reason)
                 return
-            health.checked = True
-            if lag > router.max_lag:
-                health.excluded = True
-                health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
-            elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
-                health.excluded = False
-                health.reason = None
-            elif came_back:
-                health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
+            if not health.verified and health.checked:
+                logger.info("replica %s replicates from this primary again", replica.name)
+            with self._lock:
+                if not health.verified and health.reason is not None:
+                    # Left out for its identity, not its lag: the lag decides now.
+                    health.excluded, health.reason = False, None
+                health.verified = True
+            if applied is None:
+                with self._lock:
+                    health.checked, health.lag, health.excluded = True, None, True
+                    health.reason = "not replicating (no applied position)"
+                return
+            now = time.monotonic()
+            lag, exact = self._estimator.lag(applied, now, last_replayed)
+            router.note_applied(replica.name, applied)
+            behind = None if primary_position is None else backend.behind(primary_position, applied)
+            # A replica that has applied no sample kept has a lag bounded only by
+            # the age of the last commit it replayed: after a quiet spell that is
+            # long even when all it lacks is WAL written a moment before the
+            # primary's sample (a new monitor's first round, under load). Before
+            # leaving a serving (or unchecked) replica out on that bound alone,
+            # look once more right away: by then it has applied a sample, or the
+            # bound stands.
+            defer = (
+                lag > router.max_lag
+                and not health.excluded
+                and not health.deferred
+                and not self._estimator.reached_any(applied)
+            )
+            lag_transition = None
+            with self._lock:
+                health.lag, health.lag_exact = lag, exact
+                health.position, health.behind, health.measured_at = applied, behind, now
+                health.deferred = defer
+                if defer:
+                    self._recheck_soon = True
+                    return
+                health.checked = True
+                if lag > router.max_lag:
+                    health.excluded = True
+                    health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
+                    if not health.lag_excluded:
+                        health.lag_excluded = lag_transition = True
+                elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
+                    health.excluded = False
+                    health.reason = None
+                    if health.lag_excluded:
+                        health.lag_excluded = lag_transition = False
+                elif came_back:
+                    health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
+            if lag_transition is not None:
+                self._count_lag_transition(router, replica.name, out=lag_transition)
+        finally:
+            self._notify_checked()
 
     def _log_when_all_out(self) -> None:
         all_out = all(h.excluded or h.breaker.down for h in self._health.values())
@@ -785,28 +785,19 @@ class LagMonitor:
     def _engine(self, router: ReplicaRouter[Any], target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
-            url = _sync_url(target.sync_engine.url)
-            timeouts = _connect_timeout(url, self._interval)
+            timeouts = _connect_timeout(sync_url(target.sync_engine.url), self._interval)
             # AUTOCOMMIT, no ROLLBACK on return: a check is one round trip.
-            options: dict[str, Any] = {
-                "pool_size": 1,
-                "max_overflow": 0,
-                "isolation_level": "AUTOCOMMIT",
-                "skip_autocommit_rollback": True,
-            }
-            if target.is_async and not _default_creator(target.sync_engine):
-                # An async engine's own creator needs the application's event
-                # loop: only the URL is left (docs/failures.md).
-                engine = create_engine(url, connect_args=timeouts, **options)
-            else:
-                # The sync dialect that opens the connections is this
-                # engine's, which exists only once the creator is made.
-                how: list[MonitorConnect] = []
-                engine = create_engine(url, creator=_routed_creator(target, how), **options)
-                renames = _SYNC_PARAMS.get(target.sync_engine.url.get_driver_name(), {})
-                how.append(MonitorConnect(engine.dialect, timeouts, renames))
-            if target is router.primary_target:
-                router.install_discovery(engine)
+            engine = probe_engine(
+                target,
+                timeouts,
+                install_discovery=(
+                    router.install_discovery if target is router.primary_target else None
+                ),
+                pool_size=1,
+                max_overflow=0,
+                isolation_level="AUTOCOMMIT",
+                skip_autocommit_rollback=True,
+            )
             self._engines[target.name] = engine
         return engine
 
@@ -878,37 +869,6 @@ class LagMonitor:
         if position is not None:
             self._estimator.record_primary(asked, position)
         self.primary_samples += 1
-        for engine in self._engines.values():
-            engine.dispose()
-
-
-def _routed_creator(
-    target: RoutedEngine, how: list[MonitorConnect]
-) -> Callable[[ConnectionPoolEntry], Any]:
-    """A creator for a monitor engine that connects as ``target``'s sessions
-    do: through ``target``'s own creator, whose ``do_connect`` listeners
-    include the router's (``connections.install_monitor_connect``), which
-    open the monitor's connections as ``how[0]`` says (the monitor
-    engine's sync dialect, the connect timeouts). An engine with a
-    ``creator`` of its own (sync only) ignores the timeouts: the check's
-    own timeout still bounds the wait."""
-    routed = target.sync_engine
-
-    def creator(record: ConnectionPoolEntry) -> Any:
-        how[0].mark(record)
-        return routed.pool._invoke_creator(record)
-
-    return creator
-
-
-def _default_creator(engine: Engine) -> bool:
-    """True when ``engine`` connects with ``create_engine``'s own creator,
-    the one that runs ``do_connect`` listeners (not a ``creator=`` or
-    ``async_creator=`` of the application's)."""
-    made = engine.pool._creator
-    return getattr(made, "__module__", None) == "sqlalchemy.engine.create" and getattr(
-        made, "__qualname__", ""
-    ).startswith("create_engine.")
 
 
 def check_timeout(interval: float) -> float:
@@ -962,17 +922,3 @@ def _timed_out(check: _Check) -> BaseException:
     except BaseException as error:
         return error
     return TimeoutError("no answer in time")
-
-
-def _describe_error(error: BaseException) -> str:
-    """One line naming the error: the driver's exception, not SQLAlchemy's wrapper."""
-    orig = getattr(error, "orig", None) or error
-    text = " ".join(str(orig).split())
-    return f"{type(orig).__name__}: {text[:200]}"
-
-
-def _sync_url(url: URL) -> URL:
-    """The same server through the sync driver of its dialect."""
-    backend, _, driver = url.drivername.partition("+")
-    sync_driver = _SYNC_DRIVERS.get(driver)
-    return url.set(drivername=f"{backend}+{sync_driver}") if sync_driver else url

@@ -459,6 +459,13 @@ class ReplicaRouter(Generic[_E]):
         answered as the primary."""
         return self._discovery.current_url.render_as_string(hide_password=True)
 
+    @property
+    def primary_candidates(self) -> tuple[URL, ...]:
+        """The URLs primary connections may go to: the configured primary,
+        then ``primary_candidates``. They hold the passwords: render them
+        with ``hide_password=True``."""
+        return self._discovery.candidates
+
     def install_discovery(self, engine: Engine) -> None:
         """Make ``engine`` (a private engine on the primary, such as the lag
         monitor's) connect to wherever the primary is now. :meth:`dispose`

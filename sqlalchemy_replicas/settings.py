@@ -35,11 +35,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, make_url
 from typing_extensions import TypedDict
 
 from . import _config
+from ._config import kind_of
 from .consistency import (
     CausalScopeKind,
     ConsistencyLevel,
@@ -48,6 +47,7 @@ from .consistency import (
     validate_seconds,
 )
 from .exc import ConfigurationError
+from .urls import parse_replica_urls, parse_url, plain_value
 
 if TYPE_CHECKING:
     from .router import EngineSource
@@ -229,13 +229,13 @@ def _read(
                 "(e.g. postgresql+psycopg://user:pass@host:5432/db), or pass primary=..."
             )
         sources["primary"] = found[0]
-        primary = _url(found[1], found[0])
+        primary = parse_url(found[1], found[0])
 
     if "replicas" in overrides:
         replicas = overrides.pop("replicas")
     else:
         hit = lookup(prefix + REPLICAS_NAME)
-        replicas = () if hit is None else _replica_urls(hit[1], hit[0])
+        replicas = () if hit is None else parse_replica_urls(hit[1], hit[0])
         if hit is not None:
             sources["replicas"] = hit[0]
 
@@ -329,82 +329,6 @@ def _both(name: str) -> str:
 # -- values -------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """A pydantic ``SecretStr``/``SecretBytes`` or URL type as str/bytes; others as given."""
-    reveal = getattr(value, "get_secret_value", None)
-    if callable(reveal):
-        value = reveal()
-    elif not isinstance(value, (str, bytes, URL, Mapping, list, tuple)) and hasattr(
-        value, "unicode_string"
-    ):
-        value = str(value)  # pydantic AnyUrl, PostgresDsn, MultiHostUrl
-    return value
-
-
-def _url(value: Any, name: str) -> Any:
-    """A database URL, checked; an Engine or anything else is left to the router."""
-    value = _plain(value)
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            raise ConfigurationError(f"{name} is empty; give a database URL")
-    if isinstance(value, (str, URL)):
-        try:
-            make_url(value).get_dialect()
-        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ValueError) as exc:
-            shown = _shown_url(value)
-            raise ConfigurationError(
-                f"{name}{shown} is not a usable database URL ({_config.url_problem(exc)}); "
-                "expected e.g. postgresql+psycopg://user:pass@host:5432/db or "
-                "mariadb+pymysql://user:pass@host:3306/db"
-            ) from None
-    return value
-
-
-def _shown_url(value: str | URL) -> str:
-    """`` (url)`` with the password hidden, or nothing when it does not parse."""
-    try:
-        return f" ({make_url(value).render_as_string(hide_password=True)})"
-    except (sa_exc.ArgumentError, ValueError):
-        return ""  # an unparseable string may still carry credentials
-
-
-_NAMED = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*=\s*(\S.*?)\s*$")
-
-
-def _replica_urls(value: Any, name: str) -> list[Any] | dict[str, Any]:
-    """Comma-separated URLs or ``name=URL`` pairs; a list, or a mapping of name to URL."""
-    value = _plain(value)
-    if isinstance(value, str):
-        items = [item for item in value.split(",") if item.strip()]
-        named = [_NAMED.match(item) for item in items]
-        if not any(named):
-            return [_url(item, f"{name} item {i}") for i, item in enumerate(items, start=1)]
-        if not all(named):
-            raise ConfigurationError(
-                f"{name} mixes name=URL pairs and bare URLs; name every replica "
-                "(replica1=postgresql://...,replica2=postgresql://...) or none"
-            )
-        result: dict[str, Any] = {}
-        for match in named:
-            assert match is not None
-            replica, url = match[1], match[2]
-            if replica in result:
-                raise ConfigurationError(f"{name} names replica {replica!r} twice")
-            result[replica] = _url(url, f"{name} ({replica})")
-        return result
-    if isinstance(value, Mapping):
-        return {key: _url(url, f"{name}[{key!r}]") for key, url in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_url(url, f"{name}[{i}]") for i, url in enumerate(value)]
-    raise ConfigurationError(
-        f"{name} must be comma-separated URLs, a list of URLs or a mapping of name to URL, "
-        f"not {_kind(value)}"
-    )
-
-
 def _seconds(value: Any, name: str) -> float:
     if isinstance(value, str):
         try:
@@ -425,9 +349,9 @@ def _scope(value: Any, name: str) -> CausalScopeKind:
 
 
 def _secret(value: Any, name: str) -> str | bytes:
-    value = _plain(value)
+    value = plain_value(value)
     if not isinstance(value, (str, bytes)):
-        raise ConfigurationError(f"{name} must be a str or bytes key, not {_kind(value)}")
+        raise ConfigurationError(f"{name} must be a str or bytes key, not {kind_of(value)}")
     if not value.strip():
         raise ConfigurationError(
             f"{name} is empty; give a long random key (e.g. python -c "
@@ -450,7 +374,7 @@ def _engine_options(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise ConfigurationError(
             f"{name} must be a JSON object (a mapping) of create_engine() keyword arguments, "
-            f'e.g. {{"pool_size": 10}}, not {_kind(value)}'
+            f'e.g. {{"pool_size": 10}}, not {kind_of(value)}'
         )
     return dict(value)
 
@@ -467,7 +391,7 @@ def _function_names(value: Any, name: str) -> list[str]:
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return [item.strip() for item in value if item.strip()]
     raise ConfigurationError(
-        f"{name} must be comma-separated function names or a list of them, not {_kind(value)}"
+        f"{name} must be comma-separated function names or a list of them, not {kind_of(value)}"
     )
 
 
@@ -492,7 +416,7 @@ def _weights(value: Any, name: str) -> dict[str, float]:
     if not isinstance(value, Mapping):
         raise ConfigurationError(
             f"{name} must be replica=weight pairs or a mapping of replica name to weight, "
-            f"not {_kind(value)}"
+            f"not {kind_of(value)}"
         )
     weights = {}
     for replica, weight in value.items():
@@ -505,7 +429,7 @@ def _weights(value: Any, name: str) -> dict[str, float]:
                 ) from None
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigurationError(
-                f"{name}: the weight of {replica!r} must be a number, not {_kind(weight)}"
+                f"{name}: the weight of {replica!r} must be a number, not {kind_of(weight)}"
             )
         if not math.isfinite(weight) or weight <= 0:
             raise ConfigurationError(
@@ -516,14 +440,14 @@ def _weights(value: Any, name: str) -> dict[str, float]:
 
 
 def _candidates(value: Any, name: str) -> list[Any]:
-    value = _plain(value)
+    value = plain_value(value)
     if isinstance(value, str):
         items = [item for item in value.split(",") if item.strip()]
-        return [_url(item, f"{name} item {i}") for i, item in enumerate(items, start=1)]
+        return [parse_url(item, f"{name} item {i}") for i, item in enumerate(items, start=1)]
     if isinstance(value, (list, tuple)):
-        return [_url(item, f"{name}[{i}]") for i, item in enumerate(value)]
+        return [parse_url(item, f"{name}[{i}]") for i, item in enumerate(value)]
     raise ConfigurationError(
-        f"{name} must be comma-separated URLs or a list of them, not {_kind(value)}"
+        f"{name} must be comma-separated URLs or a list of them, not {kind_of(value)}"
     )
 
 
@@ -532,7 +456,7 @@ def _rules(value: Any, name: str) -> dict[Any, ConsistencyLevel]:
         value = dict(_pairs(value, name, "orders=strong,products=eventual"))
     if not isinstance(value, Mapping):
         raise ConfigurationError(
-            f"{name} must be table=level pairs or a mapping of table to level, not {_kind(value)}"
+            f"{name} must be table=level pairs or a mapping of table to level, not {kind_of(value)}"
         )
     return {key: _level(level, f"{name}[{key!r}]") for key, level in value.items()}
 
@@ -553,9 +477,3 @@ _PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
     "causal_scope": _scope,
     "rules": _rules,
 }
-
-
-def _kind(value: object) -> str:
-    """A value's type for a message; never the value (it may hold a password)."""
-    kind = type(value).__name__
-    return f"an {kind}" if kind[:1].lower() in "aeiou" else f"a {kind}"

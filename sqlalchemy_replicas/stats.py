@@ -180,6 +180,13 @@ class RouterStats:
     :ivar replicas_down: per replica, the times it was marked down (a lost
         connection, or an unreachable lag check).
     :ivar replicas_up: per replica, the times it was readmitted after being down.
+    :ivar replicas_over_max_lag: per replica, the times the lag monitor left
+        it out of reads for lag (a check measured it over ``max_lag``).
+    :ivar replicas_under_max_lag: per replica, the times it was readmitted
+        after that (a check measured it back under ``max_lag`` by the
+        readmission margin). Being down and lagging are counted apart: a
+        replica left out for lag that goes down and comes back already
+        caught up counts one of each pair.
     :ivar rejected_tokens: causal tokens ignored, by reason (``malformed``,
         ``bad_signature``, ``expired``, ...). Per process, shared by every
         router (tokens are checked before a router is known), and not reset
@@ -195,6 +202,8 @@ class RouterStats:
     replicas_up: Mapping[str, int]
     rejected_tokens: Mapping[str, int]
     since: float
+    replicas_over_max_lag: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
+    replicas_under_max_lag: Mapping[str, int] = field(default_factory=lambda: _frozen({}))
 
     def decisions_by_target(self) -> dict[TargetKind, int]:
         """Decisions per target kind: ``{"primary": n, "replica": m}``."""
@@ -242,6 +251,8 @@ class StatsRecorder:
         self._reruns: dict[str, int] = {}
         self._down: dict[str, int] = {}
         self._up: dict[str, int] = {}
+        self._over_lag: dict[str, int] = {}
+        self._under_lag: dict[str, int] = {}
         self._waits = _Waits()
         self._since = time.time()
 
@@ -290,6 +301,16 @@ class StatsRecorder:
         with self._lock:
             self._up[name] = self._up.get(name, 0) + 1
 
+    def replica_over_max_lag(self, name: str) -> None:
+        """Count replica ``name`` left out of reads for lag."""
+        with self._lock:
+            self._over_lag[name] = self._over_lag.get(name, 0) + 1
+
+    def replica_under_max_lag(self, name: str) -> None:
+        """Count replica ``name`` readmitted after being left out for lag."""
+        with self._lock:
+            self._under_lag[name] = self._under_lag.get(name, 0) + 1
+
     def snapshot(self, rejected_tokens: Mapping[str, int]) -> RouterStats:
         """The counters now, as an immutable :class:`RouterStats`."""
         with self._lock:
@@ -319,4 +340,6 @@ class StatsRecorder:
                 replicas_up=_frozen(self._up),
                 rejected_tokens=_frozen(rejected_tokens),
                 since=self._since,
+                replicas_over_max_lag=_frozen(self._over_lag),
+                replicas_under_max_lag=_frozen(self._under_lag),
             )

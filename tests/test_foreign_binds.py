@@ -95,14 +95,14 @@ def other_url(topology: Topology) -> Iterator[URL]:
     if isinstance(topology, MariaDBTopology):
         # The app user's grants are limited to its own schema (so that
         # read_only binds it on replicas): only root can add another.
-        topology._execute(
-            topology._primary_server(),
+        topology.admin_execute(
+            "primary",
             f"DROP DATABASE IF EXISTS {OTHER}",
             f"CREATE DATABASE {OTHER}",
             f"GRANT ALL ON {OTHER}.* TO 'app'@'%'",
         )
         yield url
-        topology._execute(topology._primary_server(), f"DROP DATABASE IF EXISTS {OTHER}")
+        topology.admin_execute("primary", f"DROP DATABASE IF EXISTS {OTHER}")
         return
     admin = sa.create_engine(topology.primary_url, isolation_level="AUTOCOMMIT")
     try:

@@ -344,3 +344,39 @@ def test_a_check_that_answers_late_brings_the_replica_back_at_the_next_round(
     finally:
         monitor.stop()
         router.dispose()
+
+
+def test_dense_primary_samples_reuse_the_monitor_s_connections(topology: Topology) -> None:
+    """While a replica is behind, the monitor samples the primary's position
+    between checks (every 50 ms) on its own pooled connections: twenty such
+    samples open no new connection to any server (none is closed after a
+    sample)."""
+    connects: list[str] = []
+    primary = sa.create_engine(topology.primary_url)
+    replica = sa.create_engine(topology.replica_urls[0])
+    for name, engine in (("primary", primary), ("replica1", replica)):
+        sa.event.listen(
+            engine,
+            "do_connect",
+            lambda dialect, record, cargs, cparams, name=name: connects.append(name),
+        )
+    writer = sa.create_engine(topology.primary_url)
+    router = sr.ReplicaRouter(primary, [replica], max_lag=30.0, lag_check_interval=1.0)
+    try:
+        router.start()
+        await_health(router, "replica1", True, timeout=10)
+        monitor = router._monitor
+        assert monitor is not None
+        topology.pause_replay(0)
+        with writer.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE dense_tick (id INTEGER)"))
+        wait_until(lambda: monitor.primary_samples >= 3, timeout=10, what="dense samples")
+        opened, samples = len(connects), monitor.primary_samples
+        wait_until(
+            lambda: monitor.primary_samples >= samples + 20, timeout=10, what="20 more samples"
+        )
+        assert connects[opened:] == []
+    finally:
+        router.dispose()
+        for engine in (primary, replica, writer):
+            engine.dispose()

@@ -234,8 +234,8 @@ def test_mariadb_user_without_slave_monitor_gets_no_replica_reads_and_is_told_th
     topology = fresh_mariadb_topology
     database = topology.primary_url.database
     # As root, on the primary (users replicate): the app user may not create users.
-    topology._execute(
-        topology._primary_server(),
+    topology.admin_execute(
+        "primary",
         "CREATE USER IF NOT EXISTS 'plain'@'%' IDENTIFIED BY 'plain'",
         f"GRANT ALL ON {database}.* TO 'plain'@'%'",
     )
@@ -258,7 +258,7 @@ def test_mariadb_user_without_slave_monitor_gets_no_replica_reads_and_is_told_th
             assert "SLAVE MONITOR" in status.reason
     finally:
         router.dispose()
-        topology._execute(topology._primary_server(), "DROP USER 'plain'@'%'")
+        topology.admin_execute("primary", "DROP USER 'plain'@'%'")
 
 
 # -- a replica frozen at start-up ------------------------------------------------

@@ -264,7 +264,7 @@ def test_replica_connections_refuse_writes_even_on_a_writable_server(
         topology.wait_for_catchup()
         if mariadb is not None:
             # As root: the app user may not change server settings.
-            mariadb._execute(mariadb._replica(0), "SET GLOBAL read_only = 0")
+            mariadb.admin_execute(0, "SET GLOBAL read_only = 0")
         router.start()
         replica = router.replicas[0]
         with pytest.raises(sa.exc.DBAPIError) as refused, replica.connect() as conn:
@@ -281,7 +281,7 @@ def test_replica_connections_refuse_writes_even_on_a_writable_server(
     finally:
         router.dispose()
         if mariadb is not None:
-            mariadb._execute(mariadb._replica(0), "SET GLOBAL read_only = 1")
+            mariadb.admin_execute(0, "SET GLOBAL read_only = 1")
 
 
 def test_declared_writing_function_goes_straight_to_the_primary(

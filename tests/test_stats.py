@@ -104,6 +104,25 @@ def test_concurrent_threads_lose_no_count() -> None:
     }
 
 
+def test_lag_exclusions_are_counted_per_replica_and_reset_clears() -> None:
+    """Left out for lag and readmitted are counted per replica, apart from down
+    and up; reset_stats() clears them."""
+    recorder = StatsRecorder()
+    recorder.replica_over_max_lag("replica1")
+    recorder.replica_over_max_lag("replica1")
+    recorder.replica_under_max_lag("replica1")
+    recorder.replica_over_max_lag("replica2")
+    stats = recorder.snapshot({})
+    assert dict(stats.replicas_over_max_lag) == {"replica1": 2, "replica2": 1}
+    assert dict(stats.replicas_under_max_lag) == {"replica1": 1}
+    assert not stats.replicas_down
+    assert not stats.replicas_up
+    recorder.reset()
+    stats = recorder.snapshot({})
+    assert not stats.replicas_over_max_lag
+    assert not stats.replicas_under_max_lag
+
+
 def test_rejected_tokens_are_counted_per_process() -> None:
     """A bad causal token shows in every router's stats under its reason."""
     router = sr.ReplicaRouter("sqlite://")
@@ -206,6 +225,50 @@ def test_replica_down_and_up_are_counted(router: sr.ReplicaRouter, topology: Top
     stats = router.stats()
     assert dict(stats.replicas_down) == {"replica1": 1}
     assert dict(stats.replicas_up) == {"replica1": 1}
+
+
+def test_replica_left_out_for_lag_and_back_is_counted(topology: Topology) -> None:
+    """A replica whose replay is paused while the primary commits goes over
+    max_lag (1 s): counted once as left out for lag, and not as down; once
+    replay resumes and it catches up, counted once as back under max_lag. The
+    other replica, never behind, is counted in neither."""
+    engine = sa.create_engine(topology.primary_url)
+    Base.metadata.create_all(engine)
+    topology.wait_for_catchup()
+    router = sr.ReplicaRouter(
+        topology.primary_url, topology.replica_urls, max_lag=1.0, lag_check_interval=0.1
+    )
+    try:
+        router.start()
+        wait_until(
+            lambda: all(s.healthy for s in router.status()), timeout=20, what="replicas healthy"
+        )
+        router.reset_stats()
+        topology.pause_replay(0)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(Item).values(id=1))
+        wait_until(
+            lambda: router.stats().replicas_over_max_lag.get("replica1") == 1,
+            timeout=30,
+            what="replica1 counted over max_lag",
+        )
+        stats = router.stats()
+        assert dict(stats.replicas_under_max_lag) == {}
+        assert dict(stats.replicas_down) == {}
+        topology.resume_replay(0)
+        wait_until(
+            lambda: router.stats().replicas_under_max_lag.get("replica1") == 1,
+            timeout=30,
+            what="replica1 counted back under max_lag",
+        )
+        stats = router.stats()
+        assert dict(stats.replicas_over_max_lag) == {"replica1": 1}
+        assert dict(stats.replicas_under_max_lag) == {"replica1": 1}
+        assert dict(stats.replicas_down) == {}
+        assert dict(stats.replicas_up) == {}
+    finally:
+        router.dispose()
+        engine.dispose()
 
 
 def test_concurrent_threads_on_real_sessions_lose_no_count(router: sr.ReplicaRouter) -> None:

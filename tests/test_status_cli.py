@@ -298,7 +298,9 @@ def cli_env(topology: Topology, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_status(
+    env: dict[str, str], *args: str, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sqlalchemy_replicas", "status", *args],
         capture_output=True,
@@ -306,7 +308,7 @@ def run_status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
         timeout=120,
         check=False,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
     )
 
 
@@ -396,3 +398,116 @@ def test_stopped_replica_exits_2_with_the_reason(topology: Topology) -> None:
     assert (down["name"], down["health"], down["reachable"]) == ("replica2", "down", False)
     assert down["reason"].startswith("unreachable")
     assert_no_password(result, topology)
+
+
+def test_the_primary_row_follows_primary_candidates(topology: Topology) -> None:
+    """After a failover the configured DATABASE_URL is a read-only node (here
+    replica2, standing for the demoted old primary) and the primary is one of
+    SQLALCHEMY_REPLICAS_PRIMARY_CANDIDATES: the command asks and shows the
+    server primary connections go to now, as the router does, and is OK."""
+    env = cli_env(topology)
+    primary, replicas = topology.primary_url, topology.replica_urls
+    if topology.backend != "mariadb":
+        primary = primary.set(password=PG_PASSWORD)
+        replicas = tuple(url.set(password=PG_PASSWORD) for url in replicas)
+    env.update(
+        DATABASE_URL=replicas[1].render_as_string(hide_password=False),
+        DATABASE_REPLICA_URLS=replicas[0].render_as_string(hide_password=False),
+        SQLALCHEMY_REPLICAS_PRIMARY_CANDIDATES=primary.render_as_string(hide_password=False),
+    )
+    result = run_status(env, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    shown = document["primary"]
+    assert (shown["role"], shown["healthy"]) == ("primary", True), shown
+    assert shown["url"] == primary.render_as_string(hide_password=True)
+    assert document["replicas"][0]["health"] == "healthy", document["replicas"]
+    assert_no_password(result, topology)
+
+
+PROBE_APP = """
+import os
+
+import sqlalchemy as sa
+
+import sqlalchemy_replicas as sr
+
+HOW = os.environ["PROBE_HOW"]
+REAL = [sa.make_url(u) for u in os.environ["PROBE_REAL_URLS"].split(",")]
+
+
+def engine(index):
+    # A port where nothing listens: only the application's connect path
+    # (connect_args, creator or do_connect) reaches the real server.
+    real = REAL[index]
+    written = real.set(port=index + 1)
+    if HOW == "connect_args":
+        return sa.create_engine(written, connect_args={"port": real.port})
+    if HOW == "creator":
+        plain = sa.create_engine(real)
+        cargs, cparams = plain.dialect.create_connect_args(plain.url)
+        dbapi = plain.dialect.loaded_dbapi
+        return sa.create_engine(written, creator=lambda: dbapi.connect(*cargs, **cparams))
+    made = sa.create_engine(written)
+
+    @sa.event.listens_for(made, "do_connect")
+    def real_port(dialect, record, cargs, cparams):
+        cparams["port"] = real.port
+
+    return made
+
+
+router = sr.ReplicaRouter(
+    engine(0), [engine(1), engine(2)], max_lag=5.0, lag_check_interval=0.2
+)
+"""
+
+
+@pytest.mark.parametrize("how", ["connect_args", "creator", "do_connect"])
+def test_router_option_probes_connect_as_the_router_does(
+    topology: Topology, tmp_path: Path, how: str
+) -> None:
+    """``--router app:router``: the application's engines reach the servers
+    only through their own connect_args, creator or do_connect listener (the
+    URLs name ports where nothing listens); the command's direct queries go
+    the same way, so every server answers its role and the exit status is 0
+    (a probe built from the URL alone finds nothing: the primary unreachable)."""
+    (tmp_path / "probe_app.py").write_text(PROBE_APP)
+    urls = [topology.primary_url, *topology.replica_urls]
+    env = cli_env(
+        topology,
+        PROBE_HOW=how,
+        PROBE_REAL_URLS=",".join(u.render_as_string(hide_password=False) for u in urls),
+    )
+    for name in ("DATABASE_URL", "DATABASE_REPLICA_URLS", "SQLALCHEMY_REPLICAS_LAG_CHECK_INTERVAL"):
+        del env[name]
+    result = run_status(env, "--router", "probe_app:router", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads(result.stdout)
+    assert (document["primary"]["role"], document["primary"]["reachable"]) == ("primary", True)
+    assert [(r["role"], r["health"]) for r in document["replicas"]] == [
+        ("replica", "healthy"),
+        ("replica", "healthy"),
+    ], document["replicas"]
+
+
+def test_router_option_errors_exit_3(tmp_path: Path) -> None:
+    """A --router that names nothing importable, not a router, a module that
+    raises on import, or that comes with --primary, is a configuration error:
+    exit 3 with the reason (no traceback)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATABASE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    (tmp_path / "not_a_router.py").write_text("router = 42\n")
+    (tmp_path / "broken_app.py").write_text("raise RuntimeError('boom at import')\n")
+    cases = {
+        ("--router", "no_such_module_here:router"): "no_such_module_here",
+        ("--router", "not_a_router:router"): "not a ReplicaRouter",
+        ("--router", "not_a_router"): "MODULE:ATTRIBUTE",
+        ("--router", "broken_app:router"): "RuntimeError: boom at import",
+        ("--router", "x:y", "--primary", "postgresql://h/db"): "exclude each other",
+    }
+    for args, reason in cases.items():
+        result = run_status(env, *args, cwd=tmp_path)
+        assert result.returncode == 3, (args, result.stdout + result.stderr)
+        assert reason in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr

@@ -64,6 +64,30 @@ def test_committed_row_reaches_every_replica(
     assert [visible(r, 1) for r in replicas] == [True, True]
 
 
+def test_admin_execute_runs_as_the_superuser_on_the_server_named(topology: Topology) -> None:
+    """admin_execute("primary", ...) runs statements as the server's superuser
+    (which may do what the application's user may not); they replicate, and
+    admin_query(index, ...) reads them back on each replica. A "%" in the SQL
+    is taken as written. A replica index
+    out of range is a ConfigurationError naming the valid ones."""
+    if topology.backend == "mariadb":
+        table = f"{topology.primary_url.database}.admin_made"
+        superuser = "SELECT CURRENT_USER() LIKE 'root@%'"
+    else:
+        table = "admin_made"
+        superuser = "SELECT rolsuper FROM pg_roles WHERE rolname LIKE current_user || '%'"
+    assert bool(topology.admin_query("primary", superuser)) is True
+    assert bool(topology.admin_query(1, superuser)) is True
+    topology.admin_execute(
+        "primary", f"CREATE TABLE {table} (id INTEGER)", f"INSERT INTO {table} VALUES (7)"
+    )
+    topology.wait_for_catchup()
+    assert [topology.admin_query(i, f"SELECT max(id) FROM {table}") for i in (0, 1)] == [7, 7]
+    assert topology.admin_query("primary", f"SELECT id FROM {table} WHERE id = 8") is None
+    with pytest.raises(ConfigurationError, match="indexes 0 to 1"):
+        topology.admin_execute(2, "SELECT 1")
+
+
 def test_replicas_reject_writes(
     topology: Topology, engines: tuple[sa.Engine, list[sa.Engine]]
 ) -> None:

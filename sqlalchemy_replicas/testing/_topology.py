@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.engine import URL
 
@@ -196,6 +196,46 @@ class Topology(abc.ABC):
         server = self._primary_server() if replica is None else self._replica(replica)
         return server.is_running
 
+    # -- administration -----------------------------------------------------------
+
+    def admin_execute(self, server: Literal["primary"] | int, *statements: str) -> None:
+        """Run ``statements`` in order, in AUTOCOMMIT, as the server's superuser
+        (PostgreSQL's bootstrap user; MariaDB's ``root``, over its socket):
+        what the application's user may not do, such as creating users,
+        databases or grants, or changing server settings.
+
+        On the primary, changes replicate as usual (:meth:`wait_for_catchup`
+        waits for them); on a replica they stay there (a write may break its
+        replication: undo it before the test ends, :meth:`reset` does not).
+
+        :param server: ``"primary"``, or a replica's index (as for
+            ``replica_urls``).
+        :raises ConfigurationError: for a replica index out of range.
+        """
+        target = self._admin_target(server)
+        conn = self._admin(target)
+        try:
+            cursor = conn.cursor()
+            try:
+                for statement in statements:
+                    cursor.execute(statement)
+            finally:
+                cursor.close()
+        finally:
+            conn.close()
+
+    def admin_query(self, server: Literal["primary"] | int, sql: str) -> Any:
+        """The first column of the first row of ``sql`` (None for no row), run
+        as :meth:`admin_execute` runs statements.
+
+        :param server: ``"primary"``, or a replica's index.
+        :raises ConfigurationError: for a replica index out of range.
+        """
+        return self._query(self._admin_target(server), sql)
+
+    def _admin_target(self, server: Literal["primary"] | int) -> ServerProcess:
+        return self._primary_server() if server == "primary" else self._replica(server)
+
     # -- fault injection ---------------------------------------------------------
 
     def pause_replay(self, replica: int) -> None:
@@ -334,6 +374,14 @@ class Topology(abc.ABC):
     @abc.abstractmethod
     def _url(self, port: int, *, is_async: bool) -> URL:
         """The application URL for a server on ``port``."""
+
+    @abc.abstractmethod
+    def _admin(self, server: ServerProcess) -> Any:
+        """A new DBAPI connection to ``server`` as its superuser, AUTOCOMMIT."""
+
+    @abc.abstractmethod
+    def _query(self, server: ServerProcess, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        """The first column of the first row of ``sql`` on ``server`` (None for no row)."""
 
     @abc.abstractmethod
     def _version(self, server: ServerProcess) -> str:

@@ -207,7 +207,8 @@ class MariaDBTopology(Topology):
         conn = self._admin(server)
         try:
             with conn.cursor() as cursor:
-                cursor.execute(sql, params)
+                # No params: a "%" in sql stays as written (pymysql formats with ()).
+                cursor.execute(sql, params or None)
                 row = cursor.fetchone()
         finally:
             conn.close()

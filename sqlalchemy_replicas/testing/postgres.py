@@ -192,7 +192,8 @@ class PostgresTopology(Topology):
 
     def _query(self, server: ServerProcess, sql: str, params: tuple[Any, ...] = ()) -> Any:
         with self._admin(server) as conn:
-            row = conn.execute(sql, params).fetchone()
+            # No params: a "%" in sql stays as written (psycopg parses it with ()).
+            row = conn.execute(sql, params or None).fetchone()
         return None if row is None else row[0]
 
     def _version(self, server: ServerProcess) -> str:

@@ -147,7 +147,8 @@ class PrimaryDiscovery:
         )
         return PrimaryUnavailable(
             f"no reachable primary ({'; '.join(problems)}); {hint}; reads at 'eventual' "
-            "or 'bounded' consistency still go to replicas"
+            "or 'bounded' consistency still go to replicas while their lag, which grows from "
+            "the primary's last answer, is within bounds"
         )
 
     def _switch(self, index: int) -> None:

@@ -207,16 +207,28 @@ class LagEstimator:
             return self._samples[-1][1] if self._samples else None
 
     def lag(
-        self, applied: Any, now: float, last_replayed: float | None = None
+        self,
+        applied: Any,
+        now: float,
+        last_replayed: float | None = None,
+        *,
+        current: bool = True,
     ) -> tuple[float, bool]:
         """How stale a replica that has applied ``applied`` can be at ``now``,
         and whether that is an upper bound.
 
-        0 when it has reached the newest sample. Otherwise the least of: the
-        time since the newest sample it has reached, and, with
-        ``last_replayed`` (the monotonic time, or earlier, of the last commit
-        it applied), the time since then. When neither is known (it reached
-        no sample kept), the time since the oldest sample: only a lower bound.
+        0 when it has reached the newest sample and that sample is
+        ``current`` (the primary answered it just before the replica was
+        asked). Otherwise the least of: the time since the newest sample it
+        has reached, and, with ``last_replayed`` (the monotonic time, or
+        earlier, of the last commit it applied), the time since then. When
+        neither is known (it reached no sample kept), the time since the
+        oldest sample: only a lower bound.
+
+        Not ``current`` (the primary did not answer this round: down,
+        restarting, out of reach): commits may have been acknowledged after
+        the newest sample and never reached the replica, so even a replica
+        that has reached it is as stale as that sample is old.
         """
         with self._lock:
             samples = self._samples
@@ -226,7 +238,7 @@ class LagEstimator:
             for index in range(len(samples) - 1, -1, -1):
                 when, position = samples[index]
                 if self._reached(applied, position):
-                    if index == len(samples) - 1:
+                    if current and index == len(samples) - 1:
                         return 0.0, True
                     bound = now - when
                     break
@@ -715,7 +727,9 @@ class LagMonitor:
                     health.reason = "not replicating (no applied position)"
                 return
             now = time.monotonic()
-            lag, exact = self._estimator.lag(applied, now, last_replayed)
+            lag, exact = self._estimator.lag(
+                applied, now, last_replayed, current=primary_position is not None
+            )
             router.note_applied(replica.name, applied)
             behind = None if primary_position is None else backend.behind(primary_position, applied)
             # A replica that has applied no sample kept has a lag bounded only by

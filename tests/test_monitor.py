@@ -37,6 +37,15 @@ def test_lag_is_the_age_of_the_newest_primary_sample_applied() -> None:
     assert estimator.lag(30, now=12.6) == pytest.approx((0.1, False))
 
 
+def test_without_a_current_sample_the_newest_one_bounds_the_lag_by_its_age() -> None:
+    """The primary did not answer this round: commits may have been acknowledged
+    after its newest sample, so a replica that reached it is as stale as it is old."""
+    estimator = LagEstimator(lambda applied, target: applied >= target, horizon=10)
+    estimator.record_primary(1.0, 10)
+    assert estimator.lag(10, now=4.0) == (0.0, True)
+    assert estimator.lag(10, now=4.0, current=False) == pytest.approx((3.0, True))
+
+
 @pytest.fixture
 def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     router = sr.ReplicaRouter(
@@ -380,3 +389,29 @@ def test_dense_primary_samples_reuse_the_monitor_s_connections(topology: Topolog
         router.dispose()
         for engine in (primary, replica, writer):
             engine.dispose()
+
+
+def test_while_the_primary_is_down_a_replica_s_lag_grows_from_its_last_answer(
+    router: sr.ReplicaRouter, topology: Topology
+) -> None:
+    """A replica that had everything the primary last said is not known to have
+    what the primary acknowledged since: while the primary does not answer, its
+    lag grows from the primary's last answer, and past max_lag it serves no
+    bounded or eventual read. Both serve again once the primary is back."""
+    router.status()
+    await_health(router, "replica1", True, timeout=5)
+    await_health(router, "replica2", True, timeout=5)
+    topology.stop_primary()
+    try:
+        wait_until(
+            lambda: all(
+                (s.reason or "").startswith("lag ") and s.healthy is False for s in router.status()
+            ),
+            timeout=MAX_LAG + 4 * INTERVAL + 3,
+            what="both replicas left out for a lag grown past max_lag",
+        )
+        assert all((s.lag_seconds or 0.0) > MAX_LAG for s in router.status())
+    finally:
+        topology.start_primary()
+    await_health(router, "replica1", True, timeout=15)
+    await_health(router, "replica2", True, timeout=15)

@@ -364,31 +364,38 @@ def run_sync_client(client: _Client, make: sessionmaker[Any], deadline: float) -
 
 
 def _sync_op(client: _Client, make: sessionmaker[Any], scope: int) -> None:
-    plan = client.plan()
-    op_id = client.history.next_id()
-    invoke = (time.monotonic(), time.time())
-    result = _Result()
+    plan, op_id, invoke, result = client.plan(), client.history.next_id(), _now(), _Result()
     try:
         with make() as session:
-            if plan.kind in ("insert", "update", "increment"):
-                try:
-                    result.rowcount = client.write(session, plan)
-                except Exception as error:
-                    result.error = _describe(error)
-                else:
-                    result.outcome = "unknown"  # from here on, the commit may have landed
-                    session.commit()
-                    result.outcome = "ok"
-            else:
-                with ServerRecorder.reading() as served:
-                    result.value = client.read(session, plan)
-                result.outcome = "ok"
-                result.server, result.identity = served.server, served.identity
+            _perform(session, client, plan, result)
     except Exception as error:
         # A failed commit is "unknown"; a failure closing the session after an
         # acknowledged operation changes nothing of what it did.
         result.error = result.error or _describe(error)
     client.finish(plan, scope, op_id, invoke, result)
+
+
+def _now() -> tuple[float, float]:
+    return time.monotonic(), time.time()
+
+
+def _perform(session: Session, client: _Client, plan: _Plan, result: _Result) -> None:
+    """One operation on ``session`` (an async session's sync one, in its
+    greenlet, for async clients), recorded in ``result`` as it goes."""
+    if plan.kind in ("insert", "update", "increment"):
+        try:
+            result.rowcount = client.write(session, plan)
+        except Exception as error:
+            result.error = _describe(error)
+            return
+        result.outcome = "unknown"  # from here on, the commit may have landed
+        session.commit()
+        result.outcome = "ok"
+    else:
+        with ServerRecorder.reading() as served:
+            result.value = client.read(session, plan)
+        result.outcome = "ok"
+        result.server, result.identity = served.server, served.identity
 
 
 async def run_async_client(
@@ -410,26 +417,10 @@ async def run_async_client(
 
 
 async def _async_op(client: _Client, make: async_sessionmaker[AsyncSession], scope: int) -> None:
-    plan = client.plan()
-    op_id = client.history.next_id()
-    invoke = (time.monotonic(), time.time())
-    result = _Result()
+    plan, op_id, invoke, result = client.plan(), client.history.next_id(), _now(), _Result()
     try:
         async with make() as session:
-            if plan.kind in ("insert", "update", "increment"):
-                try:
-                    result.rowcount = await session.run_sync(client.write, plan)
-                except Exception as error:
-                    result.error = _describe(error)
-                else:
-                    result.outcome = "unknown"
-                    await session.commit()
-                    result.outcome = "ok"
-            else:
-                with ServerRecorder.reading() as served:
-                    result.value = await session.run_sync(client.read, plan)
-                result.outcome = "ok"
-                result.server, result.identity = served.server, served.identity
+            await session.run_sync(_perform, client, plan, result)
     except Exception as error:
         result.error = result.error or _describe(error)
     client.finish(plan, scope, op_id, invoke, result)

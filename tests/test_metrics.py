@@ -3,11 +3,13 @@ attributes, with the real libraries against the real topologies."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +17,8 @@ import sqlalchemy as sa
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
@@ -36,6 +39,15 @@ class Item(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
 
 
+def await_healthy(router: sr.ReplicaRouter[Any]) -> None:
+    """Until every replica serves reads (a check can time out on a loaded machine)."""
+    wait_until(
+        lambda: all(replica.healthy for replica in router.status()),
+        timeout=30,
+        what="every replica healthy",
+    )
+
+
 @pytest.fixture
 def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
     """A started router over one replica (wait_timeout 0.2 s, quick lag checks),
@@ -48,6 +60,7 @@ def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
         topology.primary_url, topology.replica_urls[:1], wait_timeout=0.2, lag_check_interval=0.1
     )
     router.start()
+    await_healthy(router)
     router.reset_stats()
     yield router
     router.dispose()
@@ -193,6 +206,26 @@ def test_several_routers_are_told_apart_by_the_router_label(registry: CollectorR
         router.dispose()
 
 
+def test_the_default_registry_is_the_global_one() -> None:
+    """Without registry=, the router is exported from prometheus_client's global
+    REGISTRY, and unregister() takes it (and the collector) out again."""
+    router = offline_router("global_registry_test")
+    router.stats_recorder.decision(True, "write", "eventual")
+    labels = {"router": "global_registry_test", "target": "primary", "reason": "write"}
+    try:
+        prometheus.register(router)
+        assert (
+            REGISTRY.get_sample_value(
+                f"{PREFIX}_routed_statements_total", {**labels, "level": "eventual"}
+            )
+            == 1
+        )
+    finally:
+        assert prometheus.unregister(router)
+        router.dispose()
+    assert f"{PREFIX}_" not in generate_latest().decode()
+
+
 def test_a_disposed_router_is_scraped_without_its_monitor_restarting(
     router: sr.ReplicaRouter, registry: CollectorRegistry
 ) -> None:
@@ -306,6 +339,39 @@ def test_a_rerun_is_on_the_span(
     assert span["sqlalchemy_replicas.fallback"] is True
 
 
+def test_async_sessions_annotate_the_current_span(
+    topology: Topology, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """An AsyncSession's statements (run in SQLAlchemy's greenlet) see the
+    caller's current span: an eventual read sets the replica's attributes."""
+    provider, exporter = spans
+    engine = sa.create_engine(topology.primary_url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    topology.wait_for_catchup()
+    router: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(
+        topology.async_primary_url, topology.async_replica_urls[:1]
+    )
+    sr_otel.instrument(router)
+
+    async def read() -> None:
+        await router.astart()
+        await asyncio.to_thread(await_healthy, router)
+        try:
+            with provider.get_tracer(__name__).start_as_current_span("async read"):
+                async with router.async_sessionmaker()() as session:
+                    with sr.consistency("eventual"):
+                        (await session.execute(sa.select(Item))).all()
+        finally:
+            await router.adispose()
+
+    asyncio.run(read())
+    span = attributes(exporter, "async read")
+    assert span["sqlalchemy_replicas.target"] == "replica1"
+    assert span["sqlalchemy_replicas.reason"] == "read"
+    assert span["server.port"] == topology.async_replica_urls[0].port
+
+
 def test_uninstrumented_routers_leave_spans_alone(
     router: sr.ReplicaRouter, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
@@ -377,3 +443,22 @@ def test_the_core_imports_neither_prometheus_nor_opentelemetry() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.postgresql
+def test_the_metrics_example_prints_span_attributes_and_a_scrape() -> None:
+    """examples/metrics.py runs: its read's span names the replica and the reason,
+    and its scrape shows the routed statements and the replica up."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "metrics.py"
+    result = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout
+    assert "sqlalchemy_replicas.target = 'replica1'" in output
+    assert "db.system.name = 'postgresql'" in output
+    assert (
+        'sqlalchemy_replicas_routed_statements_total{level="eventual",reason="read",'
+        'router="default",target="replica"} 3.0'
+    ) in output
+    assert 'sqlalchemy_replicas_replica_up{replica="replica1",router="default"} 1.0' in output

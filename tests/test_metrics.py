@@ -10,10 +10,11 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -311,6 +312,35 @@ def test_routed_statements_annotate_the_current_span(
     assert waited["sqlalchemy_replicas.fallback"] is True
     assert waited["sqlalchemy_replicas.causal_wait.outcome"] == "timed_out"
     assert 0.15 <= waited["sqlalchemy_replicas.causal_wait.duration"] < 2.5
+
+
+def test_a_span_over_several_statements_ends_with_the_last_route(
+    router: sr.ReplicaRouter,
+    topology: Topology,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """In one span, reads on the replica, then on the primary, then on the replica
+    again: the span ends with the last statement's server and routing attributes
+    (the integration skips only values the span already has)."""
+    provider, exporter = spans
+    sr_otel.instrument(router)
+    tracer = provider.get_tracer(__name__)
+    with tracer.start_as_current_span("several"), router.sessionmaker()() as session:
+        with sr.consistency("eventual"):
+            session.execute(sa.select(Item)).all()
+            session.execute(sa.select(Item)).all()
+        with sr.consistency("strong"):
+            session.execute(sa.select(Item)).all()
+        live = cast(ReadableSpan, trace.get_current_span())
+        assert (live.attributes or {})["sqlalchemy_replicas.target"] == "primary"
+        assert (live.attributes or {})["sqlalchemy_replicas.reason"] == "strong"
+        with sr.consistency("eventual"):
+            session.execute(sa.select(Item)).all()
+    span = attributes(exporter, "several")
+    assert span["sqlalchemy_replicas.target"] == "replica1"
+    assert span["server.port"] == topology.replica_urls[0].port
+    assert span["sqlalchemy_replicas.reason"] == "read"
+    assert span["sqlalchemy_replicas.consistency"] == "eventual"
 
 
 def test_a_rerun_is_on_the_span(

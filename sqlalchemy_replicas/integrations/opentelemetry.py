@@ -50,6 +50,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, Final
 
 from opentelemetry import trace
@@ -96,6 +97,18 @@ _DEFAULT_PORTS: Final = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 
 _get_current_span = trace.get_current_span
 
+# What was last set on which span, here (thread or task): a statement that
+# routes as the one before it in the same span sets nothing again (setting
+# attributes is most of the cost). Only identical values are skipped, and
+# only these functions set those attributes, so the span's values are the
+# same as if every statement had set them.
+_last_route: ContextVar[tuple[Any, ...] | None] = ContextVar(
+    "sqlalchemy_replicas.otel.route", default=None
+)
+_last_server: ContextVar[tuple[Any, dict[str, str | int]] | None] = ContextVar(
+    "sqlalchemy_replicas.otel.server", default=None
+)
+
 
 class RouterInstrumentation:
     """What :func:`instrument` attached to one router: an observer of its
@@ -132,13 +145,16 @@ class RouterInstrumentation:
         """Set the reason, level and fallback flag on the current span."""
         span = _get_current_span()
         if span.is_recording():
-            span.set_attributes(
-                {
-                    REASON: reason,
-                    CONSISTENCY: level,
-                    FALLBACK: to_primary and reason in FALLBACK_CODES,
-                }
-            )
+            key = (span, to_primary, reason, level)
+            if _last_route.get() != key:  # else the span says so already
+                span.set_attributes(
+                    {
+                        REASON: reason,
+                        CONSISTENCY: level,
+                        FALLBACK: to_primary and reason in FALLBACK_CODES,
+                    }
+                )
+                _last_route.set(key)
 
     def wait(self, outcome: WaitOutcome, seconds: float) -> None:
         """Set the causal wait's duration and outcome on the current span."""
@@ -162,9 +178,12 @@ def _server_listener(routed: RoutedEngine) -> Callable[..., None]:
     def before_cursor_execute(connection: Any, *args: Any) -> None:
         span = _get_current_span()
         if span.is_recording():
-            if not attributes:
-                attributes.update(server_attributes(routed.name, connection.engine))
-            span.set_attributes(attributes)
+            last = _last_server.get()
+            if last is None or last[0] is not span or last[1] is not attributes:
+                if not attributes:
+                    attributes.update(server_attributes(routed.name, connection.engine))
+                span.set_attributes(attributes)
+                _last_server.set((span, attributes))
 
     return before_cursor_execute
 

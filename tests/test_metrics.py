@@ -492,3 +492,31 @@ def test_the_metrics_example_prints_span_attributes_and_a_scrape() -> None:
         'router="default",target="replica"} 3.0'
     ) in output
     assert 'sqlalchemy_replicas_replica_up{replica="replica1",router="default"} 1.0' in output
+
+
+@pytest.mark.parametrize(
+    ("integration", "blocked", "extra"),
+    [
+        ("prometheus", "prometheus_client", "prometheus"),
+        ("opentelemetry", "opentelemetry", "opentelemetry"),
+    ],
+)
+def test_a_missing_library_names_its_extra(integration: str, blocked: str, extra: str) -> None:
+    """Importing an integration without its library raises MissingDependency
+    naming the module and the pip install of the extra that brings it."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules[{blocked!r}] = None  # as if not installed
+        from sqlalchemy_replicas.exc import MissingDependency
+        try:
+            import sqlalchemy_replicas.integrations.{integration}
+        except MissingDependency as error:
+            print(error.extra, "|", error)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith(f"{extra} |"), result.stdout + result.stderr
+    assert f"sqlalchemy-replicas[{extra}]" in result.stdout

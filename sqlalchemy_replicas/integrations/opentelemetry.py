@@ -53,13 +53,17 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Final
 
-from opentelemetry import trace
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from .._dependencies import require_module
 from ..consistency import ConsistencyLevel
 from ..router import ReplicaRouter, RoutedEngine
 from ..stats import FALLBACK_CODES, ReasonCode, RerunCause, WaitOutcome
+
+require_module("opentelemetry.trace", "sqlalchemy_replicas.integrations.opentelemetry")
+
+from opentelemetry import trace  # noqa: E402  (after the check that names the extra)
 
 __all__ = [
     "CAUSAL_WAIT_DURATION",

@@ -59,17 +59,21 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client.core import (
+from .._dependencies import require_module
+from ..exc import ConfigurationError
+from ..router import ReplicaRouter
+from ..stats import FALLBACK_CODES, RERUN_CAUSES, RouterStats
+
+require_module("prometheus_client", "sqlalchemy_replicas.integrations.prometheus")
+
+# After the check that names the extra:
+from prometheus_client.core import (  # noqa: E402
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
-
-from ..exc import ConfigurationError
-from ..router import ReplicaRouter
-from ..stats import FALLBACK_CODES, RERUN_CAUSES, RouterStats
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry  # noqa: E402
 
 __all__ = ["PREFIX", "ReplicaRouterCollector", "register", "unregister"]
 

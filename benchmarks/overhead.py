@@ -24,31 +24,45 @@ PostgreSQL server:
   has ``sr.explain``): the same reads inside ``with sr.explain()``, each
   recorded with its SQL text. The router scope row is the one to compare
   with main for the cost of counting (``router.stats()``) and of explain off.
+- ``RoutingSession, replica (router scope), OpenTelemetry on, recording span``:
+  a router instrumented with ``integrations.opentelemetry.instrument()``, its
+  reads inside a span the SDK records (every statement sets its attributes);
+- ``RoutingSession, replica (router scope), Prometheus collector registered``:
+  a router exported by ``integrations.prometheus.register()`` (the collector
+  reads the counters at scrape time only: this row should match the plain
+  router scope row). The time of one scrape is printed after the table.
 
 CPU time is the client's own, so which server answers matters little.
 Rounds run them in shuffled order and ratios of medians are reported: on a
 shared, noisy machine only figures taken side by side in one run mean
 anything.
 
-    python benchmarks/overhead.py [--statements 2000] [--rounds 9]
+    python benchmarks/overhead.py [--statements 2000] [--rounds 21] [--only REGEX]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import flask
 import flask_sqlalchemy
 import flask_sqlalchemy.session
+import prometheus_client
 import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
-from sqlalchemy_replicas.testing import PostgresTopology, StatementLog
+from sqlalchemy_replicas.integrations import opentelemetry as sr_otel
+from sqlalchemy_replicas.integrations import prometheus
+from sqlalchemy_replicas.testing import PostgresTopology, StatementLog, wait_until
 
 
 class Base(DeclarativeBase):
@@ -81,10 +95,22 @@ EXPLAIN_ON = "RoutingSession, replica (router scope), explain on"
 OFF_REPLICA: list[str] = []
 
 
-def measure(make: Callable[[], Session], statements: int, *, explained: bool = False) -> float:
+OTEL_ON = "RoutingSession, replica (router scope), OpenTelemetry on, recording span"
+PROMETHEUS_ON = "RoutingSession, replica (router scope), Prometheus collector registered"
+#: Per variant, what each round runs inside (default: nothing).
+WITHIN: dict[str, Callable[[], AbstractContextManager[object]]] = {}
+
+
+def measure(
+    make: Callable[[], Session],
+    statements: int,
+    *,
+    explained: bool = False,
+    within: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> float:
     """CPU microseconds per statement for one round in a fresh session
-    (inside ``sr.explain()`` when ``explained``)."""
-    with make() as session:
+    (inside ``sr.explain()`` when ``explained``; inside ``within()``)."""
+    with make() as session, within():
         if not explained:
             return pk_selects(session, statements) / statements / 1000
         with sr.explain() as log:
@@ -92,6 +118,11 @@ def measure(make: Callable[[], Session], statements: int, *, explained: bool = F
         assert len(log) == statements, len(log)
         OFF_REPLICA.extend(entry.reason for entry in log.on_primary())
         return spent / statements / 1000
+
+
+def all_healthy(router: sr.ReplicaRouter) -> bool:
+    """Whether every replica of ``router`` serves reads now."""
+    return all(replica.healthy for replica in router.status())
 
 
 RULE_ROUTERS: dict[str, sr.ReplicaRouter] = {}
@@ -119,6 +150,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--statements", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="measure only the variants whose name matches (and the plain Session)",
+    )
     args = parser.parse_args()
 
     with PostgresTopology(replicas=1) as topology:
@@ -135,6 +171,16 @@ def main() -> None:
         )
         router_scope = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
         router_scope.start()  # the replica checked before the first read
+        # Each instrumented the same way as router_scope, on engines of its own.
+        otel_router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+        otel_router.start()
+        sr_otel.instrument(otel_router)
+        tracer = TracerProvider().get_tracer(__name__)  # records; exports nowhere
+        WITHIN[OTEL_ON] = lambda: tracer.start_as_current_span("request")
+        prometheus_router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+        prometheus_router.start()
+        registry = prometheus_client.CollectorRegistry()
+        prometheus.register(prometheus_router, registry=registry)
         app = flask.Flask(__name__)
         app.config["SQLALCHEMY_DATABASE_URI"] = topology.primary_url.render_as_string(
             hide_password=False
@@ -149,6 +195,8 @@ def main() -> None:
             "RoutingSession, primary-bound": sr.ReplicaRouter(engine).sessionmaker(),
             "RoutingSession, replica (session scope)": session_scope.sessionmaker(),
             "RoutingSession, replica (router scope)": router_scope.sessionmaker(),
+            OTEL_ON: otel_router.sessionmaker(),
+            PROMETHEUS_ON: prometheus_router.sessionmaker(),
             **({EXPLAIN_ON: router_scope.sessionmaker()} if hasattr(sr, "explain") else {}),
             **rule_variants(topology),
             "Flask-SQLAlchemy Session": sa.orm.sessionmaker(
@@ -159,37 +207,73 @@ def main() -> None:
             ),
         }
         for name, make in makers.items():
-            measure(make, 200, explained=name == EXPLAIN_ON)  # warm up caches and the pools
+            # Warm up caches and the pools.
+            measure(make, 200, explained=name == EXPLAIN_ON, within=WITHIN.get(name, nullcontext))
         replica_paths = [
             (session_scope, makers["RoutingSession, replica (session scope)"]),
             (router_scope, makers["RoutingSession, replica (router scope)"]),
+            (otel_router, makers[OTEL_ON]),
+            (prometheus_router, makers[PROMETHEUS_ON]),
             *[(RULE_ROUTERS[name], makers[name]) for name in RULE_ROUTERS],
             (router_scope, makers["RoutingSession over Flask-SQLAlchemy, replica (router scope)"]),
         ]
+        for router, _ in replica_paths:  # a check can time out on a loaded machine
+            wait_until(partial(all_healthy, router), timeout=60, what="the replica healthy")
         for router, make in replica_paths:  # each measures the replica path
             with StatementLog(router) as log, make() as session:
                 pk_selects(session, 1)
             assert [s.node for s in log.statements] == ["replica1"], log.statements
         OFF_REPLICA.clear()
+        if args.only:
+            makers = {
+                name: make
+                for name, make in makers.items()
+                if name == "Session" or re.search(args.only, name)
+            }
         results: dict[str, list[float]] = {name: [] for name in makers}
         order = list(makers)
         for _ in range(args.rounds):
             random.shuffle(order)  # no variant always runs first or last
             for name in order:
                 results[name].append(
-                    measure(makers[name], args.statements, explained=name == EXPLAIN_ON)
+                    measure(
+                        makers[name],
+                        args.statements,
+                        explained=name == EXPLAIN_ON,
+                        within=WITHIN.get(name, nullcontext),
+                    )
                 )
         for flask_engine in db.engines.values():
             flask_engine.dispose()
         context.pop()
+        # Reads the primary served (a replica left out under load) distort a row.
+        on_primary = {
+            name: router.stats().decisions_by_target()["primary"]
+            for name, router in (
+                ("router scope", router_scope),
+                (OTEL_ON, otel_router),
+                (PROMETHEUS_ON, prometheus_router),
+            )
+        }
+        scrapes = []
+        for _ in range(200):
+            started = time.perf_counter_ns()
+            prometheus_client.generate_latest(registry)
+            scrapes.append((time.perf_counter_ns() - started) / 1000)
+        scrape = statistics.median(scrapes)
         session_scope.dispose()
         router_scope.dispose()
+        otel_router.dispose()
+        prometheus_router.dispose()
         for rule_router in RULE_ROUTERS.values():
             rule_router.dispose()
         engine.dispose()
         autocommit.dispose()
 
     print(f"{version}, {args.rounds} rounds x {args.statements} PK ORM selects, CPU time")
+    for name, count in on_primary.items():
+        if count:
+            print(f"warning: {count} reads of {name!r} ran on the primary")
     if OFF_REPLICA:
         print(f"warning: {len(OFF_REPLICA)} explained reads ran on the primary: {set(OFF_REPLICA)}")
     # Medians, and minimums (the least disturbed rounds on a shared machine).
@@ -200,6 +284,7 @@ def main() -> None:
             f"{name:<62} median {median:6.1f} us (ratio {median / base_median:.3f})"
             f"  min {least:6.1f} us (ratio {least / base_min:.3f})"
         )
+    print(f"one Prometheus scrape of the registered router: median {scrape:.0f} us (wall)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ EXTRAS: Final[Mapping[str, str]] = {
     "aiomysql": "asyncio",
     "greenlet": "asyncio",
     "celery": "celery",
+    "prometheus_client": "prometheus",
+    "opentelemetry": "opentelemetry",
 }
 
 # Why a module is needed, when its name does not say it.
@@ -43,7 +45,7 @@ def install_command(extras: Iterable[str]) -> str:
 def _missing(
     module: str, needed_by: str, error: ImportError, also: Iterable[str]
 ) -> MissingDependency:
-    extra = EXTRAS.get(module)
+    extra = EXTRAS.get(module, EXTRAS.get(module.split(".")[0]))
     purpose = f" (for {_PURPOSE[module]})" if module in _PURPOSE else ""
     if extra is None:
         fix = f"install the package that provides the {module!r} module"

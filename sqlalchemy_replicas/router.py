@@ -358,6 +358,7 @@ class ReplicaRouter(Generic[_E]):
         #: The live counters behind :meth:`stats` (sessions and the lag
         #: monitor update them).
         self.stats_recorder = StatsRecorder()
+        self._disposed = False
         # Replica name -> reads sent elsewhere because its pool was full.
         self._pool_full_skips: dict[str, int] = {}
         self._pool_full_lock = threading.Lock()
@@ -800,6 +801,7 @@ class ReplicaRouter(Generic[_E]):
         open, as they were before the router. A disposed router is done
         with: build a new one to route again.
         """
+        self._disposed = True
         self._stop_monitor()
         self._listeners.remove_all()
         for routed in (self._primary, *self._replicas):
@@ -814,6 +816,7 @@ class ReplicaRouter(Generic[_E]):
 
     async def adispose(self) -> None:
         """Like :meth:`dispose`, closing async engines' connections properly."""
+        self._disposed = True
         self._stop_monitor()
         self._listeners.remove_all()
         for routed in (self._primary, *self._replicas):
@@ -892,6 +895,11 @@ class ReplicaRouter(Generic[_E]):
             return None if monitor is None else monitor.down_since(name)
 
         return down_since
+
+    @property
+    def disposed(self) -> bool:
+        """Whether :meth:`dispose` (or :meth:`adispose`) was called."""
+        return self._disposed
 
     def may_serve(self, replica: RoutedEngine) -> bool:
         """Whether the lag monitor lets ``replica`` serve reads now."""

@@ -5,6 +5,9 @@ free text, so that an exporter can use them as labels without unbounded
 cardinality; the human-readable text stays in logs and in ``explain()``.
 
 Counting costs one uncontended lock and a dict update per routing decision.
+Observers (:class:`RoutingObserver`, e.g. the OpenTelemetry integration) see
+each decision, wait and rerun as it happens; with none registered they cost
+one attribute check.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal, NamedTuple, TypeAlias
+from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
 
 from .consistency import ConsistencyLevel
 
@@ -29,6 +32,7 @@ __all__ = [
     "ReasonCode",
     "RerunCause",
     "RouterStats",
+    "RoutingObserver",
     "StatsRecorder",
     "TargetKind",
     "WaitOutcome",
@@ -235,13 +239,45 @@ class _Waits:
     buckets: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
 
 
+class RoutingObserver(Protocol):
+    """Told of each routing event of one router, in the thread (and context)
+    of the session that routes: the OpenTelemetry integration is one.
+
+    Called outside the counters' lock, after the event is counted. An
+    observer must be quick and must not raise.
+    """
+
+    def decision(self, to_primary: bool, reason: ReasonCode, level: ConsistencyLevel) -> None:
+        """A statement (or a flush) was routed, to the primary or a replica."""
+
+    def wait(self, outcome: WaitOutcome, seconds: float) -> None:
+        """A causal wait ended after ``seconds``."""
+
+    def rerun(self, cause: RerunCause) -> None:
+        """A statement that went to a replica runs again elsewhere."""
+
+
 class StatsRecorder:
     """A router's live counters. Thread- and asyncio-safe: every update holds
     one small lock (uncontended, it costs well under a microsecond)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        #: Replaced whole (never mutated), so the hot path reads it unlocked.
+        self._observers: tuple[RoutingObserver, ...] = ()
         self._reset()
+
+    def add_observer(self, observer: RoutingObserver) -> None:
+        """Tell ``observer`` of every decision, wait and rerun from now on
+        (once, however often it is added)."""
+        with self._lock:
+            if observer not in self._observers:
+                self._observers = (*self._observers, observer)
+
+    def remove_observer(self, observer: RoutingObserver) -> None:
+        """Stop telling ``observer`` (no error if it was not added)."""
+        with self._lock:
+            self._observers = tuple(o for o in self._observers if o is not observer)
 
     def _reset(self) -> None:
         # Plain tuples (to_primary, reason, level) on the hot path: a
@@ -269,12 +305,18 @@ class StatsRecorder:
             decisions[key] = decisions.get(key, 0) + 1
             if to_primary and reason in FALLBACK_CODES:
                 self._fallbacks[reason] = self._fallbacks.get(reason, 0) + 1
+        if self._observers:
+            for observer in self._observers:
+                observer.decision(to_primary, reason, level)
 
     def rerun(self, cause: RerunCause) -> None:
         """Count a statement run again elsewhere (its new target is counted
         as a decision)."""
         with self._lock:
             self._reruns[cause] = self._reruns.get(cause, 0) + 1
+        if self._observers:
+            for observer in self._observers:
+                observer.rerun(cause)
 
     def wait(self, outcome: WaitOutcome, seconds: float) -> None:
         """Count one causal wait that took ``seconds``."""
@@ -290,6 +332,9 @@ class StatsRecorder:
                 waits.failed += 1
             waits.total_seconds += seconds
             waits.buckets[index] += 1
+        if self._observers:
+            for observer in self._observers:
+                observer.wait(outcome, seconds)
 
     def replica_down(self, name: str) -> None:
         """Count replica ``name`` marked down."""

@@ -11,6 +11,10 @@
   headers (the framework-free helpers are in :mod:`sqlalchemy_replicas.jobs`).
 - :mod:`sqlalchemy_replicas.integrations.alembic`: migrations on the primary,
   then a bounded wait for the replicas.
+- :mod:`sqlalchemy_replicas.integrations.prometheus`: a collector exporting
+  ``router.stats()`` and ``router.status()`` at scrape time.
+- :mod:`sqlalchemy_replicas.integrations.opentelemetry`: each routed
+  statement's server, target, reason and wait on the current span.
 
 Each module imports its framework only when imported itself: importing
 ``sqlalchemy_replicas`` never imports any of them.

@@ -207,6 +207,28 @@ def test_several_routers_are_told_apart_by_the_router_label(registry: CollectorR
         router.dispose()
 
 
+def test_replica_transitions_are_exported_per_replica(registry: CollectorRegistry) -> None:
+    """Each replica transition the router's stats count (down, readmitted, left
+    out for lag, readmitted under max_lag) is its own counter, per replica."""
+    router = offline_router("transitions")
+    recorder = router.stats_recorder
+    for count, record in enumerate(
+        (recorder.replica_down, recorder.replica_up, recorder.replica_over_max_lag,
+         recorder.replica_under_max_lag),
+        start=1,
+    ):  # fmt: skip
+        for _ in range(count):
+            record("replica1")
+    prometheus.register(router, registry=registry)
+    labels = {"router": "transitions", "replica": "replica1"}
+    assert sample(registry, "replica_marked_down_total", **labels) == 1
+    assert sample(registry, "replica_readmitted_total", **labels) == 2
+    assert sample(registry, "replica_over_max_lag_total", **labels) == 3
+    assert sample(registry, "replica_under_max_lag_total", **labels) == 4
+    prometheus.unregister(router, registry=registry)
+    router.dispose()
+
+
 def test_the_default_registry_is_the_global_one() -> None:
     """Without registry=, the router is exported from prometheus_client's global
     REGISTRY, and unregister() takes it (and the collector) out again."""

@@ -38,6 +38,9 @@ the router's name or the one given to :func:`register`):
   check (absent while unknown).
 - ``sqlalchemy_replicas_replica_marked_down_total{replica}`` and
   ``sqlalchemy_replicas_replica_readmitted_total{replica}``: transitions.
+- ``sqlalchemy_replicas_replica_over_max_lag_total{replica}`` and
+  ``sqlalchemy_replicas_replica_under_max_lag_total{replica}``: times the lag
+  monitor left it out for lag, and readmitted it.
 - ``sqlalchemy_replicas_replica_pool_full_skips_total{replica}``: reads sent
   elsewhere because its pool had no free connection.
 - ``sqlalchemy_replicas_rejected_tokens_total{reason}``: causal tokens
@@ -228,6 +231,15 @@ class _Families:
             "replica_readmitted", "Times the replica was readmitted after being down.",
             "router", "replica",
         )  # fmt: skip
+        self.over_lag = _counter(
+            "replica_over_max_lag", "Times the lag monitor left the replica out for lag.",
+            "router", "replica",
+        )  # fmt: skip
+        self.under_lag = _counter(
+            "replica_under_max_lag",
+            "Times the lag monitor readmitted the replica after leaving it out for lag.",
+            "router", "replica",
+        )  # fmt: skip
         self.pool_full = _counter(
             "replica_pool_full_skips",
             "Reads sent elsewhere because the replica's pool had no free connection.",
@@ -241,7 +253,8 @@ class _Families:
     def all(self) -> list[Metric]:
         return [
             self.routed, self.fallbacks, self.reruns, self.wait_seconds, self.waits,
-            self.up, self.lag, self.down, self.readmitted, self.pool_full, self.rejected_tokens,
+            self.up, self.lag, self.down, self.readmitted, self.over_lag, self.under_lag,
+            self.pool_full, self.rejected_tokens,
         ]  # fmt: skip
 
     def add_stats(self, label: str, stats: RouterStats) -> None:
@@ -262,10 +275,14 @@ class _Families:
             [(_le(bound), count) for bound, count in waits.buckets],
             waits.total_seconds,
         )
-        for name, count in sorted(stats.replicas_down.items()):
-            self.down.add_metric([label, name], count, created=created)
-        for name, count in sorted(stats.replicas_up.items()):
-            self.readmitted.add_metric([label, name], count, created=created)
+        for metric, counts in (
+            (self.down, stats.replicas_down),
+            (self.readmitted, stats.replicas_up),
+            (self.over_lag, stats.replicas_over_max_lag),
+            (self.under_lag, stats.replicas_under_max_lag),
+        ):
+            for name, count in sorted(counts.items()):
+                metric.add_metric([label, name], count, created=created)
 
     def add_status(self, label: str, router: ReplicaRouter[Any]) -> None:
         for replica in router.status():  # the monitor's cached state: no I/O

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.positions import (
     MariaDBPositions,
     MySQLPositions,
@@ -15,7 +16,7 @@ from sqlalchemy_replicas.positions import (
     backend_for,
 )
 from sqlalchemy_replicas.positions.postgresql import format_lsn, normalize_insert_lsn, parse_lsn
-from sqlalchemy_replicas.testing import Topology
+from sqlalchemy_replicas.testing import StatementLog, Topology
 
 PG = PostgresPositions()
 MARIADB = MariaDBPositions()
@@ -166,3 +167,39 @@ def test_positions_grow_with_commits(engines: tuple[sa.Engine, sa.Engine]) -> No
     assert backend.reached(second, first)
     assert not backend.reached(first, second)
     assert backend.parse(backend.format(second)) == second
+
+
+@pytest.mark.postgresql
+def test_wal_that_nothing_flushes_holds_no_read_back(fresh_postgres_topology: Topology) -> None:
+    """WAL written outside any commit that flushes it (a non-transactional
+    logical message in a transaction that rolled back, as a read that pruned a
+    page and ended in ROLLBACK leaves it) stays unflushed, so no standby can
+    receive it: a new router's start position and the lag monitor's samples
+    are positions the standbys can reach, so its reads go to them and they
+    show no lag."""
+    topology = fresh_postgres_topology
+    engine = sa.create_engine(topology.primary_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_logical_emit_message(false, 'sr-test', 'unflushed')"))
+            conn.rollback()
+            lsns = "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text"
+            insert, flush = conn.execute(sa.text(lsns)).one()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert parse_lsn(insert) > parse_lsn(flush), "the test needs an unflushed tail of WAL"
+    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, wait_timeout=0.5)
+    try:
+        router.start()
+        started = time.monotonic()
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            for _ in range(4):
+                session.execute(sa.text("SELECT 1 AS unflushed_probe"))
+        nodes = [s.node for s in log.statements if "unflushed_probe" in s.sql]
+        assert len(nodes) == 4
+        assert all(node.startswith("replica") for node in nodes), nodes
+        assert time.monotonic() - started < 0.5, "the reads waited for WAL no standby has"
+        assert [s.healthy for s in router.status()] == [True, True]
+    finally:
+        router.dispose()

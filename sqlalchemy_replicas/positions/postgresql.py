@@ -16,12 +16,26 @@ _LSN: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 _SHORT_PAGE_HEADER: Final = 24
 _LONG_PAGE_HEADER: Final = 40
 
-# The insert LSN covers every commit record written so far, whatever
-# synchronous_commit says (the flush LSN lags behind with it off); the block
-# and segment sizes let us undo its page-header quirk (normalize_insert_lsn).
+# What the primary has committed, as a position its standbys can reach.
+# With synchronous_commit on (or local, remote_write, remote_apply), every
+# acknowledged commit is flushed before COMMIT returns: the flush LSN covers
+# them all, and it is exactly what walsenders stream. The insert LSN would
+# also cover WAL that nothing flushes soon (records written outside a commit
+# that ends in a flush: by the time a standby could receive them, the router
+# may have waited out its budget), so a position taken from it can be
+# reached by no standby until the next commit: reads then wait, then go to
+# the primary, and the lag monitor sees every standby fall behind. With
+# synchronous_commit off, commits are acknowledged before their flush (the
+# WAL writer flushes them within wal_writer_delay): only the insert LSN
+# covers them (REPLICATION_FACTS: 198 of 200 stale reads with the flush
+# LSN). The session's own setting decides, as it decides its commits'. The
+# block and segment sizes let us undo the insert LSN's page-header quirk
+# (normalize_insert_lsn; harmless on a flush LSN, which never points into a
+# page header).
 _CAPTURE: Final = (
-    "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int, "
-    "pg_size_bytes(current_setting('wal_segment_size'))"
+    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off' "
+    "THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text, "
+    "current_setting('wal_block_size')::int, pg_size_bytes(current_setting('wal_segment_size'))"
 )
 _APPLIED: Final = "SELECT pg_last_wal_replay_lsn()::text"
 # The commit timestamp of the last transaction replayed is the primary's
@@ -119,7 +133,7 @@ class PostgresPositions(PositionBackend):
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
 
     def current(self, primary: SQLRunner) -> int | None:
-        # The insert LSN is global: the same query serves both.
+        # The flush (or insert) LSN is global: the same query serves both.
         return self.capture(primary)
 
     def lineage(self, primary: SQLRunner) -> str:

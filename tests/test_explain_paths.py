@@ -7,8 +7,7 @@ and where it ran first."""
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -165,7 +164,9 @@ def test_a_replica_gone_mid_read_is_a_replica_failed_rerun(
 
 @pytest.mark.postgresql
 def test_a_recovery_conflict_is_a_rerun_on_the_primary(
-    fresh_postgres_topology: Topology, router_factory: list[sr.ReplicaRouter]
+    fresh_postgres_topology: Topology,
+    router_factory: list[sr.ReplicaRouter],
+    provoke_recovery_conflict: Callable[[Topology, str, Callable[[], None]], None],
 ) -> None:
     """The standby cancels a long read whose lock replay needs ("conflict with
     recovery"): the read's entry says primary, recovery_conflict, with a
@@ -173,8 +174,8 @@ def test_a_recovery_conflict_is_a_rerun_on_the_primary(
     topology = fresh_postgres_topology
     engine = sa.create_engine(topology.primary_url)
     Base.metadata.create_all(engine)
+    engine.dispose()
     topology.wait_for_catchup()
-    standby = sa.create_engine(topology.replica_urls[0], isolation_level="AUTOCOMMIT")
     router = started_router(topology, lag_check_interval=NO_MONITOR_CHECKS)
     router_factory.append(router)
     outcome: dict[str, Any] = {}
@@ -187,32 +188,7 @@ def test_a_recovery_conflict_is_a_rerun_on_the_primary(
         except Exception as error:  # reported below
             outcome["error"] = error
 
-    def read_is_running() -> bool:
-        with standby.connect() as conn:
-            found = conn.scalar(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()"
-                )
-            )
-        return bool(found == 1)
-
-    try:
-        with standby.connect() as conn:
-            conn.execute(sa.text("ALTER SYSTEM SET max_standby_streaming_delay = '100ms'"))
-            conn.execute(sa.text("SELECT pg_reload_conf()"))
-        reader = threading.Thread(target=long_read)
-        reader.start()
-        wait_until(read_is_running, timeout=10, what="the long read on replica1")
-        with engine.begin() as conn:  # replayed on the standby: it conflicts
-            conn.execute(sa.text("LOCK TABLE note IN ACCESS EXCLUSIVE MODE"))
-        reader.join(timeout=30)
-    finally:
-        with standby.connect() as conn:
-            conn.execute(sa.text("ALTER SYSTEM RESET max_standby_streaming_delay"))
-            conn.execute(sa.text("SELECT pg_reload_conf()"))
-        standby.dispose()
-        engine.dispose()
+    provoke_recovery_conflict(topology, "note", long_read)
     assert "error" not in outcome, outcome
     assert outcome["count"] == 0
     (read,) = outcome["log"]

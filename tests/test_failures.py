@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
 import pytest
@@ -440,14 +440,13 @@ def test_a_read_timeout_on_a_frozen_replica_runs_the_read_elsewhere(
 @pytest.mark.postgresql
 def test_a_read_cancelled_by_a_recovery_conflict_runs_on_the_primary(
     fresh_postgres_topology: Topology,
+    provoke_recovery_conflict: Callable[[Topology, str, Callable[[], None]], None],
 ) -> None:
     """A standby cancels a long read that holds a lock replay needs ("conflict
     with recovery"): the caller still gets its rows, from the primary, and the
     replica, which is fine, keeps its reads."""
     topology = fresh_postgres_topology
     create_schema(topology)
-    standby = sa.create_engine(topology.replica_urls[0], isolation_level="AUTOCOMMIT")
-    primary = sa.create_engine(topology.primary_url)
     router = sr.ReplicaRouter(
         topology.primary_url, topology.replica_urls, lag_check_interval=NO_MONITOR_CHECKS
     )
@@ -463,33 +462,10 @@ def test_a_read_cancelled_by_a_recovery_conflict_runs_on_the_primary(
         except Exception as error:
             outcome["error"] = error
 
-    def read_is_running() -> bool:
-        with standby.connect() as conn:
-            found = conn.scalar(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()"
-                )
-            )
-        return bool(found == 1)
-
     try:
-        with standby.connect() as conn:
-            conn.execute(sa.text("ALTER SYSTEM SET max_standby_streaming_delay = '100ms'"))
-            conn.execute(sa.text("SELECT pg_reload_conf()"))
         await_all_healthy(router)
-        reader = threading.Thread(target=long_read)
-        reader.start()
-        wait_until(read_is_running, timeout=10, what="the long read on replica1")
-        with primary.begin() as conn:  # replayed on the standby: it conflicts
-            conn.execute(sa.text("LOCK TABLE item IN ACCESS EXCLUSIVE MODE"))
-        reader.join(timeout=30)
+        provoke_recovery_conflict(topology, "item", long_read)
         assert outcome == {"count": 2, "nodes": ["replica1", "primary"]}
         assert status_of(router, "replica1").healthy is True
     finally:
-        with standby.connect() as conn:
-            conn.execute(sa.text("ALTER SYSTEM RESET max_standby_streaming_delay"))
-            conn.execute(sa.text("SELECT pg_reload_conf()"))
         router.dispose()
-        standby.dispose()
-        primary.dispose()

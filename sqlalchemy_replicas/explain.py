@@ -38,7 +38,8 @@ class ExplainWait:
     :ivar position: the position waited for, as text (PostgreSQL LSN such as
         ``0/3000148``, MariaDB GTID set such as ``0-1-42``).
     :ivar seconds: how long the wait took.
-    :ivar outcome: ``reached``, ``timed_out`` or ``failed`` (the wait raised).
+    :ivar outcome: ``reached``, ``timed_out`` or ``failed`` (the wait raised,
+        or the replica refused it at once: replay paused).
     """
 
     replica: str
@@ -78,8 +79,9 @@ class ExplainEntry:
     :ivar reason: why, as a stable code (:data:`~sqlalchemy_replicas.stats.ReasonCode`).
     :ivar reason_text: why, in words (as in the DEBUG log).
     :ivar level: the consistency level in force.
-    :ivar waits: the causal waits this statement made (at most one per
-        routing, usually none).
+    :ivar waits: the causal waits this statement made, usually none: one
+        per replica waited on, all within one ``wait_timeout`` (a replica
+        that refused at once leaves the rest to the next).
     :ivar reruns: where it ran before ``target`` and why it could not stay there.
     """
 

@@ -421,6 +421,16 @@ class LagMonitor:
             return True
         return ignore_lag and health.lag is not None
 
+    def state(self, name: str, ignore_lag: bool) -> tuple[bool, bool, float | None, bool]:
+        """What a routing plan needs of replica ``name`` (no I/O): whether it
+        may serve reads (as :meth:`may_serve` without a bound), whether it
+        replicates from this primary and is up whatever its lag, its lag and
+        whether that lag is exact."""
+        health = self._health[name]
+        reachable = health.verified and not health.breaker.down
+        may_serve = reachable and (not health.excluded or (ignore_lag and health.lag is not None))
+        return may_serve, reachable, health.lag, health.lag_exact
+
     def status(self, router: ReplicaRouter[Any]) -> list[ReplicaStatus]:
         """Every replica of ``router`` (the one this monitor watches) as last seen."""
         backend = router.positions

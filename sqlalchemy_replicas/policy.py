@@ -1,22 +1,20 @@
 """Routing policy: primary or replica for one statement.
 
 Pure decision code, no I/O: a function of the statement's classification,
-the options in force and the session's transaction state.
+the options in force and the session's transaction state. Which replica,
+and whether to wait for it, is the plan's (:mod:`sqlalchemy_replicas.plan`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final
 
 from .classify import Classification
 from .consistency import ConsistencyLevel
 from .stats import Reason, ReasonCode
 
-__all__ = ["Decision", "decide", "first_caught_up", "wait_candidate"]
-
-_T = TypeVar("_T")
+__all__ = ["Decision", "decide"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,28 +97,3 @@ def _reason(code: ReasonCode, text: str) -> Reason:
         if len(_REASONS) < _MAX_CACHED:
             _REASONS[code, text] = reason
     return reason
-
-
-def first_caught_up(
-    target: Any,
-    known: Sequence[tuple[_T, Any | None]],
-    reached: Callable[[Any, Any], bool],
-) -> _T | None:
-    """The first replica, in order of preference, known to have applied ``target``.
-
-    :param target: the position reads must see.
-    :param known: each replica, in order of preference, with the position it
-        is known to have applied (None: unknown).
-    :param reached: the backend's comparison ``reached(applied, target)``.
-    """
-    for replica, applied in known:
-        if applied is not None and reached(applied, target):
-            return replica
-    return None
-
-
-def wait_candidate(replicas: Sequence[_T], suspect: Callable[[_T], bool]) -> _T | None:
-    """The replica to wait on: the first, in order of preference, that is not
-    suspect (a recent wait on it timed out: it may have stopped applying).
-    None when all are suspect: then waiting is likely wasted."""
-    return next((replica for replica in replicas if not suspect(replica)), None)

@@ -47,6 +47,7 @@ from .consistency import (
 from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
+from .plan import ReplicaState, WaitFailure
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .rules import TableRules
 from .stats import RouterStats, StatsRecorder
@@ -65,10 +66,6 @@ if TYPE_CHECKING:
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
 
 logger = logging.getLogger("sqlalchemy_replicas.causal")
-
-#: Seconds after a timed-out wait on a replica during which reads wait on
-#: other replicas (or go straight to the primary) instead.
-WAIT_SUSPECT_SECONDS = 1.0
 
 EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
 """What a primary or a replica may be given as: a URL string, a URL, or an engine."""
@@ -312,6 +309,7 @@ class ReplicaRouter(Generic[_E]):
             ]
         )
         self._replicas = tuple(_routed(n, src, options) for n, src in named)
+        self._replicas_by_name = {r.name: r for r in self._replicas}
         self._check_uniform()
         _config.check_distinct_servers(
             self._primary.sync_engine.url, [(r.name, r.sync_engine.url) for r in self._replicas]
@@ -353,8 +351,11 @@ class ReplicaRouter(Generic[_E]):
         # bound, from earlier checks): reads that need no more skip the wait.
         self._applied: dict[str, Any] = {}
         self._applied_lock = threading.Lock()
-        # Replica name -> when a wait on it last timed out (monotonic seconds).
-        self._wait_failed_at: dict[str, float] = {}
+        # Replica name -> (the position it was known to have applied when a
+        # wait on it last failed (None: none known), whether it refused the
+        # wait as not applying). Until it is seen to apply more: see
+        # wait_failure().
+        self._wait_failures: dict[str, tuple[Any, bool]] = {}
         #: The live counters behind :meth:`stats` (sessions and the lag
         #: monitor update them).
         self.stats_recorder = StatsRecorder()
@@ -761,14 +762,35 @@ class ReplicaRouter(Generic[_E]):
                 monitor.note_commit(acknowledged, position)
         return True
 
-    def note_wait_failed(self, replica: RoutedEngine) -> None:
-        """A wait on ``replica`` timed out: wait on others for a while."""
-        self._wait_failed_at[replica.name] = time.monotonic()
+    def note_wait_failed(self, replica: str, *, stopped: bool = False) -> None:
+        """A wait on ``replica`` timed out, or with ``stopped`` was refused
+        because it was not applying at all (replay paused). Remembered until
+        it is seen to apply more than it is known to have applied now (the
+        lag monitor's next check, or a read's wait): see :meth:`wait_failure`."""
+        with self._applied_lock:
+            self._wait_failures[replica] = (self._applied.get(replica), stopped)
 
-    def wait_recently_failed(self, replica: RoutedEngine) -> bool:
-        """True within :data:`WAIT_SUSPECT_SECONDS` of a timed-out wait on ``replica``."""
-        failed_at = self._wait_failed_at.get(replica.name)
-        return failed_at is not None and time.monotonic() - failed_at < WAIT_SUSPECT_SECONDS
+    def wait_failure(self, replica: str) -> WaitFailure | None:
+        """How the last wait on ``replica`` failed, if it has not been seen
+        to progress since (None otherwise): ``"timed_out"`` (suspect: reads do
+        not wait on it) or ``"stopped"`` (it said it was not applying: reads
+        ask it last). Progress is judged by position, not time: a replica
+        paused for a minute stays so for that minute, and one that resumed is
+        trusted again as soon as it is seen applying."""
+        if replica not in self._wait_failures:
+            return None  # the common case: no lock, no comparison
+        with self._applied_lock:
+            failure = self._wait_failures.get(replica)
+            if failure is None:
+                return None
+            (before, stopped), now = failure, self._applied.get(replica)
+            backend = self._positions
+            if now is None or (
+                before is not None and (backend is None or backend.reached(before, now))
+            ):
+                return "stopped" if stopped else "timed_out"  # nothing new applied since
+            del self._wait_failures[replica]
+            return None
 
     def note_pool_full(self, replica: RoutedEngine) -> None:
         """A read that ``replica`` would have served goes elsewhere: its pool
@@ -851,31 +873,72 @@ class ReplicaRouter(Generic[_E]):
         """The replicas as routing targets."""
         return self._replicas
 
-    def replica_order(
-        self, sticky_key: bytes | None, *, max_lag: float | None = None
-    ) -> list[RoutedEngine]:
-        """The replicas that may serve a read, in order of preference: the
-        sticky key's rendezvous order, or without a key, round robin (each
-        read starts at the next replica). Left out: replicas the lag monitor
-        excludes (over ``max_lag`` or unreachable) and, with ``max_lag``,
-        those not measured within it.
-        """
+    def _preference(self, sticky_key: bytes | None) -> list[RoutedEngine]:
+        """Every replica, in a read's order of preference: the sticky key's
+        rendezvous order, or without a key, round robin (each read starts at
+        the next replica). Before the lag monitor's first check of each,
+        waits for it up to wait_timeout (as a causal wait would)."""
         replicas = self._replicas
-        if not replicas:
-            return []
         if sticky_key is not None:
             order = [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
         else:
             start = next(self._next_replica) % len(replicas)
             order = [*replicas[start:], *replicas[:start]]
         monitor = self._ensure_monitor()
-        if monitor is None:
-            return order if max_lag is None else []
-        if not monitor.all_checked and self.wait_timeout > 0:
+        if monitor is not None and not monitor.all_checked and self.wait_timeout > 0:
             # Not yet known to replicate from this primary: give the monitor's
             # first check up to wait_timeout, as a causal wait would get.
             call_blocking(monitor.await_first_checks, [r.name for r in order], self.wait_timeout)
+        return order
+
+    def replica_order(
+        self, sticky_key: bytes | None, *, max_lag: float | None = None
+    ) -> list[RoutedEngine]:
+        """The replicas that may serve a read, in order of preference (see
+        :meth:`replica_snapshot`). Left out: replicas the lag monitor
+        excludes (over ``max_lag`` or unreachable) and, with ``max_lag``,
+        those not measured within it.
+        """
+        if not self._replicas:
+            return []
+        order = self._preference(sticky_key)
+        monitor = self._monitor
+        if monitor is None:
+            return order if max_lag is None else []
         return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
+
+    def replica_snapshot(self, sticky_key: bytes | None) -> list[ReplicaState]:
+        """Every replica as a routing plan sees it (:mod:`~sqlalchemy_replicas.plan`),
+        in the read's order of preference: the sticky key's rendezvous order,
+        or without a key, round robin. No I/O, but before the lag monitor
+        has checked each replica once it waits for that up to wait_timeout."""
+        if not self._replicas:
+            return []
+        order = self._preference(sticky_key)
+        monitor = self._monitor
+        states = []
+        for replica in order:
+            name = replica.name
+            if monitor is None:
+                may_serve, reachable, lag, exact = True, True, None, False
+            else:
+                may_serve, reachable, lag, exact = monitor.state(name, self.ignore_lag)
+            states.append(
+                ReplicaState(
+                    name,
+                    may_serve,
+                    reachable,
+                    self._applied.get(name),
+                    lag,
+                    exact,
+                    self.wait_failure(name),
+                )
+            )
+        return states
+
+    def replica_target(self, name: str) -> RoutedEngine:
+        """The replica named ``name`` as a routing target."""
+        return self._replicas_by_name[name]
 
     def mark_down(self, replica: RoutedEngine, error: BaseException) -> None:
         """``replica`` lost a connection (or refused one): no reads go there
@@ -900,11 +963,6 @@ class ReplicaRouter(Generic[_E]):
     def disposed(self) -> bool:
         """Whether :meth:`dispose` (or :meth:`adispose`) was called."""
         return self._disposed
-
-    def may_serve(self, replica: RoutedEngine) -> bool:
-        """Whether the lag monitor lets ``replica`` serve reads now."""
-        monitor = self._ensure_monitor()
-        return monitor is None or monitor.may_serve(replica.name, None, self.ignore_lag)
 
     def status(self) -> list[ReplicaStatus]:
         """Each replica as the lag monitor last saw it: name, URL without the

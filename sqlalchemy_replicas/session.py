@@ -29,7 +29,16 @@ from .consistency import (
 )
 from .exc import ConfigurationError
 from .explain import ExplainEntry, ExplainLog, ExplainRerun, ExplainWait, active_logs, short_sql
-from .policy import Decision, decide, first_caught_up, wait_candidate
+from .plan import (
+    NO_FREE_CONNECTION,
+    NOTHING_TO_WAIT_FOR,
+    POSITION_UNKNOWN,
+    Plan,
+    Step,
+    carry_out,
+    plan_read,
+)
+from .policy import Decision, decide
 from .pools import PoolFull, nowait_checkout, pool_is_full
 from .router import ReplicaRouter, RoutedEngine
 from .rules import info_rules_declared
@@ -50,27 +59,8 @@ logger = logging.getLogger("sqlalchemy_replicas.routing")
 # The key under which execute() hands its choice of target to get_bind
 # (SQLAlchemy passes bind_arguments to get_bind as keywords).
 _TARGET_KEY: Final = "sqlalchemy_replicas_target"
-_NO_FREE_CONNECTION: Final = Reason(
-    "pool_full", "the replicas that qualify have no free connection"
-)
-_NO_REPLICA: Final = Reason("no_replica_available", "no replica qualifies (lagging or unreachable)")
-_UNKNOWN_POSITION: Final = Reason(
-    "position_unknown", "a commit in this scope has an unknown position"
-)
-_NO_COMMIT: Final = Reason("nothing_to_wait_for", "no commit to wait for")
-_KNOWN: Final = Reason("known_caught_up", "known to have applied this scope's commits")
-_WAITED: Final = Reason(
-    "caught_up_after_wait", "caught up with this scope's commits within wait_timeout"
-)
-_NOT_CAUGHT_UP: Final = Reason("not_caught_up", "no replica has applied this scope's commits")
-_MONOTONIC_OUT: Final = Reason(
-    "monotonic_replica_out", "monotonic: the replica this scope read from is out"
-)
 _MONOTONIC_FULL: Final = Reason(
     "pool_full", "monotonic: the replica this scope reads from has no free connection"
-)
-_MONOTONIC_STAY: Final = Reason(
-    "monotonic_same_replica", "monotonic: the replica this scope reads from"
 )
 _MONOTONIC_UNKNOWN: Final = Reason(
     "position_unknown", "monotonic: the replica left cannot tell its position"
@@ -222,7 +212,7 @@ class RoutingSession(Session):
         self._bind_kinds: dict[Engine, str] = {}
         # Why the last statement went where it went (for explain()), and the
         # causal waits of the statement being explained.
-        self._reason: Reason = _NO_COMMIT
+        self._reason: Reason = NOTHING_TO_WAIT_FOR
         self._explain_waits: list[ExplainWait] = []
         # True once the current flush has been routed (to the primary, which
         # it pins): SQLAlchemy asks get_bind more than once per flush.
@@ -405,19 +395,21 @@ class RoutingSession(Session):
         level: ConsistencyLevel,
         *,
         wait: bool,
+        deadline: float | None = None,
         avoid: Collection[RoutedEngine] = (),
     ) -> RoutedEngine:
         """Pin if the decision says so; pick the target, log the choice.
 
-        Under read_your_writes a replica serves the read only if it has
-        applied every commit of the causal scope: one known to have (no round
-        trip), else, when ``wait`` allows, one that catches up within the
-        router's wait_timeout, else the primary. Monotonic reads also stay on
-        one replica (see :meth:`_monotonic_replica`).
+        A read that may go to a replica follows a plan
+        (:func:`~sqlalchemy_replicas.plan.plan_read`) made from a snapshot
+        of the replicas: see :meth:`_replica_for`.
 
-        A replica whose pool has no free connection (and to which the session
-        holds none) is passed over for the next one the same rules allow, or
-        the primary; so are those in ``avoid`` (their checkout just failed).
+        :param wait: whether the read may wait for a replica to catch up
+            (not from get_bind, which must stay free of I/O).
+        :param deadline: when (``time.monotonic()``) the read's waits must
+            be over; default ``wait_timeout`` from now. A read run again
+            elsewhere after a replica failed keeps its first deadline.
+        :param avoid: replicas not to use (their checkout just failed).
         """
         if decision.pins:
             self._pinned_to_primary = True
@@ -426,12 +418,12 @@ class RoutingSession(Session):
         target: RoutedEngine
         if decision.to_primary:
             target = router.primary_target
-        elif level == "read_your_writes":
-            target, reason = self._causal_replica(wait=wait, avoid=avoid)
-        elif level == "monotonic":
-            target, reason = self._monotonic_replica(wait=wait, avoid=avoid)
         else:
-            target, reason = self._any_replica(level, reason, avoid)
+            if deadline is None:
+                deadline = time.monotonic() + router.wait_timeout
+            target, reason = self._replica_for(
+                level, reason, deadline=deadline if wait else None, avoid=avoid
+            )
         self._reason = reason
         router.stats_recorder.decision(target is router.primary_target, reason.code, level)
         if logger.isEnabledFor(logging.DEBUG):
@@ -439,30 +431,133 @@ class RoutingSession(Session):
             logger.debug("%s -> %s: %s", what, target.name, reason.text)
         return target
 
-    def _any_replica(
-        self, level: ConsistencyLevel, reason: Reason, avoid: Collection[RoutedEngine]
+    def _replica_for(
+        self,
+        level: ConsistencyLevel,
+        default_reason: Reason,
+        *,
+        deadline: float | None,
+        avoid: Collection[RoutedEngine],
     ) -> tuple[RoutedEngine, Reason]:
-        """eventual: any replica the monitor lets serve, with a connection to
-        spare; bounded: one measured within the lag bound in force. Else the
-        primary."""
+        """Plan a read that may go to a replica, and carry the plan out.
+
+        eventual: any replica the monitor lets serve; bounded: one measured
+        within the lag bound in force. read_your_writes: one known to have
+        applied the scope's commits, else one that applies them within the
+        read's single wait budget, else the primary. Monotonic reads also
+        stay on one replica: leaving it (it cannot serve the scope's commits
+        in time), the next replica must first reach what it had applied; a
+        read on the primary raises the bar to the primary's position after
+        the read. When that replica has no free connection, the read goes to
+        the primary (the one server surely as new), and the scope stays with
+        the replica.
+
+        :param deadline: when the read's waits must be over; None: no wait.
+        """
         router = self.router
+        position: Any | None = None
+        unknown = False
         bound: float | None = None
-        if level == "bounded":
+        stay: str | None = None
+        scope: CausalScope | None = None
+        if level in ("read_your_writes", "monotonic"):
+            position, unknown = self._causal_target()
+            if unknown:  # only the primary is sure to have that commit
+                return router.primary_target, POSITION_UNKNOWN
+            if level == "monotonic":
+                scope = current_scope() or self._scope
+                stay = scope.monotonic_replica(router)
+        elif level == "bounded":
             setting = current_consistency()
             bound = (
                 setting.max_lag
                 if setting is not None and setting.max_lag is not None
                 else router.max_lag
             )
-        order = router.replica_order(current_sticky_key(), max_lag=bound)
-        if not order:
-            return router.primary_target, _NO_REPLICA
-        for replica in order:
-            if replica not in avoid and not self._pool_full(replica):
-                if bound is None:
-                    return replica, reason
-                return replica, Reason("within_lag_bound", f"measured lag within {bound}s")
-        return router.primary_target, _NO_FREE_CONNECTION
+        states = router.replica_snapshot(current_sticky_key())
+        backend = router.positions if scope is not None or position is not None else None
+        budget = 0.0 if deadline is None else Plan.time_left(deadline, time.monotonic())
+        plan = plan_read(
+            level,
+            states,
+            reached=None if backend is None else backend.reached,
+            position=position,
+            budget=budget,
+            bound=bound,
+            stay=stay,
+            default_reason=default_reason,
+        )
+        target, reason, full = self._follow(plan, deadline, avoid)
+        if scope is None:
+            return target, reason
+        primary = router.primary_target
+        if plan.forget_stay:
+            # Another replica may be behind what the scope read there; the
+            # primary is not, and reading there raises the floor for the next.
+            scope.stay_on(router, None)
+            return primary, reason
+        if plan.stay and stay is not None:
+            if target is not primary:
+                return target, reason
+            stay_target = router.replica_target(stay)
+            if full or stay_target in avoid:
+                return primary, _MONOTONIC_FULL
+            # Leaving it: the next replica must first reach what it had applied.
+            try:
+                floor = self._applied_on(stay_target)
+            except PoolFull:  # its last free connection went to another thread
+                self._note_pool_full(stay_target)
+                return primary, _MONOTONIC_FULL
+            if floor is None:
+                scope.stay_on(router, None)
+                return primary, _MONOTONIC_UNKNOWN
+            scope.add(router, floor)
+            position, _ = self._causal_target()
+            plan = plan_read(
+                "read_your_writes",
+                [state for state in states if state.name != stay_target.name],
+                reached=backend.reached if backend is not None else None,
+                position=position,
+                budget=0.0 if deadline is None else Plan.time_left(deadline, time.monotonic()),
+            )
+            target, reason, full = self._follow(plan, deadline, avoid)
+        scope.stay_on(router, None if target is primary else target.name)
+        return target, Reason(reason.code, f"monotonic: {reason.text}")
+
+    def _follow(
+        self, plan: Plan, deadline: float | None, avoid: Collection[RoutedEngine]
+    ) -> tuple[RoutedEngine, Reason, bool]:
+        """Carry ``plan`` out (:func:`~sqlalchemy_replicas.plan.carry_out`): a
+        replica in ``avoid`` or without a free connection, or a wait that is
+        refused, fails or times out, moves on to the next step. Returns the
+        target, the reason, and whether a replica was passed over for a full
+        pool (then a read ending on the primary says so)."""
+        router = self.router
+        full = False
+
+        def take(step: Step, timeout: float) -> bool:
+            nonlocal full
+            replica = router.replica_target(step.replica)
+            if replica in avoid:
+                return False
+            if self._pool_full(replica):
+                full = True
+                return False
+            if step.wait_for is None:
+                return True
+            try:
+                return self._wait_on(replica, step.wait_for, timeout)
+            except PoolFull:  # its last free connection went to another thread
+                self._note_pool_full(replica)
+                full = True
+                return False
+
+        taken = carry_out(plan, deadline, time.monotonic, take)
+        if taken is not None:
+            return router.replica_target(taken.replica), taken.reason, full
+        if full:
+            return router.primary_target, NO_FREE_CONNECTION, full
+        return router.primary_target, plan.fallback, full
 
     def _causal_target(self) -> tuple[Any | None, bool]:
         """The position reads must see, and whether only the primary will do.
@@ -487,115 +582,6 @@ class RoutingSession(Session):
                     other_position if position is None else backend.merge(position, other_position)
                 )
         return position, unknown
-
-    def _causal_replica(
-        self, *, wait: bool, avoid: Collection[RoutedEngine]
-    ) -> tuple[RoutedEngine, Reason]:
-        position, unknown = self._causal_target()
-        if unknown:
-            return self.router.primary_target, _UNKNOWN_POSITION
-        return self._replica_with(position, wait=wait, avoid=avoid)
-
-    def _replica_with(
-        self, position: Any | None, *, wait: bool, avoid: Collection[RoutedEngine] = ()
-    ) -> tuple[RoutedEngine, Reason]:
-        """A replica that has applied ``position`` (known, or after a bounded
-        wait on one) and has a connection to spare, else the primary."""
-        router = self.router
-        order = router.replica_order(current_sticky_key())
-        if not order:
-            return router.primary_target, _NO_REPLICA
-        order = [r for r in order if r not in avoid]
-        if position is None:
-            free = next((r for r in order if not self._pool_full(r)), None)
-            if free is None:
-                return router.primary_target, _NO_FREE_CONNECTION
-            return free, _NO_COMMIT
-        backend = router.positions
-        assert backend is not None
-        full = False
-        known = [(r, router.known_applied(r.name)) for r in order]
-        while (caught_up := first_caught_up(position, known, backend.reached)) is not None:
-            if not self._pool_full(caught_up):
-                return caught_up, _KNOWN
-            # The next one known to be caught up, else a wait on one that is not.
-            full = True
-            known = [(r, applied) for r, applied in known if r is not caught_up]
-            order = [r for r in order if r is not caught_up]
-        if wait and router.wait_timeout > 0:
-            candidates, suspect = order, router.wait_recently_failed
-            while (candidate := wait_candidate(candidates, suspect)) is not None:
-                candidates = [r for r in candidates if r is not candidate]
-                if self._pool_full(candidate):
-                    full = True
-                    continue
-                try:
-                    if self._wait_on(candidate, position):
-                        return candidate, _WAITED
-                except PoolFull:  # its last free connection went to another thread
-                    self._note_pool_full(candidate)
-                    full = True
-                    continue
-                if router.may_serve(candidate):
-                    break  # up but behind: a wait on another would double the delay
-                # else it went down: wait on the next one
-        if full:
-            return router.primary_target, _NO_FREE_CONNECTION
-        return router.primary_target, _NOT_CAUGHT_UP
-
-    def _monotonic_replica(
-        self, *, wait: bool, avoid: Collection[RoutedEngine]
-    ) -> tuple[RoutedEngine, Reason]:
-        """read_your_writes, and never older than what the scope already read.
-
-        The scope's reads stay on one replica, which never goes back in time.
-        Leaving it (it cannot serve the scope's commits in time), the next
-        replica must first reach what it had applied; a read on the primary
-        raises the bar to the primary's position after the read. When that
-        replica has no free connection, the read goes to the primary (the one
-        server surely as new), and the scope stays with the replica.
-        """
-        router = self.router
-        position, unknown = self._causal_target()
-        if unknown:
-            return router.primary_target, _UNKNOWN_POSITION
-        scope = current_scope() or self._scope
-        backend = router.positions
-        stay_name = scope.monotonic_replica(router)
-        stay = next((r for r in router.replica_targets if r.name == stay_name), None)
-        if stay is not None and not router.may_serve(stay):
-            # Left out (down or lagging): another replica may be behind what
-            # the scope read there. The primary is not, and reading there
-            # raises the floor for the next replica to the primary's position.
-            scope.stay_on(router, None)
-            return router.primary_target, _MONOTONIC_OUT
-        if stay is not None:
-            if stay in avoid or self._pool_full(stay):
-                return router.primary_target, _MONOTONIC_FULL
-            applied = router.known_applied(stay.name)
-            try:
-                if (
-                    position is None
-                    or (
-                        applied is not None
-                        and backend is not None
-                        and backend.reached(applied, position)
-                    )
-                    or (wait and router.wait_timeout > 0 and self._wait_on(stay, position))
-                ):
-                    return stay, _MONOTONIC_STAY
-                floor = self._applied_on(stay)
-            except PoolFull:  # its last free connection went to another thread
-                self._note_pool_full(stay)
-                return router.primary_target, _MONOTONIC_FULL
-            if floor is None:
-                scope.stay_on(router, None)
-                return router.primary_target, _MONOTONIC_UNKNOWN
-            scope.add(router, floor)
-            position, _ = self._causal_target()
-        target, reason = self._replica_with(position, wait=wait, avoid=avoid)
-        scope.stay_on(router, None if target is router.primary_target else target.name)
-        return target, Reason(reason.code, f"monotonic: {reason.text}")
 
     def _applied_on(self, replica: RoutedEngine) -> Any | None:
         """The position ``replica`` has applied, or None when it cannot tell.
@@ -629,9 +615,13 @@ class RoutingSession(Session):
         if position is not None:
             scope.add(router, position)
 
-    def _wait_on(self, replica: RoutedEngine, position: Any) -> bool:
-        """Wait up to wait_timeout for ``replica`` to apply ``position``, on the
-        session's own connection to it (the read that follows runs there).
+    def _wait_on(self, replica: RoutedEngine, position: Any, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``replica`` to apply ``position``,
+        on the session's own connection to it (the read that follows runs
+        there). A replica that is not applying at all (replay paused) refuses
+        at once, leaving the rest of the read's budget to the next replica.
+        A wait that does not reach the position is remembered until the
+        replica is seen to apply more (see ``ReplicaRouter.wait_failure``).
 
         :raises PoolFull: when its pool has no free connection.
         """
@@ -642,14 +632,18 @@ class RoutingSession(Session):
         outcome: WaitOutcome
         try:
             connection = self._replica_connection(replica)
-            reached = backend.wait(connection, position, router.wait_timeout)
-            outcome = "reached" if reached else "timed_out"
+            result = backend.wait_applying(connection, position, timeout)
         except sa_exc.DBAPIError as error:
             logger.warning("waiting on replica %s failed: %s", replica.name, error)
-            reached, outcome = False, "failed"
+            reached, stopped, outcome = False, False, "failed"
             gone = self._replica_failed(replica, error)
         else:
-            gone = False
+            gone, reached, stopped = False, result == "reached", result == "stopped"
+            # A refusal (not applying) counts with the failures: the replica
+            # could not serve, and no time was spent waiting.
+            outcome = "reached" if reached else "failed" if stopped else "timed_out"
+            if stopped:
+                logger.debug("replica %s is not applying (replay paused)", replica.name)
         seconds = time.perf_counter() - started
         router.stats_recorder.wait(outcome, seconds)
         if active_logs():
@@ -661,7 +655,7 @@ class RoutingSession(Session):
         if reached:
             router.note_applied(replica.name, position)
         else:
-            router.note_wait_failed(replica)
+            router.note_wait_failed(replica.name, stopped=stopped)
         return reached
 
     def _replica_connection(self, replica: RoutedEngine) -> Connection:
@@ -799,7 +793,9 @@ class RoutingSession(Session):
         logs = active_logs()
         if logs:
             self._explain_waits = []
-        target = self._route(decision, statement, level, wait=True)
+        # One deadline for the read's waits, reruns elsewhere included.
+        deadline = time.monotonic() + self.router.wait_timeout
+        target = self._route(decision, statement, level, wait=True, deadline=deadline)
         routed = (
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
@@ -871,7 +867,9 @@ class RoutingSession(Session):
                     return result
                 # Nothing was returned yet, and replica reads hold no transaction
                 # state: the read can run again wherever the policy now says.
-                target = self._route(decision, statement, level, wait=True, avoid=avoid)
+                target = self._route(
+                    decision, statement, level, wait=True, deadline=deadline, avoid=avoid
+                )
                 routed[_TARGET_KEY] = target
                 if target is self.router.primary_target:
                     break

@@ -147,7 +147,9 @@ class WaitStats:
     :ivar count: waits begun.
     :ivar reached: the replica applied the position in time (it served the read).
     :ivar timed_out: it did not within ``wait_timeout``.
-    :ivar failed: the wait raised (the replica went away, or refused the query).
+    :ivar failed: the wait raised (the replica went away, or refused the query),
+        or the replica refused it at once because it was not applying (replay
+        paused, replication stopped).
     :ivar total_seconds: the time spent waiting, all outcomes.
     :ivar buckets: cumulative histogram of wait durations: ``(upper bound,
         waits that took at most that long)`` for each of :data:`WAIT_BUCKETS`

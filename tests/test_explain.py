@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas.explain import ExplainEntry, ExplainLog, ExplainRerun, ExplainWait
-from sqlalchemy_replicas.testing import Topology
+from sqlalchemy_replicas.testing import Topology, wait_until
 
 
 class Base(DeclarativeBase):
@@ -230,12 +230,20 @@ def test_write_on_primary_then_read_on_replica_after_a_wait(tables: Topology) ->
 
 
 def test_fallback_to_the_primary_after_a_timed_out_wait(tables: Topology) -> None:
-    """With replay paused, the read waits wait_timeout, times out and goes to the
-    primary: explained as not_caught_up with the timed-out wait; the next read skips
-    the wait (the replica is suspect for a while)."""
+    """With the replica applying 2 s late, the read waits wait_timeout, times out
+    and goes to the primary: explained as not_caught_up with the timed-out wait;
+    the next read skips the wait (the replica is suspect until it applies more)."""
+    tables.set_apply_delay(0, 2.0)
     router = one_replica_router(tables, wait_timeout=0.2)
     try:
-        tables.pause_replay(0)
+        # Idle and caught up (lag 0): the plan does not yet know a commit
+        # would take 2 s, so it waits (a lag measured over the budget would
+        # send the read to the primary without one).
+        wait_until(
+            lambda: (lag := router.status()[0].lag_seconds) is not None and lag < 0.2,
+            timeout=20,
+            what="replica1 caught up with the table's creation",
+        )
         with sr.explain() as log, router.sessionmaker()() as session:
             session.add(Note(id=1, text="hello"))
             session.commit()
@@ -249,6 +257,27 @@ def test_fallback_to_the_primary_after_a_timed_out_wait(tables: Topology) -> Non
         assert wait.replica == "replica1"
         assert wait.seconds >= 0.15
         assert log[2].waits == ()
+    finally:
+        router.dispose()
+
+
+def test_fallback_to_the_primary_after_a_refused_wait(tables: Topology) -> None:
+    """With replay paused, the replica refuses the wait at once and the read goes
+    to the primary: explained as not_caught_up with the refused (failed) wait,
+    which took no part of wait_timeout (a connect to the replica, at most)."""
+    router = one_replica_router(tables, wait_timeout=2.0)
+    try:
+        tables.pause_replay(0)
+        with sr.explain() as log, router.sessionmaker()() as session:
+            session.add(Note(id=1, text="hello"))
+            session.commit()
+            assert session.scalar(sa.select(Note.text)) == "hello"
+        assert log.targets() == ["primary", "primary"], log
+        assert log.reasons() == ["write", "not_caught_up"]
+        wait = log[1].wait
+        assert wait is not None
+        assert (wait.replica, wait.outcome) == ("replica1", "failed")
+        assert wait.seconds < 1.0
     finally:
         router.dispose()
 

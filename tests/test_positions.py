@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -156,6 +157,39 @@ def test_captured_position_is_applied_exactly_when_the_row_is_visible(
         applied = backend.applied(conn)
         assert applied is not None
         assert backend.reached(applied, position)
+
+
+def test_wait_applying_refuses_at_once_on_a_paused_replica(
+    topology: Topology, engines: tuple[sa.Engine, sa.Engine]
+) -> None:
+    """wait_applying(): a paused replica that lacks the position says "stopped" at
+    once (not after the timeout), and "reached" for a position it has; applying, it
+    reaches a new commit, or times out on a position it will not have in time."""
+    primary, replica = engines
+    backend = backend_for(primary)
+    assert backend is not None
+    old = commit_row(primary, 1)
+    topology.wait_for_catchup()
+    topology.pause_replay(0)
+    position = commit_row(primary, 2)
+    with replica.connect() as conn:
+        started = time.monotonic()
+        assert backend.wait_applying(conn, position, 5) == "stopped"
+        assert time.monotonic() - started < 0.5
+        assert backend.wait_applying(conn, old, 5) == "reached"
+        topology.resume_replay(0)
+        assert backend.wait_applying(conn, position, 10) == "reached"
+        started = time.monotonic()
+        ahead = _ahead_of(position)
+        assert backend.wait_applying(conn, ahead, 0.3) == "timed_out"
+        assert 0.25 <= time.monotonic() - started < 5
+
+
+def _ahead_of(position: Any) -> Any:
+    """A position past ``position`` that no commit has reached yet."""
+    if isinstance(position, int):
+        return position + 1_000_000
+    return {domain: seq + 1000 for domain, seq in position.items()}
 
 
 def test_positions_grow_with_commits(engines: tuple[sa.Engine, sa.Engine]) -> None:

@@ -157,7 +157,8 @@ def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
 
 def test_counters_match_a_known_sequence(router: sr.ReplicaRouter, topology: Topology) -> None:
     """Each statement of a known sequence is one decision under its target, reason
-    and level; a timed-out wait and the fallback it causes are counted once."""
+    and level; a wait the paused replica refuses at once (counted as failed) and
+    the fallback it causes are counted once."""
     with router.sessionmaker()() as session:
         with sr.consistency("eventual"):
             session.execute(sa.select(Item)).all()  # replica, read
@@ -169,7 +170,7 @@ def test_counters_match_a_known_sequence(router: sr.ReplicaRouter, topology: Top
         topology.pause_replay(0)
         session.add(Item(id=1))
         session.commit()  # primary, write (the flush)
-        session.execute(sa.select(Item)).all()  # waits 0.2 s, times out: primary
+        session.execute(sa.select(Item)).all()  # the wait is refused: primary
     stats = router.stats()
     assert dict(stats.decisions) == {
         DecisionKey("replica", "read", "eventual"): 2,
@@ -180,10 +181,9 @@ def test_counters_match_a_known_sequence(router: sr.ReplicaRouter, topology: Top
     }
     assert dict(stats.fallbacks) == {"not_caught_up": 1}
     waits = stats.waits
-    assert (waits.count, waits.reached, waits.timed_out, waits.failed) == (1, 0, 1, 0)
-    assert 0.15 <= waits.total_seconds < 2.5
-    assert dict(waits.buckets)[0.1] == 0
-    assert dict(waits.buckets)[2.5] == 1
+    assert (waits.count, waits.reached, waits.timed_out, waits.failed) == (1, 0, 0, 1)
+    assert waits.total_seconds < 0.1
+    assert dict(waits.buckets)[0.1] == 1
     assert not stats.reruns
     assert not stats.replicas_down
 

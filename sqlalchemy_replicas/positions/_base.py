@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeAlias
 
-__all__ = ["DBAPIRunner", "PositionBackend", "SQLRunner"]
+__all__ = ["DBAPIRunner", "PositionBackend", "SQLRunner", "WaitResult"]
+
+WaitResult: TypeAlias = Literal["reached", "timed_out", "stopped"]
+"""How a wait ended: the position was applied; the time was up; or the
+replica is not applying at all (replay paused, replication stopped), so
+the wait returned at once."""
 
 
 class SQLRunner(Protocol):
@@ -145,3 +150,11 @@ class PositionBackend(abc.ABC):
         Waits on the server (no client-side sleeping, so it never blocks an
         asyncio event loop); returns whether ``target`` was reached.
         """
+
+    def wait_applying(self, replica: SQLRunner, target: Any, timeout: float) -> WaitResult:
+        """:meth:`wait`, but returning ``"stopped"`` at once, in the same round
+        trip, when ``replica`` has not applied ``target`` and is not applying
+        at all (replay paused, replication stopped): waiting on it would only
+        burn the read's budget, which the next replica can use. The default
+        cannot tell, and waits."""
+        return "reached" if self.wait(replica, target, timeout) else "timed_out"

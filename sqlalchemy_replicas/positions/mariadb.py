@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from ._base import PositionBackend, SQLRunner
+from ._base import PositionBackend, SQLRunner, WaitResult
 from ._sources import addresses, source_rows
 
 __all__ = ["GtidPosition", "MariaDBPositions", "MariaDBPrimary", "MariaDBReplica", "MariaDBSource"]
@@ -57,6 +57,18 @@ class MariaDBReplica:
 
     sources: tuple[MariaDBSource, ...] = ()
     problem: str | None = None
+
+
+# MASTER_GTID_WAIT, unless no replication connection has both its threads
+# running (STOP SLAVE [SQL_THREAD]): then only whether the target is applied
+# already (a timeout of 0 does not wait), and -2 when it is not. Slaves_running
+# counts the connections whose IO and SQL threads both run; a multi-source
+# replica with one of them stopped still waits, as before.
+_WAIT_APPLYING: Final = (
+    "SELECT CASE WHEN (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+    "WHERE VARIABLE_NAME = 'SLAVES_RUNNING') = '0' "
+    "THEN IF(MASTER_GTID_WAIT(%s, 0) = 0, 0, -2) ELSE MASTER_GTID_WAIT(%s, %s) END"
+)
 
 
 class MariaDBPositions(PositionBackend):
@@ -180,3 +192,10 @@ class MariaDBPositions(PositionBackend):
             "SELECT MASTER_GTID_WAIT(%s, %s)", (self.format(target), timeout)
         ).scalar()
         return bool(result == 0)
+
+    def wait_applying(self, replica: SQLRunner, target: GtidPosition, timeout: float) -> WaitResult:
+        text = self.format(target)
+        result = replica.exec_driver_sql(_WAIT_APPLYING, (text, text, timeout)).scalar()
+        if result == 0:
+            return "reached"
+        return "stopped" if result == -2 else "timed_out"

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from ._base import PositionBackend, SQLRunner
+from ._base import PositionBackend, SQLRunner, WaitResult
 
 __all__ = ["PostgresIdentity", "PostgresPositions", "normalize_insert_lsn"]
 
@@ -62,6 +62,30 @@ WITH RECURSIVE poll(n, reached) AS (
     WHERE NOT reached AND clock_timestamp() < now() + %(timeout)s * interval '1 second'
 )
 SELECT bool_or(reached) FROM poll
+"""
+# The same, stopping at once when replay is paused (pg_wal_replay_pause(),
+# or a recovery target): it would not apply the target before the timeout.
+# A server out of recovery (promoted) applies nothing either; the CASE keeps
+# the pause function, which raises there, from running on it.
+_REPLAY_STATE: Final = """SELECT
+        coalesce(pg_last_wal_replay_lsn() >= %(target)s::pg_lsn, false) AS reached,
+        CASE WHEN pg_is_in_recovery()
+            THEN pg_get_wal_replay_pause_state() <> 'not paused'
+            ELSE true
+        END AS stopped"""
+_WAIT_APPLYING: Final = f"""
+WITH RECURSIVE poll(n, reached, stopped) AS (
+    SELECT 0, state.reached, state.stopped FROM ({_REPLAY_STATE}) AS state
+  UNION ALL
+    SELECT poll.n + 1, state.reached, state.stopped
+    FROM poll, LATERAL (
+        {_REPLAY_STATE}
+        FROM (SELECT pg_sleep(least(0.001 * power(2, poll.n), 0.016))) AS slept
+    ) AS state
+    WHERE NOT poll.reached AND NOT poll.stopped
+      AND clock_timestamp() < now() + %(timeout)s * interval '1 second'
+)
+SELECT bool_or(reached), bool_or(stopped) FROM poll
 """
 
 
@@ -178,3 +202,11 @@ class PostgresPositions(PositionBackend):
             _WAIT, {"target": format_lsn(target), "timeout": timeout}
         ).scalar()
         return bool(reached)
+
+    def wait_applying(self, replica: SQLRunner, target: int, timeout: float) -> WaitResult:
+        reached, stopped = replica.exec_driver_sql(
+            _WAIT_APPLYING, {"target": format_lsn(target), "timeout": timeout}
+        ).one()
+        if reached:
+            return "reached"
+        return "stopped" if stopped else "timed_out"

@@ -43,7 +43,7 @@ IDLE_SECONDS = 10.0
 def key_preferring(router: sr.ReplicaRouter, name: str) -> bytes:
     for n in range(1000):
         key = str(n).encode()
-        if router.replica_order(key)[0].name == name:
+        if router.cluster.replica_order(key)[0].name == name:
             return key
     raise AssertionError(name)
 

@@ -44,16 +44,16 @@ def replica_router(primary: sa.Engine, **options: Any) -> sr.ReplicaRouter:
         ["postgresql+psycopg://u@127.0.0.1:2/db", "postgresql+psycopg://u@127.0.0.1:3/db"],
         **options,
     )
-    router._positions = PostgresPositions()
-    router._ensure_monitor = lambda: None  # type: ignore[method-assign]
+    router.cluster._positions = PostgresPositions()
+    router.cluster.ensure_monitor = lambda: None  # type: ignore[method-assign]
     # The router's causal scope starts at the primary's position, read at its
     # first use (here it would try to connect for every statement): give it
     # one that both replicas are known to have applied, so reads take the
     # replica path (position check, pool pre-check) without I/O.
-    router._process_scope = CausalScope()
-    router._process_scope.add(router, 100)
+    router.cluster.process_scope = CausalScope()
+    router.cluster.process_scope.add(router.cluster, 100)
     for name in router.replica_names:
-        router.note_applied(name, 100)
+        router.cluster.note_applied(name, 100)
     return router
 
 

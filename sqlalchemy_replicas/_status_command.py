@@ -138,7 +138,7 @@ class _Servers:
                 target,
                 _timeouts(sync_url(target.sync_engine.url), self._timeout),
                 install_discovery=(
-                    router.install_discovery if target is router.primary_target else None
+                    router.cluster.install_discovery if target is router.primary_target else None
                 ),
                 poolclass=NullPool,
                 isolation_level="AUTOCOMMIT",

@@ -15,14 +15,14 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import token as tokens
 from ._asyncio import in_async_greenlet
 from .exc import ConfigurationError
 
 if TYPE_CHECKING:
-    from .router import ReplicaRouter
+    from .positions import PositionBackend
 
 __all__ = [
     "CausalContext",
@@ -36,6 +36,39 @@ __all__ = [
 logger = logging.getLogger("sqlalchemy_replicas.causal")
 
 
+class ScopeOwner(Protocol):
+    """What a causal scope asks of the database whose commits it holds: a
+    router's shared state (:class:`~sqlalchemy_replicas.cluster.Cluster`),
+    named here so that this module does not import it."""
+
+    @property
+    def name(self) -> str:
+        """The router's name: it keys the scope's positions and token entries."""
+
+    @property
+    def is_async(self) -> bool:
+        """Whether its engines are async (then it asks the primary only from
+        its event loop's greenlet)."""
+
+    @property
+    def secret(self) -> str | bytes | None:
+        """The key that signs its token entries."""
+
+    @property
+    def positions(self) -> PositionBackend | None:
+        """Its replication-position backend."""
+
+    @property
+    def known_lineage(self) -> str | None:
+        """The primary's history, if read already."""
+
+    def current_position(self) -> Any | None:
+        """The primary's current position (one query)."""
+
+    def accept_token_entry(self, entry: tokens.TokenEntry) -> Any:
+        """Verify its token entry; the position it carries."""
+
+
 class CausalScope:
     """Positions of the commits made in one scope, per router name.
 
@@ -45,11 +78,11 @@ class CausalScope:
     def __init__(self, incoming: dict[str, tokens.TokenEntry] | None = None) -> None:
         self._lock = threading.Lock()
         # router name -> (the router that recorded it, position)
-        self._positions: dict[str, tuple[ReplicaRouter[Any], Any]] = {}
+        self._positions: dict[str, tuple[ScopeOwner, Any]] = {}
         # Routers with a commit whose position could not be read (or a token
         # position that cannot be compared): until the primary's current
         # position stands in for it, their reads go to the primary.
-        self._unknown: dict[str, ReplicaRouter[Any]] = {}
+        self._unknown: dict[str, ScopeOwner] = {}
         # Token entries not yet verified by their router (each verifies its own).
         self._incoming = dict(incoming or {})
         self._issued_at: dict[str, float] = {}
@@ -65,7 +98,7 @@ class CausalScope:
         do not count)."""
         return self._commits
 
-    def add(self, router: ReplicaRouter[Any], position: Any) -> None:
+    def add(self, router: ScopeOwner, position: Any) -> None:
         """Record a commit's position."""
         self._absorb_incoming(router)
         with self._lock:
@@ -73,11 +106,11 @@ class CausalScope:
             self._issued_at.pop(router.name, None)
             self._commits += 1
 
-    def monotonic_replica(self, router: ReplicaRouter[Any]) -> str | None:
+    def monotonic_replica(self, router: ScopeOwner) -> str | None:
         """The replica this scope's monotonic reads on ``router`` stay on, if any."""
         return self._monotonic_replica.get(router.name)
 
-    def stay_on(self, router: ReplicaRouter[Any], replica: str | None) -> None:
+    def stay_on(self, router: ScopeOwner, replica: str | None) -> None:
         """Make ``replica`` (None: none) the one monotonic reads stay on."""
         with self._lock:
             if replica is None:
@@ -85,7 +118,7 @@ class CausalScope:
             else:
                 self._monotonic_replica[router.name] = replica
 
-    def mark_unknown(self, router: ReplicaRouter[Any]) -> None:
+    def mark_unknown(self, router: ScopeOwner) -> None:
         """A commit happened whose position is unknown: send reads to the
         primary until :meth:`target` can read the primary's current position
         (which includes that commit) instead."""
@@ -93,7 +126,7 @@ class CausalScope:
             self._unknown[router.name] = router
             self._commits += 1
 
-    def target(self, router: ReplicaRouter[Any]) -> tuple[Any | None, bool]:
+    def target(self, router: ScopeOwner) -> tuple[Any | None, bool]:
         """The position ``router``'s replicas must have applied, and whether
         reads must go to the primary regardless (an unknown position that the
         primary's current position could not replace: it is unreachable)."""
@@ -104,7 +137,7 @@ class CausalScope:
             known = self._positions.get(router.name)
             return (None if known is None else known[1]), router.name in self._unknown
 
-    def _resolve_unknown(self, router: ReplicaRouter[Any]) -> None:
+    def _resolve_unknown(self, router: ScopeOwner) -> None:
         """Replace an unknown position by the primary's current one: a later
         position than the lost one, so a replica that has applied it has
         applied the lost commit too (and every later read is as fresh).
@@ -163,7 +196,7 @@ class CausalScope:
                 )
             return result
 
-    def _absorb_incoming(self, router: ReplicaRouter[Any]) -> None:
+    def _absorb_incoming(self, router: ScopeOwner) -> None:
         """Verify and absorb ``router``'s token entry, once. Verification may
         read the primary's lineage, so it runs without the lock held."""
         if not self._incoming:  # the common case: no token, or already absorbed
@@ -193,7 +226,7 @@ class CausalScope:
                 self._merge(router, position)
             self._issued_at[router.name] = entry.issued_at
 
-    def _merge(self, router: ReplicaRouter[Any], position: Any) -> None:
+    def _merge(self, router: ScopeOwner, position: Any) -> None:
         """Merge ``position`` into the router's (lock held)."""
         backend = router.positions
         assert backend is not None
@@ -216,9 +249,9 @@ class CausalScope:
     def include(self, other: CausalScope) -> None:
         """Add ``other``'s commits to this scope, as if they were made here.
 
-        ``other`` must hold no unverified token entries (a router's
-        :attr:`~sqlalchemy_replicas.ReplicaRouter.process_scope` never does):
-        an entry can only be merged once its router has verified it.
+        ``other`` must hold no unverified token entries (a router's own
+        scope, ``Cluster.process_scope``, never does): an entry can only be
+        merged once its router has verified it.
 
         :raises ValueError: when ``other`` holds unverified token entries.
         """

@@ -21,7 +21,7 @@ from ._listeners import Listeners
 from .urls import SYNC_CONNECT_PARAMS, sync_url
 
 if TYPE_CHECKING:
-    from .router import RoutedEngine
+    from .targets import RoutedEngine
 
 __all__ = [
     "MonitorConnect",

@@ -93,10 +93,11 @@ def current_token(*routers: ReplicaRouter[Any]) -> str | None:
     # A copy: the request's own scope (and the token it returns) stays as it was.
     scope = CausalScope() if context is None else context.copy()
     for router in routers:
-        process = router.process_scope
+        cluster = router.cluster
+        process = cluster.process_scope
         # Resolve the process scope's start position once, there (as a first
         # read would), instead of asking the primary again at every enqueue.
-        process.target(router)
+        process.target(cluster)
         scope.include(process)
     entries = scope.entries()
     return tokens.encode(entries) if entries else None

@@ -68,7 +68,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError
@@ -80,7 +80,8 @@ from .urls import sync_url
 
 if TYPE_CHECKING:
     from .positions import PositionBackend
-    from .router import ReplicaRouter, RoutedEngine
+    from .stats import StatsRecorder
+    from .targets import RoutedEngine
 
 __all__ = ["LagEstimator", "LagMonitor", "ReplicaStatus"]
 
@@ -99,6 +100,45 @@ READMIT_FRACTION: Final = 0.8
 #: Where a monitor connection keeps the identity its server gave (read once
 #: per connection: a new connection may reach another server).
 _IDENTITY_KEY: Final = "sqlalchemy_replicas.identity"
+
+
+class Watched(Protocol):
+    """What the monitor needs of the servers it watches: a router's shared
+    state (:class:`~sqlalchemy_replicas.cluster.Cluster`), named here so that
+    this module does not import it."""
+
+    name: str
+    replica_targets: tuple[RoutedEngine, ...]
+    primary_target: RoutedEngine
+    max_lag: float
+
+    @property
+    def primary_url(self) -> str:
+        """Where primary connections go now, without the password."""
+
+    @property
+    def positions(self) -> PositionBackend | None:
+        """The replication-position backend (None until known)."""
+
+    @property
+    def positions_pending(self) -> bool:
+        """Whether MySQL vs MariaDB is still unknown."""
+
+    @property
+    def stats_recorder(self) -> StatsRecorder:
+        """Where replicas going down, coming back and lag exclusions are counted."""
+
+    def learn_positions(self, engine: Engine) -> PositionBackend | None:
+        """Tell the backend by ``engine``, a connected sync engine on the primary."""
+
+    def install_discovery(self, engine: Engine) -> None:
+        """Make ``engine`` connect to wherever the primary is now."""
+
+    def note_applied(self, replica: str, position: Any) -> None:
+        """Record that ``replica`` has applied ``position``."""
+
+    def pool_full_skips(self, replica: str) -> int:
+        """Reads sent elsewhere because ``replica``'s pool was full."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,23 +387,23 @@ class _Health:
 class LagMonitor:
     """The background checks of one router's replicas.
 
-    :param router: the router whose replicas to watch.
+    :param cluster: the shared state of the router whose replicas to watch.
     :param interval: seconds between checks.
     """
 
-    def __init__(self, router: ReplicaRouter[Any], interval: float) -> None:
+    def __init__(self, cluster: Watched, interval: float) -> None:
         # Weak: a router the application dropped without dispose() is collected,
         # and then this thread ends by itself.
-        self._router_ref = weakref.ref(router)
-        self._name = router.name
+        self._cluster_ref = weakref.ref(cluster)
+        self._name = cluster.name
         self._interval = interval
-        self._health = {r.name: _Health() for r in router.replica_targets}
+        self._health = {r.name: _Health() for r in cluster.replica_targets}
         self._estimator: LagEstimator | None = None
         self._engines: dict[str, Engine] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(
-            target=self._run, name=f"sqlalchemy-replicas-monitor-{router.name}", daemon=True
+            target=self._run, name=f"sqlalchemy-replicas-monitor-{cluster.name}", daemon=True
         )
         self._all_out_logged = False
         self._primary_down_logged = False
@@ -431,11 +471,11 @@ class LagMonitor:
         may_serve = reachable and (not health.excluded or (ignore_lag and health.lag is not None))
         return may_serve, reachable, health.lag, health.lag_exact
 
-    def status(self, router: ReplicaRouter[Any]) -> list[ReplicaStatus]:
-        """Every replica of ``router`` (the one this monitor watches) as last seen."""
-        backend = router.positions
+    def status(self, cluster: Watched) -> list[ReplicaStatus]:
+        """Every replica of ``cluster`` (the one this monitor watches) as last seen."""
+        backend = cluster.positions
         result = []
-        for replica in router.replica_targets:
+        for replica in cluster.replica_targets:
             health = self._health[replica.name]
             position = (
                 None
@@ -455,7 +495,7 @@ class LagMonitor:
                     health.reason,
                     lag_bytes=health.behind if unit == "bytes" else None,
                     lag_transactions=health.behind if unit == "transactions" else None,
-                    pool_full_skips=router.pool_full_skips(replica.name),
+                    pool_full_skips=cluster.pool_full_skips(replica.name),
                     lag_measured_at=health.measured_at if health.lag is not None else None,
                 )
             )
@@ -487,20 +527,20 @@ class LagMonitor:
 
     def _count_transition(self, name: str, *, down: bool) -> None:
         """Count replica ``name`` going down or coming back in the router's stats."""
-        router = self._router_ref()
-        if router is not None:
-            recorder = router.stats_recorder
+        cluster = self._cluster_ref()
+        if cluster is not None:
+            recorder = cluster.stats_recorder
             if down:
                 recorder.replica_down(name)
             else:
                 recorder.replica_up(name)
 
-    def _count_lag_transition(self, router: ReplicaRouter[Any], name: str, *, out: bool) -> None:
+    def _count_lag_transition(self, cluster: Watched, name: str, *, out: bool) -> None:
         """Count replica ``name`` left out for lag, or readmitted, in the router's stats."""
         if out:
-            router.stats_recorder.replica_over_max_lag(name)
+            cluster.stats_recorder.replica_over_max_lag(name)
         else:
-            router.stats_recorder.replica_under_max_lag(name)
+            cluster.stats_recorder.replica_under_max_lag(name)
 
     def mark_down(self, name: str, error: BaseException) -> None:
         """A session lost (or could not open) a connection to replica ``name``:
@@ -537,32 +577,32 @@ class LagMonitor:
             return
         estimator.record_commit(when, position)
 
-    def check_once(self, router: ReplicaRouter[Any]) -> None:
+    def check_once(self, cluster: Watched) -> None:
         """Sample the primary, then every replica that is due (in parallel);
         update lags and exclusions. Each query gets :attr:`check_timeout`
         seconds: a server that accepts connections but answers nothing (a
         paused VM, a black-holed host) counts as unreachable, and cannot
         stall the checks of the others."""
         self._drop_finished()
-        backend = router.positions
-        if backend is None and router.positions_pending:
-            backend = self._learn_positions(router)
+        backend = cluster.positions
+        if backend is None and cluster.positions_pending:
+            backend = self._learn_positions(cluster)
         if backend is None:
             return
         if self._estimator is None:
-            horizon = max(10.0, 3 * router.max_lag)
+            horizon = max(10.0, 3 * cluster.max_lag)
             self._estimator = LagEstimator(backend.reached, horizon)
         # Again: telling the server kind may just have asked the primary.
         self._drop_finished()
-        primary = router.primary_target
+        primary = cluster.primary_target
         primary_position = None
-        host = make_url(router.primary_url).host
+        host = make_url(cluster.primary_url).host
         try:
             check = self._start(
                 primary.name,
                 functools.partial(
                     self._ask,
-                    router,
+                    cluster,
                     primary,
                     _identified(
                         functools.partial(backend.primary_identity, host=host),
@@ -586,7 +626,7 @@ class LagMonitor:
         now = time.monotonic()
         due = [
             replica
-            for replica in router.replica_targets
+            for replica in cluster.replica_targets
             if self._health[replica.name].breaker.probe_due(now)
         ]
         checks = {}
@@ -598,7 +638,7 @@ class LagMonitor:
             try:
                 checks[replica.name] = self._start(
                     replica.name,
-                    functools.partial(self._ask, router, replica, question),
+                    functools.partial(self._ask, cluster, replica, question),
                     on_done=functools.partial(answered.put, replica.name),
                 )
             except _StillRunning as error:
@@ -620,7 +660,7 @@ class LagMonitor:
                 # commit it replayed was made at ``asked - age`` or later.
                 last_replayed = None if age is None else asked - age
                 self._judge(
-                    router, by_name[name], identity, applied, primary_position, last_replayed
+                    cluster, by_name[name], identity, applied, primary_position, last_replayed
                 )
         for name, check in checks.items():
             check.timed_out = True
@@ -629,21 +669,21 @@ class LagMonitor:
             self._behind_at = time.monotonic()
         self._log_when_all_out()
 
-    def _learn_positions(self, router: ReplicaRouter) -> PositionBackend | None:
+    def _learn_positions(self, cluster: Watched) -> PositionBackend | None:
         """MySQL or MariaDB? An async router cannot connect outside its event
         loop: this thread's own sync connection to the primary tells (None
         while the primary is unreachable; the next round asks again)."""
-        primary = router.primary_target
+        primary = cluster.primary_target
         try:
             check = self._start(
                 primary.name,
-                functools.partial(self._ask, router, primary, lambda conn: conn.engine),
+                functools.partial(self._ask, cluster, primary, lambda conn: conn.engine),
             )
             engine = check.result(self.check_timeout)
         except Exception as error:
             logger.debug("lag check: the primary's server kind is unknown yet: %s", error)
             return None
-        return router.learn_positions(engine)
+        return cluster.learn_positions(engine)
 
     def _drop_finished(self) -> None:
         """Forget the checks that have ended. A replica whose check timed out
@@ -686,7 +726,7 @@ class LagMonitor:
 
     def _judge(
         self,
-        router: ReplicaRouter[Any],
+        cluster: Watched,
         replica: RoutedEngine,
         identity: Any,
         applied: Any | None,
@@ -699,7 +739,7 @@ class LagMonitor:
         hysteresis). Whatever the verdict, first reads waiting for checks
         are woken."""
         try:
-            backend = router.positions
+            backend = cluster.positions
             assert backend is not None
             assert self._estimator is not None
             health = self._health[replica.name]
@@ -740,7 +780,7 @@ class LagMonitor:
             lag, exact = self._estimator.lag(
                 applied, now, last_replayed, current=primary_position is not None
             )
-            router.note_applied(replica.name, applied)
+            cluster.note_applied(replica.name, applied)
             behind = None if primary_position is None else backend.behind(primary_position, applied)
             # A replica that has applied no sample kept has a lag bounded only by
             # the age of the last commit it replayed: after a quiet spell that is
@@ -750,7 +790,7 @@ class LagMonitor:
             # look once more right away: by then it has applied a sample, or the
             # bound stands.
             defer = (
-                lag > router.max_lag
+                lag > cluster.max_lag
                 and not health.excluded
                 and not health.deferred
                 and not self._estimator.reached_any(applied)
@@ -764,12 +804,12 @@ class LagMonitor:
                     self._recheck_soon = True
                     return
                 health.checked = True
-                if lag > router.max_lag:
+                if lag > cluster.max_lag:
                     health.excluded = True
-                    health.reason = f"lag {lag:.1f}s > max_lag {router.max_lag}s"
+                    health.reason = f"lag {lag:.1f}s > max_lag {cluster.max_lag}s"
                     if not health.lag_excluded:
                         health.lag_excluded = lag_transition = True
-                elif not health.excluded or lag <= router.max_lag * READMIT_FRACTION:
+                elif not health.excluded or lag <= cluster.max_lag * READMIT_FRACTION:
                     health.excluded = False
                     health.reason = None
                     if health.lag_excluded:
@@ -777,7 +817,7 @@ class LagMonitor:
                 elif came_back:
                     health.reason = f"lag {lag:.1f}s, not yet under {READMIT_FRACTION} * max_lag"
             if lag_transition is not None:
-                self._count_lag_transition(router, replica.name, out=lag_transition)
+                self._count_lag_transition(cluster, replica.name, out=lag_transition)
         finally:
             self._notify_checked()
 
@@ -791,12 +831,12 @@ class LagMonitor:
         self._all_out_logged = all_out
 
     def _ask(
-        self, router: ReplicaRouter[Any], target: RoutedEngine, question: Callable[[Connection], _R]
+        self, cluster: Watched, target: RoutedEngine, question: Callable[[Connection], _R]
     ) -> _R:
         """One query on ``target``. A pooled connection that broke since the
         last check (the server restarted) is replaced and the query asked
         once more: a check costs one query, not a ping and a query."""
-        engine = self._engine(router, target)
+        engine = self._engine(cluster, target)
         try:
             with engine.connect() as conn:
                 return question(conn)
@@ -806,7 +846,7 @@ class LagMonitor:
         with engine.connect() as conn:
             return question(conn)
 
-    def _engine(self, router: ReplicaRouter[Any], target: RoutedEngine) -> Engine:
+    def _engine(self, cluster: Watched, target: RoutedEngine) -> Engine:
         engine = self._engines.get(target.name)
         if engine is None:
             timeouts = _connect_timeout(sync_url(target.sync_engine.url), self._interval)
@@ -815,7 +855,7 @@ class LagMonitor:
                 target,
                 timeouts,
                 install_discovery=(
-                    router.install_discovery if target is router.primary_target else None
+                    cluster.install_discovery if target is cluster.primary_target else None
                 ),
                 pool_size=1,
                 max_overflow=0,
@@ -827,15 +867,15 @@ class LagMonitor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            router = self._router_ref()
-            if router is None:
+            cluster = self._cluster_ref()
+            if cluster is None:
                 break
             self._recheck_soon = False
             try:
-                self.check_once(router)
+                self.check_once(cluster)
             except Exception:  # never let the thread die; the next round retries
                 logger.exception("lag check failed")
-            del router  # hold no reference while sleeping
+            del cluster  # hold no reference while sleeping
             wait = DENSE_SAMPLE_INTERVAL if self._recheck_soon else self._interval
             self._between_checks(time.monotonic() + wait)
         # Stopped, or the router was collected without dispose(): either way
@@ -861,14 +901,14 @@ class LagMonitor:
             if self._stop.wait(max(0.0, next_sample - now)):
                 return
             next_sample = max(next_sample + DENSE_SAMPLE_INTERVAL, time.monotonic())
-            router = self._router_ref()
-            if router is None:
+            cluster = self._cluster_ref()
+            if cluster is None:
                 return
             try:
-                self.sample_primary(router)
+                self.sample_primary(cluster)
             except Exception as error:  # the next full check tells what is wrong
                 logger.debug("lag check: a primary sample failed: %s", error)
-            del router
+            del cluster
 
     def _any_behind(self) -> bool:
         return any(
@@ -878,16 +918,16 @@ class LagMonitor:
             for health in self._health.values()
         )
 
-    def sample_primary(self, router: ReplicaRouter[Any]) -> None:
+    def sample_primary(self, cluster: Watched) -> None:
         """One more sample of the primary's position for the lag estimate
         (none while its previous query is still running)."""
-        backend = router.positions
+        backend = cluster.positions
         if backend is None or self._estimator is None:
             return
-        primary = router.primary_target
+        primary = cluster.primary_target
         self._drop_finished()
         check = self._start(
-            primary.name, functools.partial(self._ask, router, primary, _timed(backend.current))
+            primary.name, functools.partial(self._ask, cluster, primary, _timed(backend.current))
         )
         asked, position = check.result(self.check_timeout)
         if position is not None:

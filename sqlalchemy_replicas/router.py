@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-import logging
 import math
 import os
-import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, cast, overload
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, cast, overload
 
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
@@ -19,18 +14,14 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import sessionmaker
 from typing_extensions import Self, TypeVar, Unpack
 
-from . import _config
-from ._asyncio import (
-    call_blocking,
-    create_async_engine,
-    in_async_greenlet,
-    is_async_engine,
-    require_asyncio,
-)
+from . import _config, causal
+from . import settings as _settings
+from ._asyncio import call_blocking, create_async_engine, is_async_engine, require_asyncio
 from ._dependencies import missing_driver
 from ._listeners import Listeners, weak_method
-from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
+from .causal import COMMITTED_KEY
 from .classify import Classifier
+from .cluster import Cluster
 from .connections import (
     dialect_family,
     install_monitor_connect,
@@ -46,13 +37,12 @@ from .consistency import (
 )
 from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
-from .monitor import LagMonitor, ReplicaStatus
-from .plan import ReplicaState, WaitFailure
-from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
+from .monitor import ReplicaStatus
+from .positions import PositionBackend
 from .rules import TableRules
+from .session import RoutingSession
 from .stats import RouterStats, StatsRecorder
-from .sticky import rank
-from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
+from .targets import EngineSource, RoutedEngine
 
 if TYPE_CHECKING:
     # Annotations only: importing the asyncio extension needs greenlet (see _asyncio).
@@ -60,42 +50,14 @@ if TYPE_CHECKING:
     import sqlalchemy.orm as sa_orm
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-    from .session import RoutingSession
     from .settings import RouterOptions
 
 __all__ = ["EngineSource", "ReplicaRouter", "RoutedEngine"]
-
-logger = logging.getLogger("sqlalchemy_replicas.causal")
-
-EngineSource: TypeAlias = "str | URL | Engine | AsyncEngine"
-"""What a primary or a replica may be given as: a URL string, a URL, or an engine."""
-
 
 _E = TypeVar("_E", bound="Engine | AsyncEngine", default=Engine, covariant=True)
 """The kind of engine a router hands out: ``Engine`` (the default) or ``AsyncEngine``."""
 _S = TypeVar("_S", bound="RoutingSession", default="RoutingSession")
 _AS = TypeVar("_AS", bound="AsyncSession", default="AsyncSession")
-
-
-@dataclass(frozen=True, slots=True)
-class RoutedEngine:
-    """One database server as the router sees it.
-
-    :ivar name: ``"primary"`` or the replica's name, used in logs and status.
-    :ivar engine: the engine the user gave or the router created (sync or async).
-    :ivar sync_engine: the sync engine that sessions bind to.
-    :ivar owned: True when the router created the engine and so disposes it.
-    """
-
-    name: str
-    engine: Engine | AsyncEngine
-    sync_engine: Engine
-    owned: bool
-
-    @property
-    def is_async(self) -> bool:
-        """True for an ``AsyncEngine`` (told apart without importing asyncio)."""
-        return not isinstance(self.engine, Engine)
 
 
 class ReplicaRouter(Generic[_E]):
@@ -264,19 +226,12 @@ class ReplicaRouter(Generic[_E]):
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
     ) -> None:
-        self.max_lag = validate_seconds(max_lag, argument="max_lag")
-        self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
-        self.token_max_age = validate_seconds(token_max_age, argument="token_max_age")
-        self.lag_check_interval = validate_seconds(
-            lag_check_interval, argument="lag_check_interval"
-        )
-        _config.check_lag_check_interval(self.lag_check_interval)
-        _config.check_token_max_age(self.token_max_age, self.max_lag)
-        #: Operator switch: route reads to lagging replicas too (say, when the
-        #: primary is overloaded). Unreachable replicas still get none.
-        self.ignore_lag = False
-        self._monitor: LagMonitor | None = None
-        self._monitor_lock = threading.Lock()
+        max_lag = validate_seconds(max_lag, argument="max_lag")
+        wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
+        token_max_age = validate_seconds(token_max_age, argument="token_max_age")
+        lag_check_interval = validate_seconds(lag_check_interval, argument="lag_check_interval")
+        _config.check_lag_check_interval(lag_check_interval)
+        _config.check_token_max_age(token_max_age, max_lag)
         self.default_consistency = validate_level(
             default_consistency, argument="default_consistency"
         )
@@ -287,7 +242,6 @@ class ReplicaRouter(Generic[_E]):
             raise ConfigurationError(f"secret must be str or bytes, not {type(secret).__name__}")
         if secret is not None and len(secret) == 0:
             raise ConfigurationError("secret must not be empty; pass None to disable tokens")
-        self._secret = secret
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty str, not {name!r}")
         self.name = name
@@ -309,7 +263,6 @@ class ReplicaRouter(Generic[_E]):
             ]
         )
         self._replicas = tuple(_routed(n, src, options) for n, src in named)
-        self._replicas_by_name = {r.name: r for r in self._replicas}
         self._check_uniform()
         _config.check_distinct_servers(
             self._primary.sync_engine.url, [(r.name, r.sync_engine.url) for r in self._replicas]
@@ -318,14 +271,29 @@ class ReplicaRouter(Generic[_E]):
         # dispose() leaves them as they were; listeners that need the router
         # hold it weakly (see _listeners).
         self._listeners = Listeners()
-        self._discovery = PrimaryDiscovery(
+        discovery = PrimaryDiscovery(
             [
                 self._primary.sync_engine.url,
                 *_candidate_urls(candidates, self._primary.sync_engine),
             ],
             weak_method(self._primary_moved, None),
         )
-        self._discovery.install(self._primary.sync_engine, self._listeners)
+        discovery.install(self._primary.sync_engine, self._listeners)
+        #: The state this router's sessions, causal scopes and lag monitor
+        #: share (internal: the router is the public face).
+        self.cluster = Cluster(
+            name=name,
+            primary=self._primary,
+            replicas=self._replicas,
+            discovery=discovery,
+            listeners=self._listeners,
+            secret=secret,
+            token_max_age=token_max_age,
+            max_lag=max_lag,
+            wait_timeout=wait_timeout,
+            lag_check_interval=lag_check_interval,
+            weights=_weights(weights, self.replica_names),
+        )
         family = dialect_family(self._primary.sync_engine)
         self.classifier = Classifier(
             "postgresql" if family == "postgresql" else "mysql" if family == "mysql" else "generic",
@@ -336,44 +304,22 @@ class ReplicaRouter(Generic[_E]):
         self.table_rules = TableRules(
             rules, classifier=self.classifier, dialect=self._primary.sync_engine.dialect
         )
-        self._weights = _weights(weights, self.replica_names)
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine, listeners=self._listeners)
             install_stale_connection_check(
-                replica.sync_engine, self._down_since(replica.name), listeners=self._listeners
+                replica.sync_engine,
+                self.cluster.down_since(replica.name),
+                listeners=self._listeners,
             )
         for routed in (self._primary, *self._replicas):
             install_monitor_connect(routed.sync_engine, self._listeners)
-        self._next_replica = itertools.count()
-        self._positions: PositionBackend | None = None
-        self._lineage: str | None = None
-        # Replica name -> a position it is known to have applied (a lower
-        # bound, from earlier checks): reads that need no more skip the wait.
-        self._applied: dict[str, Any] = {}
-        self._applied_lock = threading.Lock()
-        # Replica name -> (the position it was known to have applied when a
-        # wait on it last failed (None: none known), whether it refused the
-        # wait as not applying). Until it is seen to apply more: see
-        # wait_failure().
-        self._wait_failures: dict[str, tuple[Any, bool]] = {}
-        #: The live counters behind :meth:`stats` (sessions and the lag
-        #: monitor update them).
-        self.stats_recorder = StatsRecorder()
-        self._disposed = False
-        # Replica name -> reads sent elsewhere because its pool was full.
-        self._pool_full_skips: dict[str, int] = {}
-        self._pool_full_lock = threading.Lock()
-        # Every commit acknowledged through this router. It starts "unknown",
-        # so the first read that consults it replaces that by the primary's
-        # current position (one query): what a migration or seed script
-        # committed before this process started is included, and until the
-        # primary answers, such reads go to the primary.
-        self._process_scope = CausalScope()
         if self._replicas and family in ("postgresql", "mysql"):  # it has positions
-            self._process_scope.mark_unknown(self)
+            # Until the primary tells its current position, the router's
+            # reads go to the primary (see Cluster.process_scope).
+            self.cluster.process_scope.mark_unknown(self.cluster)
         self._listeners.listen(self._primary.sync_engine, "commit", _note_commit)
         self._listeners.listen_pool(
-            self._primary.sync_engine, "reset", weak_method(self._capture_core_commit, None)
+            self._primary.sync_engine, "reset", weak_method(self.cluster.capture_core_commit, None)
         )
         # A router dropped without dispose(): close the idle connections of
         # the sync engines it created, on the driver's terms (a DBAPI
@@ -419,9 +365,7 @@ class ReplicaRouter(Generic[_E]):
             or a password is never echoed); for a missing primary, the names
             looked for.
         """
-        from . import settings
-
-        arguments = settings.from_environ(
+        arguments = _settings.from_environ(
             os.environ if environ is None else environ, prefix=prefix, overrides=overrides
         )
         return cls(arguments.primary, arguments.replicas, **arguments.options)
@@ -442,8 +386,6 @@ class ReplicaRouter(Generic[_E]):
         :param overrides: constructor arguments that win over the settings.
         :raises ConfigurationError: naming the key or attribute and the fix.
         """
-        from . import settings as _settings
-
         arguments = _settings.from_settings(settings, prefix=prefix, overrides=overrides)
         return cls(arguments.primary, arguments.replicas, **arguments.options)
 
@@ -459,29 +401,32 @@ class ReplicaRouter(Generic[_E]):
         """Where primary connections go now, without the password: the
         configured primary, or the ``primary_candidates`` entry that last
         answered as the primary."""
-        return self._discovery.current_url.render_as_string(hide_password=True)
+        return self.cluster.primary_url
 
     @property
     def primary_candidates(self) -> tuple[URL, ...]:
         """The URLs primary connections may go to: the configured primary,
         then ``primary_candidates``. They hold the passwords: render them
         with ``hide_password=True``."""
-        return self._discovery.candidates
-
-    def install_discovery(self, engine: Engine) -> None:
-        """Make ``engine`` (a private engine on the primary, such as the lag
-        monitor's) connect to wherever the primary is now. :meth:`dispose`
-        removes what this adds."""
-        self._discovery.install(engine, self._listeners)
+        return self.cluster.discovery.candidates
 
     def _primary_moved(self, url: URL) -> None:
-        # Another server: its history may differ (MariaDB names it by address).
-        self._lineage = None
+        self.cluster.primary_moved()
 
     @property
     def replicas(self) -> tuple[_E, ...]:
         """The replicas' engines, in configuration order."""
         return tuple(cast("_E", r.engine) for r in self._replicas)
+
+    @property
+    def primary_target(self) -> RoutedEngine:
+        """The primary as a routing target (its name, engine and sync engine)."""
+        return self._primary
+
+    @property
+    def replica_targets(self) -> tuple[RoutedEngine, ...]:
+        """The replicas as routing targets, in configuration order."""
+        return self._replicas
 
     @property
     def replica_names(self) -> tuple[str, ...]:
@@ -509,8 +454,6 @@ class ReplicaRouter(Generic[_E]):
             (here, not at the first session) for an argument no session class
             takes or an unknown ``consistency``.
         """
-        from .session import RoutingSession
-
         if self.is_async:
             raise ConfigurationError(
                 "this router was configured with async engines; use "
@@ -546,8 +489,6 @@ class ReplicaRouter(Generic[_E]):
         :raises MissingDependency: when greenlet is not installed (the
             ``[asyncio]`` extra).
         """
-        from .session import RoutingSession
-
         require_asyncio("router.async_sessionmaker()")
         import sqlalchemy.ext.asyncio as async_ext
 
@@ -574,7 +515,7 @@ class ReplicaRouter(Generic[_E]):
     @property
     def secret(self) -> str | bytes | None:
         """The key that signs this router's causal token entries."""
-        return self._secret
+        return self.cluster.secret
 
     @property
     def positions(self) -> PositionBackend | None:
@@ -583,84 +524,44 @@ class ReplicaRouter(Generic[_E]):
         dialect, so telling them apart may connect to the primary once; an
         async router asked outside its event loop's greenlet (``status()``
         from a coroutine) cannot connect there, and returns None until the
-        lag monitor's own connection tells (:meth:`learn_positions`)."""
-        if self._positions is None:
-            engine = self._primary.sync_engine
-            if _server_kind_unknown(engine):
-                if self.is_async and not in_async_greenlet():
-                    return None
-                with engine.connect() as connection:  # initializes the dialect
-                    connection.info[CAPTURED_KEY] = True  # nothing to capture
-            self._positions = backend_for(engine)
-        return self._positions
+        lag monitor's own connection tells."""
+        return self.cluster.positions
 
     @property
-    def positions_pending(self) -> bool:
-        """True while MySQL vs MariaDB is unknown (no I/O)."""
-        return self._positions is None and _server_kind_unknown(self._primary.sync_engine)
-
-    def learn_positions(self, engine: Engine) -> PositionBackend | None:
-        """Tell MySQL from MariaDB by ``engine``, a sync engine on the primary
-        that has connected (the lag monitor's), when the router's own (async)
-        engine could not; return the backend."""
-        if self._positions is None and not _server_kind_unknown(engine):
-            self._positions = backend_for(engine)
-        return self.positions
-
-    def lineage(self, primary: SQLRunner | None = None) -> str:
-        """The primary's history (see :meth:`PositionBackend.lineage`), read once,
-        on ``primary`` if given, else on a new connection."""
-        if self._lineage is None:
-            backend = self.positions
-            assert backend is not None
-            if primary is not None:
-                self._lineage = backend.lineage(primary)
-            else:
-                with self._primary.sync_engine.connect() as connection:
-                    connection.info[CAPTURED_KEY] = True  # nothing to capture
-                    self._lineage = backend.lineage(connection)
-        return self._lineage
+    def max_lag(self) -> float:
+        """Seconds of lag past which a replica gets no reads."""
+        return self.cluster.max_lag
 
     @property
-    def known_lineage(self) -> str | None:
-        """The primary's history if it was read already, else None (no I/O)."""
-        return self._lineage
+    def wait_timeout(self) -> float:
+        """Seconds a read may wait for a replica to catch up."""
+        return self.cluster.wait_timeout
 
-    def current_position(self) -> Any | None:
-        """Everything committed on the primary so far, asked on a connection
-        of its own (the lineage too, when not known yet).
+    @property
+    def token_max_age(self) -> float:
+        """Seconds a causal token stays acceptable."""
+        return self.cluster.token_max_age
 
-        :raises Exception: whatever the driver raises when the primary is unreachable.
-        """
-        backend = self.positions
-        assert backend is not None
-        with self._primary.sync_engine.connect() as connection:
-            connection.info[CAPTURED_KEY] = True  # nothing to capture
-            self.lineage(connection)
-            return backend.current(connection)
+    @property
+    def lag_check_interval(self) -> float:
+        """Seconds between the lag monitor's checks."""
+        return self.cluster.lag_check_interval
 
-    def accept_token_entry(self, entry: TokenEntry) -> Any:
-        """Verify this router's entry of a causal token; return its position
-        (None for :data:`~sqlalchemy_replicas.token.UNKNOWN_POSITION`).
+    @property
+    def ignore_lag(self) -> bool:
+        """Operator switch: route reads to lagging replicas too (say, when
+        the primary is overloaded). Unreachable replicas still get none."""
+        return self.cluster.ignore_lag
 
-        :raises TokenError: with the reason, for any entry not to be trusted.
-        """
-        if self._secret is None:
-            raise TokenError("no_secret", "this router has no secret to verify tokens with")
-        verify(self._secret, self.name, entry, now=time.time(), max_age=self.token_max_age)
-        backend = self.positions
-        if backend is None or entry.kind != backend.kind:
-            # Another database kind under the same name and secret.
-            raise TokenError("wrong_database", f"a {entry.kind!r} position")
-        position = None
-        if entry.position != UNKNOWN_POSITION:
-            try:
-                position = backend.parse(entry.position)
-            except Exception as exc:  # pure parsing of untrusted text: any failure
-                raise TokenError("malformed", str(exc)) from None
-        if entry.lineage != self.lineage():
-            raise TokenError("other_lineage", f"position from {entry.lineage!r}")
-        return position
+    @ignore_lag.setter
+    def ignore_lag(self, value: bool) -> None:
+        self.cluster.ignore_lag = value
+
+    @property
+    def stats_recorder(self) -> StatsRecorder:
+        """The live counters behind :meth:`stats` (sessions and the lag
+        monitor update them)."""
+        return self.cluster.stats_recorder
 
     def start(self) -> None:
         """Read the start of the router's causal scope (the primary's current
@@ -687,132 +588,17 @@ class ReplicaRouter(Generic[_E]):
         await greenlet_spawn(self._start)
 
     def _start(self) -> None:
-        _, unknown = self._process_scope.target(self)
+        cluster = self.cluster
+        _, unknown = cluster.process_scope.target(cluster)
         if unknown:  # the primary did not answer: raise its error here
-            self.current_position()
-        monitor = self._ensure_monitor()
+            cluster.current_position()
+        monitor = cluster.ensure_monitor()
         if monitor is not None and not monitor.all_checked:
             # The first round: the primary's check, then the replicas' (each
             # bounded by check_timeout), so the first request finds them known.
             call_blocking(
                 monitor.await_first_checks, list(self.replica_names), 2 * monitor.check_timeout
             )
-
-    @property
-    def process_scope(self) -> CausalScope:
-        """The causal scope of every commit acknowledged through this router
-        (by any session, thread or task, and Core commits through
-        :attr:`primary`), seeded with the primary's position at first use.
-        ``read_your_writes`` and ``monotonic`` reads consult it when
-        :attr:`causal_scope` is ``"router"``."""
-        return self._process_scope
-
-    def commit_scopes(self) -> list[CausalScope]:
-        """The scopes a commit acknowledged here belongs to: the router's,
-        and the enclosing ``causal_context()``'s, if any."""
-        context = current_scope()
-        return [self._process_scope] if context is None else [self._process_scope, context]
-
-    def _capture_core_commit(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
-        """Pool reset of a primary connection: record the position of what
-        Core code (``with router.primary.begin()``) committed on it, in the
-        router's scope and the enclosing causal_context's. Sessions record
-        their own commits and mark the connection, so it is not captured
-        twice; a connection that committed nothing costs no query."""
-        captured = record.info.pop(CAPTURED_KEY, False)
-        committed = record.info.pop(COMMITTED_KEY, False)
-        if captured or not committed or not self._replicas:
-            return
-        scopes = self.commit_scopes()
-        if reset_state.terminate_only or not reset_state.asyncio_safe:
-            # The connection is being discarded (or cannot be used from here):
-            # whatever it committed, its position cannot be read.
-            for scope in scopes:
-                scope.mark_unknown(self)
-            return
-        self.record_commit(DBAPIRunner(dbapi_connection), scopes)
-
-    def record_commit(self, primary: SQLRunner, scopes: list[CausalScope]) -> bool:
-        """Read the position of what was just committed on ``primary`` (the
-        committing connection) into ``scopes``. When it cannot be read, the
-        scopes' reads go to the primary. Returns whether it was read."""
-        try:
-            backend = self.positions
-            if backend is None:
-                return False
-            self.lineage(primary)
-            # Before the capture: every commit it does not cover came later.
-            acknowledged = time.monotonic()
-            position = backend.capture(primary)
-        except Exception as error:  # the commit is done; only its position is lost
-            logger.warning(
-                "could not read the position of a commit on %s (%s); reads in this "
-                "scope go to the primary",
-                self.name,
-                error,
-            )
-            for scope in scopes:
-                scope.mark_unknown(self)
-            return False
-        if position is not None:
-            for scope in scopes:
-                scope.add(self, position)
-            monitor = self._monitor
-            if monitor is not None:  # a free sample for the lag estimate
-                monitor.note_commit(acknowledged, position)
-        return True
-
-    def note_wait_failed(self, replica: str, *, stopped: bool = False) -> None:
-        """A wait on ``replica`` timed out, or with ``stopped`` was refused
-        because it was not applying at all (replay paused). Remembered until
-        it is seen to apply more than it is known to have applied now (the
-        lag monitor's next check, or a read's wait): see :meth:`wait_failure`."""
-        with self._applied_lock:
-            self._wait_failures[replica] = (self._applied.get(replica), stopped)
-
-    def wait_failure(self, replica: str) -> WaitFailure | None:
-        """How the last wait on ``replica`` failed, if it has not been seen
-        to progress since (None otherwise): ``"timed_out"`` (suspect: reads do
-        not wait on it) or ``"stopped"`` (it said it was not applying: reads
-        ask it last). Progress is judged by position, not time: a replica
-        paused for a minute stays so for that minute, and one that resumed is
-        trusted again as soon as it is seen applying."""
-        if replica not in self._wait_failures:
-            return None  # the common case: no lock, no comparison
-        with self._applied_lock:
-            failure = self._wait_failures.get(replica)
-            if failure is None:
-                return None
-            (before, stopped), now = failure, self._applied.get(replica)
-            backend = self._positions
-            if now is None or (
-                before is not None and (backend is None or backend.reached(before, now))
-            ):
-                return "stopped" if stopped else "timed_out"  # nothing new applied since
-            del self._wait_failures[replica]
-            return None
-
-    def note_pool_full(self, replica: RoutedEngine) -> None:
-        """A read that ``replica`` would have served goes elsewhere: its pool
-        had no free connection (counted in :meth:`status`)."""
-        with self._pool_full_lock:
-            self._pool_full_skips[replica.name] = self._pool_full_skips.get(replica.name, 0) + 1
-
-    def pool_full_skips(self, replica: str) -> int:
-        """Reads sent elsewhere because ``replica``'s pool was full, so far."""
-        return self._pool_full_skips.get(replica, 0)
-
-    def known_applied(self, replica: str) -> Any | None:
-        """A position ``replica`` is known to have applied, or None."""
-        return self._applied.get(replica)
-
-    def note_applied(self, replica: str, position: Any) -> None:
-        """Record that ``replica`` has applied ``position``."""
-        backend = self.positions
-        assert backend is not None
-        with self._applied_lock:
-            known = self._applied.get(replica)
-            self._applied[replica] = position if known is None else backend.merge(known, position)
 
     def dispose(self) -> None:
         """Stop the lag monitor; remove every event listener the router added
@@ -823,8 +609,8 @@ class ReplicaRouter(Generic[_E]):
         open, as they were before the router. A disposed router is done
         with: build a new one to route again.
         """
-        self._disposed = True
-        self._stop_monitor()
+        self.cluster.disposed = True
+        self.cluster.stop_monitor()
         self._listeners.remove_all()
         for routed in (self._primary, *self._replicas):
             if not routed.owned:
@@ -838,8 +624,8 @@ class ReplicaRouter(Generic[_E]):
 
     async def adispose(self) -> None:
         """Like :meth:`dispose`, closing async engines' connections properly."""
-        self._disposed = True
-        self._stop_monitor()
+        self.cluster.disposed = True
+        self.cluster.stop_monitor()
         self._listeners.remove_all()
         for routed in (self._primary, *self._replicas):
             if routed.owned:
@@ -849,120 +635,16 @@ class ReplicaRouter(Generic[_E]):
                 else:
                     await engine.dispose()
 
-    def _stop_monitor(self) -> None:
-        with self._monitor_lock:
-            if self._monitor is not None:
-                self._monitor.stop()
-                self._monitor = None
-
     def __repr__(self) -> str:
         return (
-            f"ReplicaRouter(name={self.name!r}, primary={_safe_url(self._primary)}, "
-            f"replicas=[{', '.join(_safe_url(r) for r in self._replicas)}])"
+            f"ReplicaRouter(name={self.name!r}, primary={self._primary.safe_url}, "
+            f"replicas=[{', '.join(r.safe_url for r in self._replicas)}])"
         )
-
-    # -- used by RoutingSession ------------------------------------------------
-
-    @property
-    def primary_target(self) -> RoutedEngine:
-        """The primary as a routing target."""
-        return self._primary
-
-    @property
-    def replica_targets(self) -> tuple[RoutedEngine, ...]:
-        """The replicas as routing targets."""
-        return self._replicas
-
-    def _preference(self, sticky_key: bytes | None) -> list[RoutedEngine]:
-        """Every replica, in a read's order of preference: the sticky key's
-        rendezvous order, or without a key, round robin (each read starts at
-        the next replica). Before the lag monitor's first check of each,
-        waits for it up to wait_timeout (as a causal wait would)."""
-        replicas = self._replicas
-        if sticky_key is not None:
-            order = [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
-        else:
-            start = next(self._next_replica) % len(replicas)
-            order = [*replicas[start:], *replicas[:start]]
-        monitor = self._ensure_monitor()
-        if monitor is not None and not monitor.all_checked and self.wait_timeout > 0:
-            # Not yet known to replicate from this primary: give the monitor's
-            # first check up to wait_timeout, as a causal wait would get.
-            call_blocking(monitor.await_first_checks, [r.name for r in order], self.wait_timeout)
-        return order
-
-    def replica_order(
-        self, sticky_key: bytes | None, *, max_lag: float | None = None
-    ) -> list[RoutedEngine]:
-        """The replicas that may serve a read, in order of preference (see
-        :meth:`replica_snapshot`). Left out: replicas the lag monitor
-        excludes (over ``max_lag`` or unreachable) and, with ``max_lag``,
-        those not measured within it.
-        """
-        if not self._replicas:
-            return []
-        order = self._preference(sticky_key)
-        monitor = self._monitor
-        if monitor is None:
-            return order if max_lag is None else []
-        return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
-
-    def replica_snapshot(self, sticky_key: bytes | None) -> list[ReplicaState]:
-        """Every replica as a routing plan sees it (:mod:`~sqlalchemy_replicas.plan`),
-        in the read's order of preference: the sticky key's rendezvous order,
-        or without a key, round robin. No I/O, but before the lag monitor
-        has checked each replica once it waits for that up to wait_timeout."""
-        if not self._replicas:
-            return []
-        order = self._preference(sticky_key)
-        monitor = self._monitor
-        states = []
-        for replica in order:
-            name = replica.name
-            if monitor is None:
-                may_serve, reachable, lag, exact = True, True, None, False
-            else:
-                may_serve, reachable, lag, exact = monitor.state(name, self.ignore_lag)
-            states.append(
-                ReplicaState(
-                    name,
-                    may_serve,
-                    reachable,
-                    self._applied.get(name),
-                    lag,
-                    exact,
-                    self.wait_failure(name),
-                )
-            )
-        return states
-
-    def replica_target(self, name: str) -> RoutedEngine:
-        """The replica named ``name`` as a routing target."""
-        return self._replicas_by_name[name]
-
-    def mark_down(self, replica: RoutedEngine, error: BaseException) -> None:
-        """``replica`` lost a connection (or refused one): no reads go there
-        until the lag monitor's probe, spaced by an exponential backoff
-        (1 s to 30 s), gets through."""
-        monitor = self._ensure_monitor()
-        if monitor is not None:
-            monitor.mark_down(replica.name, error)
-
-    def _down_since(self, name: str) -> Callable[[], float | None]:
-        # A pool listener: it must not keep the router alive.
-        router_ref = weakref.ref(self)
-
-        def down_since() -> float | None:
-            router = router_ref()
-            monitor = None if router is None else router._monitor
-            return None if monitor is None else monitor.down_since(name)
-
-        return down_since
 
     @property
     def disposed(self) -> bool:
         """Whether :meth:`dispose` (or :meth:`adispose`) was called."""
-        return self._disposed
+        return self.cluster.disposed
 
     def status(self) -> list[ReplicaStatus]:
         """Each replica as the lag monitor last saw it: name, URL without the
@@ -970,21 +652,7 @@ class ReplicaRouter(Generic[_E]):
         and the reads sent elsewhere because its pool was full.
         Starts the monitor if it is not running (the first call may show no
         measurement yet)."""
-        monitor = self._ensure_monitor()
-        if monitor is None:
-            return [
-                ReplicaStatus(
-                    r.name,
-                    _safe_url(r),
-                    None,
-                    None,
-                    None,
-                    "no replication positions",
-                    pool_full_skips=self.pool_full_skips(r.name),
-                )
-                for r in self._replicas
-            ]
-        return monitor.status(self)
+        return self.cluster.status()
 
     def stats(self) -> RouterStats:
         """A snapshot of the routing counters since the router was created
@@ -993,8 +661,6 @@ class ReplicaRouter(Generic[_E]):
         the primary by cause; reruns; replicas marked down and readmitted;
         and causal tokens rejected in this process, by reason.
         See :class:`~sqlalchemy_replicas.stats.RouterStats`. No I/O."""
-        from . import causal
-
         with causal._rejected_lock:
             rejected = dict(causal.rejected_tokens)
         return self.stats_recorder.snapshot(rejected)
@@ -1002,14 +668,6 @@ class ReplicaRouter(Generic[_E]):
     def reset_stats(self) -> None:
         """Count from zero again (the process-wide rejected token counts excepted)."""
         self.stats_recorder.reset()
-
-    def _ensure_monitor(self) -> LagMonitor | None:
-        if self._monitor is None and self._replicas:
-            with self._monitor_lock:
-                if self._monitor is None and (self.positions is not None or self.positions_pending):
-                    self._monitor = LagMonitor(self, self.lag_check_interval)
-                    self._monitor.start()
-        return self._monitor
 
     # -- helpers ------------------------------------------------------------------
 
@@ -1052,13 +710,6 @@ def _note_commit(connection: Any) -> None:
     """A Connection on the primary is about to commit: its position is read
     when it goes back to the pool (see ``ReplicaRouter._capture_core_commit``)."""
     connection.info[COMMITTED_KEY] = True
-
-
-def _server_kind_unknown(engine: Engine) -> bool:
-    """A MySQL-dialect engine not connected yet: MySQL or MariaDB is unknown
-    (a ``mariadb://`` URL says so; the first connection sets the version)."""
-    dialect = engine.dialect
-    return dialect.name == "mysql" and getattr(dialect, "server_version_info", None) is None
 
 
 def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL]:
@@ -1138,10 +789,6 @@ def _describe_source(source: str | URL) -> str:
         return repr("***@" + source.rsplit("@", 1)[1]) if "@" in source else repr(source)
 
 
-def _safe_url(routed: RoutedEngine) -> str:
-    return routed.sync_engine.url.render_as_string(hide_password=True)
-
-
 def _weights(weights: Mapping[str, float] | None, names: tuple[str, ...]) -> tuple[float, ...]:
     given = dict(weights or {})
     if unknown := set(given) - set(names):
@@ -1157,8 +804,6 @@ def _weights(weights: Mapping[str, float] | None, names: tuple[str, ...]) -> tup
 
 
 def _require_routing_class(cls: object, argument: str) -> None:
-    from .session import RoutingSession
-
     if not (isinstance(cls, type) and issubclass(cls, RoutingSession)):
         raise ConfigurationError(
             f"{argument}={cls!r} must be RoutingSession or a subclass of it "

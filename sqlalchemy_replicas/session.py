@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeAlias, TypeGuard, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -18,6 +18,7 @@ from sqlalchemy.util import EMPTY_DICT
 
 from .breaker import is_disconnect
 from .causal import CAPTURED_KEY, CausalScope, current_scope
+from .cluster import Cluster
 from .connections import is_read_only_violation, is_recovery_conflict, is_schema_behind
 from .consistency import (
     CausalScopeKind,
@@ -40,13 +41,17 @@ from .plan import (
 )
 from .policy import Decision, decide
 from .pools import PoolFull, nowait_checkout, pool_is_full
-from .router import ReplicaRouter, RoutedEngine
 from .rules import info_rules_declared
 from .stats import Reason, RerunCause, WaitOutcome
 from .sticky import current_sticky_key
+from .targets import RoutedEngine
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    # The public type of ``session.router`` only: the router builds sessions
+    # (it imports this module), sessions use its shared state (``Cluster``).
+    from .router import ReplicaRouter
 
 __all__ = ["RouterProvider", "RoutingSession"]
 
@@ -163,18 +168,18 @@ class RoutingSession(Session):
         causal_scope: CausalScopeKind | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(router, ReplicaRouter) and callable(router):
+        if not _is_router(router) and callable(router):
             # Resolved now, once per session: a session maker made before the
             # application is configured (Flask-SQLAlchemy's, at import time)
             # gets each application's router when a session is created.
             provided = router()
-            if not isinstance(provided, ReplicaRouter):
+            if not _is_router(provided):
                 raise ConfigurationError(
                     f"the router provider {router!r} returned {type(provided).__name__}, "
                     "not a ReplicaRouter"
                 )
             router = provided
-        if not isinstance(router, ReplicaRouter):
+        if not _is_router(router):
             raise ConfigurationError(
                 "router must be a ReplicaRouter or a callable that returns one, not "
                 f"{type(router).__name__}"
@@ -189,7 +194,9 @@ class RoutingSession(Session):
                 "chooses their engine, after RoutingSession in the bases (as with "
                 "Flask-SQLAlchemy's __bind_key__), or use a separate plain Session"
             )
-        self.router = router
+        self.router: ReplicaRouter[Engine | AsyncEngine] = router
+        # The state shared with the router's other sessions and its monitor.
+        self._cluster: Cluster = router.cluster
         self.default_consistency: ConsistencyLevel | None = (
             None if consistency is None else validate_level(consistency, argument="consistency")
         )
@@ -256,7 +263,7 @@ class RoutingSession(Session):
                     return foreign
             if self._flushing:
                 if self._flush_routed and self._pinned_to_primary:
-                    return self.router.primary_target.sync_engine  # decided already
+                    return self._cluster.primary_target.sync_engine  # decided already
                 self._flush_routed = True
             # No waiting here: get_bind must stay quick and free of I/O.
             level = self._level(None, None if self._flushing else clause)
@@ -271,7 +278,7 @@ class RoutingSession(Session):
             return chosen.sync_engine
         if self._pinned_to_primary:
             # An autoflush wrote after execute() chose a replica.
-            return self.router.primary_target.sync_engine
+            return self._cluster.primary_target.sync_engine
         return target.sync_engine
 
     # -- another database, chosen by a wrapped get_bind -------------------------
@@ -305,7 +312,7 @@ class RoutingSession(Session):
         raise, this session having no bind of its own) then names the
         router's database, with no exception raised and caught per statement.
         """
-        self.bind = self.router.primary_target.sync_engine
+        self.bind = self._cluster.primary_target.sync_engine
         try:
             return super().get_bind(mapper, clause=clause, **kw)
         finally:
@@ -321,8 +328,8 @@ class RoutingSession(Session):
         is meant to be the router's, and writing there as if it were another
         database would be as wrong as routing a table of another database.
         """
-        router = self.router
-        targets = (router.primary_target, *router.replica_targets)
+        cluster = self._cluster
+        targets = (cluster.primary_target, *cluster.replica_targets)
         if any(engine is target.sync_engine for target in targets):
             return _ROUTED
         address = _database_address(engine.url)
@@ -343,7 +350,7 @@ class RoutingSession(Session):
             what = f"this {_describe(clause)} statement"
         else:
             what = "statements without a model (session.connection())"
-        primary = self.router.primary_target.sync_engine
+        primary = self._cluster.primary_target.sync_engine
         return ConfigurationError(
             f"{wrapped.__qualname__}.get_bind sends {what} to its default engine "
             f"{engine.url.render_as_string(hide_password=True)}, which is not the router's "
@@ -379,13 +386,14 @@ class RoutingSession(Session):
 
     def _decide(self, clause: Any, level: ConsistencyLevel, read_only: bool | None) -> Decision:
         router = self.router
+        cluster = self._cluster
         return decide(
             router.classifier.classify(clause, flushing=self._flushing),
             level=level,
             read_only=read_only,
             pinned=self._pinned_to_primary,
             in_savepoint=self.in_nested_transaction(),
-            has_replicas=bool(router.replica_targets),
+            has_replicas=bool(cluster.replica_targets),
         )
 
     def _route(
@@ -413,19 +421,19 @@ class RoutingSession(Session):
         """
         if decision.pins:
             self._pinned_to_primary = True
-        router = self.router
+        cluster = self._cluster
         reason = decision.reason
         target: RoutedEngine
         if decision.to_primary:
-            target = router.primary_target
+            target = cluster.primary_target
         else:
             if deadline is None:
-                deadline = time.monotonic() + router.wait_timeout
+                deadline = time.monotonic() + cluster.wait_timeout
             target, reason = self._replica_for(
                 level, reason, deadline=deadline if wait else None, avoid=avoid
             )
         self._reason = reason
-        router.stats_recorder.decision(target is router.primary_target, reason.code, level)
+        cluster.stats_recorder.decision(target is cluster.primary_target, reason.code, level)
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
             logger.debug("%s -> %s: %s", what, target.name, reason.text)
@@ -454,7 +462,7 @@ class RoutingSession(Session):
 
         :param deadline: when the read's waits must be over; None: no wait.
         """
-        router = self.router
+        cluster = self._cluster
         position: Any | None = None
         unknown = False
         bound: float | None = None
@@ -463,19 +471,19 @@ class RoutingSession(Session):
         if level in ("read_your_writes", "monotonic"):
             position, unknown = self._causal_target()
             if unknown:  # only the primary is sure to have that commit
-                return router.primary_target, POSITION_UNKNOWN
+                return cluster.primary_target, POSITION_UNKNOWN
             if level == "monotonic":
                 scope = current_scope() or self._scope
-                stay = scope.monotonic_replica(router)
+                stay = scope.monotonic_replica(cluster)
         elif level == "bounded":
             setting = current_consistency()
             bound = (
                 setting.max_lag
                 if setting is not None and setting.max_lag is not None
-                else router.max_lag
+                else cluster.max_lag
             )
-        states = router.replica_snapshot(current_sticky_key())
-        backend = router.positions if scope is not None or position is not None else None
+        states = cluster.replica_snapshot(current_sticky_key())
+        backend = cluster.positions if scope is not None or position is not None else None
         budget = 0.0 if deadline is None else Plan.time_left(deadline, time.monotonic())
         plan = plan_read(
             level,
@@ -490,16 +498,16 @@ class RoutingSession(Session):
         target, reason, full = self._follow(plan, deadline, avoid)
         if scope is None:
             return target, reason
-        primary = router.primary_target
+        primary = cluster.primary_target
         if plan.forget_stay:
             # Another replica may be behind what the scope read there; the
             # primary is not, and reading there raises the floor for the next.
-            scope.stay_on(router, None)
+            scope.stay_on(cluster, None)
             return primary, reason
         if plan.stay and stay is not None:
             if target is not primary:
                 return target, reason
-            stay_target = router.replica_target(stay)
+            stay_target = cluster.replica_target(stay)
             if full or stay_target in avoid:
                 return primary, _MONOTONIC_FULL
             # Leaving it: the next replica must first reach what it had applied.
@@ -509,9 +517,9 @@ class RoutingSession(Session):
                 self._note_pool_full(stay_target)
                 return primary, _MONOTONIC_FULL
             if floor is None:
-                scope.stay_on(router, None)
+                scope.stay_on(cluster, None)
                 return primary, _MONOTONIC_UNKNOWN
-            scope.add(router, floor)
+            scope.add(cluster, floor)
             position, _ = self._causal_target()
             plan = plan_read(
                 "read_your_writes",
@@ -521,7 +529,7 @@ class RoutingSession(Session):
                 budget=0.0 if deadline is None else Plan.time_left(deadline, time.monotonic()),
             )
             target, reason, full = self._follow(plan, deadline, avoid)
-        scope.stay_on(router, None if target is primary else target.name)
+        scope.stay_on(cluster, None if target is primary else target.name)
         return target, Reason(reason.code, f"monotonic: {reason.text}")
 
     def _follow(
@@ -532,12 +540,12 @@ class RoutingSession(Session):
         refused, fails or times out, moves on to the next step. Returns the
         target, the reason, and whether a replica was passed over for a full
         pool (then a read ending on the primary says so)."""
-        router = self.router
+        cluster = self._cluster
         full = False
 
         def take(step: Step, timeout: float) -> bool:
             nonlocal full
-            replica = router.replica_target(step.replica)
+            replica = cluster.replica_target(step.replica)
             if replica in avoid:
                 return False
             if self._pool_full(replica):
@@ -554,10 +562,10 @@ class RoutingSession(Session):
 
         taken = carry_out(plan, deadline, time.monotonic, take)
         if taken is not None:
-            return router.replica_target(taken.replica), taken.reason, full
+            return cluster.replica_target(taken.replica), taken.reason, full
         if full:
-            return router.primary_target, NO_FREE_CONNECTION, full
-        return router.primary_target, plan.fallback, full
+            return cluster.primary_target, NO_FREE_CONNECTION, full
+        return cluster.primary_target, plan.fallback, full
 
     def _causal_target(self) -> tuple[Any | None, bool]:
         """The position reads must see, and whether only the primary will do.
@@ -566,17 +574,17 @@ class RoutingSession(Session):
         commit made through it) unless the session's causal scope is
         ``"session"``, and the enclosing causal_context's with its token's.
         """
-        router = self.router
-        position, unknown = self._scope.target(router)
-        others = [router.process_scope] if self.causal_scope == "router" else []
+        cluster = self._cluster
+        position, unknown = self._scope.target(cluster)
+        others = [cluster.process_scope] if self.causal_scope == "router" else []
         context = current_scope()
         if context is not None:
             others.append(context)
         for scope in others:
-            other_position, other_unknown = scope.target(router)
+            other_position, other_unknown = scope.target(cluster)
             unknown = unknown or other_unknown
             if other_position is not None:
-                backend = router.positions
+                backend = cluster.positions
                 assert backend is not None
                 position = (
                     other_position if position is None else backend.merge(position, other_position)
@@ -588,7 +596,7 @@ class RoutingSession(Session):
 
         :raises PoolFull: when its pool has no free connection.
         """
-        backend = self.router.positions
+        backend = self._cluster.positions
         assert backend is not None
         try:
             return backend.applied(self._replica_connection(replica))
@@ -600,20 +608,22 @@ class RoutingSession(Session):
     def _raise_floor_after_primary_read(self) -> None:
         """A monotonic read on the primary saw everything committed up to now:
         later reads in the scope must see as much."""
-        router = self.router
-        backend = router.positions
-        if backend is None or not router.replica_targets:
+        cluster = self._cluster
+        backend = cluster.positions
+        if backend is None or not cluster.replica_targets:
             return
         scope = current_scope() or self._scope
         try:
-            connection = self.connection(bind_arguments={"bind": router.primary_target.sync_engine})
+            connection = self.connection(
+                bind_arguments={"bind": cluster.primary_target.sync_engine}
+            )
             position = backend.current(connection)
         except sa_exc.DBAPIError as error:
             logger.warning("reading the primary's position failed: %s", error)
-            scope.mark_unknown(router)
+            scope.mark_unknown(cluster)
             return
         if position is not None:
-            scope.add(router, position)
+            scope.add(cluster, position)
 
     def _wait_on(self, replica: RoutedEngine, position: Any, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for ``replica`` to apply ``position``,
@@ -625,8 +635,8 @@ class RoutingSession(Session):
 
         :raises PoolFull: when its pool has no free connection.
         """
-        router = self.router
-        backend = router.positions
+        cluster = self._cluster
+        backend = cluster.positions
         assert backend is not None
         started = time.perf_counter()
         outcome: WaitOutcome
@@ -645,7 +655,7 @@ class RoutingSession(Session):
             if stopped:
                 logger.debug("replica %s is not applying (replay paused)", replica.name)
         seconds = time.perf_counter() - started
-        router.stats_recorder.wait(outcome, seconds)
+        cluster.stats_recorder.wait(outcome, seconds)
         if active_logs():
             self._explain_waits.append(
                 ExplainWait(replica.name, backend.format(position), seconds, outcome)
@@ -653,9 +663,9 @@ class RoutingSession(Session):
         if gone:
             return False
         if reached:
-            router.note_applied(replica.name, position)
+            cluster.note_applied(replica.name, position)
         else:
-            router.note_wait_failed(replica.name, stopped=stopped)
+            cluster.note_wait_failed(replica.name, stopped=stopped)
         return reached
 
     def _replica_connection(self, replica: RoutedEngine) -> Connection:
@@ -678,8 +688,8 @@ class RoutingSession(Session):
         return True
 
     def _note_pool_full(self, replica: RoutedEngine) -> None:
-        """Count (in ``router.status()``) and log a read passing ``replica`` by."""
-        self.router.note_pool_full(replica)
+        """Count (in ``cluster.status()``) and log a read passing ``replica`` by."""
+        self._cluster.note_pool_full(replica)
         logger.debug("replica %s has no free connection; the read goes elsewhere", replica.name)
 
     def _holds_connection(self, engine: Engine) -> bool:
@@ -698,7 +708,7 @@ class RoutingSession(Session):
         the session can go on elsewhere. Returns whether it was gone."""
         if not is_disconnect(error):
             return False
-        self.router.mark_down(replica, error)
+        self._cluster.mark_down(replica, error)
         self._forget_connection(replica.sync_engine)
         return True
 
@@ -725,10 +735,10 @@ class RoutingSession(Session):
 
     def _record_commit(self, connection: Connection) -> None:
         """Capture the position of the commit just made on ``connection``."""
-        router = self.router
-        if not router.replica_targets:
+        cluster = self._cluster
+        if not cluster.replica_targets:
             return  # every read goes to the primary anyway
-        if router.record_commit(connection, [self._scope, *router.commit_scopes()]):
+        if cluster.record_commit(connection, [self._scope, *cluster.commit_scopes()]):
             connection.info[CAPTURED_KEY] = True
 
     if not TYPE_CHECKING:
@@ -794,18 +804,18 @@ class RoutingSession(Session):
         if logs:
             self._explain_waits = []
         # One deadline for the read's waits, reruns elsewhere included.
-        deadline = time.monotonic() + self.router.wait_timeout
+        deadline = time.monotonic() + self._cluster.wait_timeout
         target = self._route(decision, statement, level, wait=True, deadline=deadline)
         routed = (
             {**bind_arguments, _TARGET_KEY: target} if bind_arguments else {_TARGET_KEY: target}
         )
         reruns: list[ExplainRerun] | None = None
-        if target is not self.router.primary_target:
+        if target is not self._cluster.primary_target:
             # Each failure marks a replica down, or (its pool full) leaves it out
             # of this statement's route, so the route ends on the primary.
             avoid: list[RoutedEngine] = []
             reruns = []
-            for _ in range(len(self.router.replica_targets)):
+            for _ in range(len(self._cluster.replica_targets)):
                 try:
                     # The pre-check in _route saw a free connection, but another
                     # thread may have taken it since: never wait for it.
@@ -826,7 +836,7 @@ class RoutingSession(Session):
                         )
                         if logs:
                             self._explain(
-                                logs, statement, self.router.primary_target, level, reruns
+                                logs, statement, self._cluster.primary_target, level, reruns
                             )
                         return result
                     if is_recovery_conflict(error):
@@ -871,13 +881,13 @@ class RoutingSession(Session):
                     decision, statement, level, wait=True, deadline=deadline, avoid=avoid
                 )
                 routed[_TARGET_KEY] = target
-                if target is self.router.primary_target:
+                if target is self._cluster.primary_target:
                     break
         result = method(
             statement, params, execution_options=execution_options,
             bind_arguments=routed, **kw,
         )  # fmt: skip
-        if target is self.router.primary_target and level == "monotonic" and not decision.pins:
+        if target is self._cluster.primary_target and level == "monotonic" and not decision.pins:
             self._raise_floor_after_primary_read()
         if logs:
             self._explain(logs, statement, target, level, reruns or ())
@@ -889,7 +899,7 @@ class RoutingSession(Session):
         self, reruns: list[ExplainRerun], replica: RoutedEngine, cause: RerunCause, detail: str
     ) -> None:
         """Count a statement leaving ``replica`` to run again elsewhere."""
-        self.router.stats_recorder.rerun(cause)
+        self._cluster.stats_recorder.rerun(cause)
         reruns.append(ExplainRerun(replica.name, cause, detail))
 
     def _rerun_on_primary(
@@ -901,12 +911,12 @@ class RoutingSession(Session):
     ) -> RoutedEngine:
         """Count a statement leaving ``replica`` for the primary, for ``reason``
         (a rerun, and a decision to the primary); return the primary."""
-        router = self.router
+        cluster = self._cluster
         cause: RerunCause = reason.code  # type: ignore[assignment]
         self._note_rerun(reruns, replica, cause, reason.text)
-        router.stats_recorder.decision(True, reason.code, level)
+        cluster.stats_recorder.decision(True, reason.code, level)
         self._reason = reason
-        return router.primary_target
+        return cluster.primary_target
 
     def _explain(
         self,
@@ -958,11 +968,17 @@ class RoutingSession(Session):
         # Safe: the replica changed nothing, and nothing of this transaction
         # has run on the primary yet (else it would be pinned there).
         self._pinned_to_primary = True
-        routed[_TARGET_KEY] = self.router.primary_target
+        routed[_TARGET_KEY] = self._cluster.primary_target
         return method(
             statement, params, execution_options=execution_options,
             bind_arguments=routed, **kw,
         )  # fmt: skip
+
+
+def _is_router(candidate: object) -> TypeGuard[ReplicaRouter[Engine | AsyncEngine]]:
+    """Whether ``candidate`` is a ReplicaRouter, told by the shared state every
+    router holds (this module does not import the router's)."""
+    return isinstance(getattr(candidate, "cluster", None), Cluster)
 
 
 def _bind_question(
@@ -1019,7 +1035,7 @@ def _remember_primary_connection(
 ) -> None:
     if (
         isinstance(session, RoutingSession)
-        and connection.engine is session.router.primary_target.sync_engine
+        and connection.engine is session._cluster.primary_target.sync_engine
     ):
         session._primary_connection = connection
 

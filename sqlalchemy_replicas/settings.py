@@ -50,7 +50,7 @@ from .exc import ConfigurationError
 from .urls import parse_replica_urls, parse_url, plain_value
 
 if TYPE_CHECKING:
-    from .router import EngineSource
+    from .targets import EngineSource
 
 __all__ = [
     "OPTIONS",

@@ -295,7 +295,7 @@ def test_monotonic_reads_never_go_back_in_time(
         topology.resume_replay(0)
         wait_until(  # seen applying again, and its lag measured since its pause
             lambda: (
-                router.wait_failure("replica1") is None
+                router.cluster.wait_failure("replica1") is None
                 and (lag := router.status()[0].lag_seconds) is not None
                 and lag <= WAIT
             ),
@@ -510,7 +510,7 @@ def test_a_lost_commit_position_is_replaced_by_the_primary_s_current_one(
         conn.execute(sa.insert(Item).values(id=1, note="lost position"))
     make = router.sessionmaker()
     with sr.causal_context() as ctx:
-        ctx.scope.mark_unknown(router)
+        ctx.scope.mark_unknown(router.cluster)
         with StatementLog(router) as log, make() as session:
             assert session.get(Item, 1) is not None
         assert item_reads(log) == ["primary"]
@@ -528,9 +528,9 @@ def test_a_token_carries_a_position_that_could_not_be_read(
     """The scope lost a commit's position and the primary is down when the token
     is made: the token says so, and the next request (primary back) reads all
     the primary has, not a lagging replica's state."""
-    router.lineage()  # read while the primary was up, as any earlier commit does
+    router.cluster.lineage()  # read while the primary was up, as any earlier commit does
     with sr.causal_context() as ctx:
-        ctx.scope.mark_unknown(router)
+        ctx.scope.mark_unknown(router.cluster)
         topology.stop_primary()
         token = ctx.token
     assert token is not None
@@ -561,7 +561,7 @@ def test_async_token_with_an_unknown_position_needs_no_io_outside_the_loop(
             async with router.async_sessionmaker()() as session:
                 await session.execute(sa.text("SELECT 1"))  # the lineage is known now
             with sr.causal_context() as ctx:
-                ctx.scope.mark_unknown(router)
+                ctx.scope.mark_unknown(router.cluster)
                 return ctx.token
         finally:
             await router.adispose()

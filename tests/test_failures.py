@@ -81,7 +81,7 @@ def await_all_healthy(router: AnyRouter, timeout: float = 40.0) -> None:
 def key_preferring(router: sr.ReplicaRouter, name: str) -> str:
     """A sticky key whose first choice is replica ``name``."""
     for n in range(1000):
-        if router.replica_order(str(n).encode())[0].name == name:
+        if router.cluster.replica_order(str(n).encode())[0].name == name:
             return str(n)
     raise AssertionError(f"no key prefers {name}")
 

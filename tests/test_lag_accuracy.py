@@ -257,7 +257,7 @@ def test_status_lag_tracks_the_true_staleness(topology: Topology, case: int) -> 
     try:
         router.status()
         wait_until(lambda: status1(router).lag_seconds == 0, timeout=5, what="a first check")
-        monitor = router._monitor
+        monitor = router.cluster.monitor
         assert monitor is not None
         idle_samples = monitor.primary_samples
         started = time.monotonic()

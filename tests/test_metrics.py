@@ -262,7 +262,7 @@ def test_a_disposed_router_is_scraped_without_its_monitor_restarting(
     labels = {"router": "default", "target": "replica", "reason": "read", "level": "eventual"}
     assert sample(registry, "routed_statements_total", **labels) == 1
     assert sample(registry, "replica_up", router="default", replica="replica1") is None
-    assert router._monitor is None
+    assert router.cluster.monitor is None
 
 
 # -- OpenTelemetry ----------------------------------------------------------------------

@@ -298,18 +298,18 @@ def test_a_replica_is_left_out_for_lag_only_on_a_second_look(
     topology = quiet_standby
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, max_lag=MAX_LAG)
     # Driven round by round here, without its thread.
-    monitor = LagMonitor(router, INTERVAL)
+    monitor = LagMonitor(router.cluster, INTERVAL)
     try:
-        monitor.check_once(router)
-        first = {s.name: s for s in monitor.status(router)}
+        monitor.check_once(router.cluster)
+        first = {s.name: s for s in monitor.status(router.cluster)}
         assert first["replica1"].healthy is None, first["replica1"]
         assert first["replica1"].lag_seconds is not None
         assert first["replica1"].lag_seconds > MAX_LAG
         if caught_up:
             topology.resume_replay(0)
             topology.wait_for_catchup()
-        monitor.check_once(router)
-        second = {s.name: s for s in monitor.status(router)}
+        monitor.check_once(router.cluster)
+        second = {s.name: s for s in monitor.status(router.cluster)}
         if caught_up:
             assert second["replica1"].healthy is True, second["replica1"]
             assert (second["replica1"].lag_seconds or 0.0) < MAX_LAG
@@ -330,26 +330,26 @@ def test_a_check_that_answers_late_brings_the_replica_back_at_the_next_round(
     all, the next round probes it at once instead of after its backoff."""
     topology = fresh_postgres_topology
     router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, max_lag=MAX_LAG)
-    monitor = LagMonitor(router, INTERVAL)
+    monitor = LagMonitor(router.cluster, INTERVAL)
     try:
-        monitor.check_once(router)
-        assert [s.healthy for s in monitor.status(router)] == [True, True]
+        monitor.check_once(router.cluster)
+        assert [s.healthy for s in monitor.status(router.cluster)] == [True, True]
         topology.freeze_replica(1)
         try:
-            monitor.check_once(router)  # replica2 times out: down, backoff 1 s
+            monitor.check_once(router.cluster)  # replica2 times out: down, backoff 1 s
         finally:
             topology.thaw_replica(1)
         down_at = monitor.down_since("replica2")
         assert down_at is not None
-        assert monitor.status(router)[1].healthy is False
+        assert monitor.status(router.cluster)[1].healthy is False
         wait_until(
             lambda: all(not check.is_alive() for check in monitor._in_flight.values()),
             timeout=5,
             what="the timed-out check to answer after the thaw",
         )
-        monitor.check_once(router)
+        monitor.check_once(router.cluster)
         assert time.monotonic() - down_at < FIRST_BACKOFF, "the probe was not due anyway"
-        assert monitor.status(router)[1].healthy is True
+        assert monitor.status(router.cluster)[1].healthy is True
     finally:
         monitor.stop()
         router.dispose()
@@ -374,7 +374,7 @@ def test_dense_primary_samples_reuse_the_monitor_s_connections(topology: Topolog
     try:
         router.start()
         await_health(router, "replica1", True, timeout=10)
-        monitor = router._monitor
+        monitor = router.cluster.monitor
         assert monitor is not None
         topology.pause_replay(0)
         with writer.begin() as conn:

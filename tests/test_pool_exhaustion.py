@@ -176,8 +176,8 @@ def await_replicas_known_caught_up(router: sr.ReplicaRouter[Any]) -> None:
     assert backend is not None
 
     def known() -> bool:
-        target, unknown = router.process_scope.target(router)
-        applied = [router.known_applied(name) for name in router.replica_names]
+        target, unknown = router.cluster.process_scope.target(router.cluster)
+        applied = [router.cluster.known_applied(name) for name in router.replica_names]
         return (
             not unknown
             and all(s.healthy for s in router.status())
@@ -261,7 +261,7 @@ def small_pool_router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
 def key_preferring(router: sr.ReplicaRouter[Any], name: str) -> str:
     """A sticky key whose first choice is replica ``name``."""
     for n in range(1000):
-        if router.replica_order(str(n).encode())[0].name == name:
+        if router.cluster.replica_order(str(n).encode())[0].name == name:
             return str(n)
     raise AssertionError(f"no key prefers {name}")
 

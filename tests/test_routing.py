@@ -65,8 +65,8 @@ def await_both_known_caught_up(router: sr.ReplicaRouter) -> None:
     assert backend is not None
 
     def known() -> bool:
-        target, unknown = router.process_scope.target(router)
-        applied = [router.known_applied(name) for name in router.replica_names]
+        target, unknown = router.cluster.process_scope.target(router.cluster)
+        applied = [router.cluster.known_applied(name) for name in router.replica_names]
         return not unknown and all(a is not None and backend.reached(a, target) for a in applied)
 
     wait_until(known, timeout=10, what="the lag monitor to see both replicas caught up")

@@ -76,9 +76,9 @@ def test_from_env_reads_urls_and_every_option(routers: list[sr.ReplicaRouter[Any
     assert router.classifier.is_writing_function("audit_log")
     assert router.classifier.is_writing_function("bump")
     assert not router.classifier.is_writing_function("last_insert_id")
-    assert router._weights == (2.0, 0.5)
+    assert router.cluster._weights == (2.0, 0.5)
     assert router.causal_scope == "session"
-    assert [u.port for u in router._discovery._candidates] == [5001, 5002]
+    assert [u.port for u in router.cluster.discovery._candidates] == [5001, 5002]
 
 
 def test_from_env_defaults_with_only_a_primary(routers: list[sr.ReplicaRouter[Any]]) -> None:
@@ -172,7 +172,7 @@ def test_flask_config_with_flask_sqlalchemy_uri(routers: list[sr.ReplicaRouter[A
     assert urls(router) == [PG, PG2, PG3]
     assert router.wait_timeout == 0.2
     assert router.primary.pool.size() == 2  # type: ignore[attr-defined]
-    assert router._weights == (1.0, 3.0)
+    assert router.cluster._weights == (1.0, 3.0)
     assert router.classifier.is_writing_function("audit_log")
     app.config["DATABASE_URL"] = PG3
     app.config["DATABASE_REPLICA_URLS"] = {"eu": PG2}

@@ -53,7 +53,9 @@ def router(topology: Topology) -> Iterator[sr.ReplicaRouter]:
 def key_preferring(router: sr.ReplicaRouter, name: str) -> bytes:
     """A sticky key whose first choice is replica ``name``."""
     return next(
-        key for n in range(1000) if router.replica_order(key := str(n).encode())[0].name == name
+        key
+        for n in range(1000)
+        if router.cluster.replica_order(key := str(n).encode())[0].name == name
     )
 
 
@@ -93,14 +95,14 @@ def test_a_paused_replica_refuses_the_wait_and_the_next_one_serves(
     ]
     assert read.waits[0].seconds < WAIT / 2  # a connect at most, not the budget
     assert took < WAIT
-    assert router.wait_failure("replica1") == "stopped"
+    assert router.cluster.wait_failure("replica1") == "stopped"
     with sr.sticky(key):
         seen, _, read = write_then_read(router, 1, 2)
     assert seen == 2
     assert read.waits[0].replica == "replica2"
     topology.resume_replay(0)
     wait_until(
-        lambda: router.wait_failure("replica1") is None,
+        lambda: router.cluster.wait_failure("replica1") is None,
         timeout=10,
         what="the monitor to see replica1 apply again",
     )
@@ -128,7 +130,7 @@ def test_a_timed_out_replica_is_suspect_until_it_applies_again(
     assert seen == 1
     assert [(w.replica, w.outcome) for w in read.waits] == [("replica1", "timed_out")]
     assert read.target == "primary"
-    assert router.wait_failure("replica1") == "timed_out"
+    assert router.cluster.wait_failure("replica1") == "timed_out"
     # Now it applies nothing at all. (PostgreSQL replays the records before a
     # delayed commit at once: that progress may end the suspicion above, so
     # the failure is noted again, as a timed-out wait does, once the monitor
@@ -142,13 +144,13 @@ def test_a_timed_out_replica_is_suspect_until_it_applies_again(
         )
 
     wait_until(lambda: checked_since(paused_at), timeout=10, what="a check since the pause")
-    router.note_wait_failed("replica1")
+    router.cluster.note_wait_failed("replica1")
     wait_until(lambda: checked_since(paused_at + 1.5), timeout=10, what="checks over 1.5 s")
-    assert router.wait_failure("replica1") == "timed_out"  # no progress: still suspect
+    assert router.cluster.wait_failure("replica1") == "timed_out"  # no progress: still suspect
     topology.set_apply_delay(0, 0)
     topology.resume_replay(0)
     wait_until(
-        lambda: router.wait_failure("replica1") is None,
+        lambda: router.cluster.wait_failure("replica1") is None,
         timeout=15,
         what="the monitor to see replica1 apply again",
     )

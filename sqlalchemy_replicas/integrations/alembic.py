@@ -177,7 +177,7 @@ def _wait(router: ReplicaRouter[Any], started: float, timeout: float) -> Replica
     backend = router.positions
     if backend is None:
         return None
-    position = router.current_position()
+    position = router.cluster.current_position()
     if position is None:  # nothing ever committed: nothing to apply
         return ReplicaReport(None, router.replica_names, (), time.monotonic() - started)
     healthy = {status.name: status for status in router.status()}

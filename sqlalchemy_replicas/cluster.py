@@ -393,9 +393,9 @@ class Cluster:
         for replica in order:
             name = replica.name
             if monitor is None:
-                may_serve, reachable, lag, exact = True, True, None, False
+                may_serve, reachable, lag, exact, lacking_for = True, True, None, False, None
             else:
-                may_serve, reachable, lag, exact = monitor.state(name, self.ignore_lag)
+                may_serve, reachable, lag, exact, lacking_for = monitor.state(name, self.ignore_lag)
             states.append(
                 ReplicaState(
                     name,
@@ -405,6 +405,7 @@ class Cluster:
                     lag,
                     exact,
                     self.wait_failure(name),
+                    lacking_for,
                 )
             )
         return states

@@ -240,6 +240,19 @@ class LagEstimator:
         with self._lock:
             return any(self._reached(applied, position) for _, position in self._samples)
 
+    def lacking_for(self, applied: Any, now: float) -> float:
+        """For how long, at least, a replica that has applied ``applied`` has
+        lacked a commit: ``now`` minus the time of the oldest sample it has
+        not reached (0 when it has reached them all). A lower bound on its
+        staleness, where :meth:`lag` gives an upper one: evidence that it
+        really is behind, not only that nothing proves it is not. (Loose by
+        the time the primary took to answer that sample.)"""
+        with self._lock:
+            for when, position in self._samples:
+                if not self._reached(applied, position):
+                    return max(0.0, now - when)
+        return 0.0
+
     @property
     def newest(self) -> Any | None:
         """The position of the newest sample, or None."""
@@ -373,6 +386,8 @@ class _Health:
     lag: float | None = None
     # False while the lag is only a lower bound (not reached any kept sample).
     lag_exact: bool = False
+    # For how long at least it had lacked a commit, at the last check.
+    lacking_for: float | None = None
     position: Any | None = None
     reason: str | None = None
     # How much it had still to apply at the last check (backend.behind_unit).
@@ -461,15 +476,18 @@ class LagMonitor:
             return True
         return ignore_lag and health.lag is not None
 
-    def state(self, name: str, ignore_lag: bool) -> tuple[bool, bool, float | None, bool]:
+    def state(
+        self, name: str, ignore_lag: bool
+    ) -> tuple[bool, bool, float | None, bool, float | None]:
         """What a routing plan needs of replica ``name`` (no I/O): whether it
         may serve reads (as :meth:`may_serve` without a bound), whether it
-        replicates from this primary and is up whatever its lag, its lag and
-        whether that lag is exact."""
+        replicates from this primary and is up whatever its lag, its lag,
+        whether that lag is exact, and for how long at least it had lacked a
+        commit at the last check (:meth:`LagEstimator.lacking_for`)."""
         health = self._health[name]
         reachable = health.verified and not health.breaker.down
         may_serve = reachable and (not health.excluded or (ignore_lag and health.lag is not None))
-        return may_serve, reachable, health.lag, health.lag_exact
+        return may_serve, reachable, health.lag, health.lag_exact, health.lacking_for
 
     def status(self, cluster: Watched) -> list[ReplicaStatus]:
         """Every replica of ``cluster`` (the one this monitor watches) as last seen."""
@@ -713,6 +731,7 @@ class LagMonitor:
         with self._lock:
             tripped = health.breaker.check_failed(time.monotonic())
             health.checked, health.lag, health.lag_exact = True, None, False
+            health.lacking_for = None
             health.behind = None
             health.reason = f"unreachable: {describe_error(error)}"
         self._notify_checked()
@@ -760,6 +779,7 @@ class LagMonitor:
                 with self._lock:
                     health.checked, health.verified, health.excluded = True, False, True
                     health.lag, health.lag_exact, health.behind = None, False, None
+                    health.lacking_for = None
                     logged, health.reason = health.reason == reason, reason
                 if not logged:
                     logger.warning("replica %s gets no reads: %s", replica.name, reason)
@@ -780,6 +800,7 @@ class LagMonitor:
             lag, exact = self._estimator.lag(
                 applied, now, last_replayed, current=primary_position is not None
             )
+            lacking_for = self._estimator.lacking_for(applied, now)
             cluster.note_applied(replica.name, applied)
             behind = None if primary_position is None else backend.behind(primary_position, applied)
             # A replica that has applied no sample kept has a lag bounded only by
@@ -797,7 +818,7 @@ class LagMonitor:
             )
             lag_transition = None
             with self._lock:
-                health.lag, health.lag_exact = lag, exact
+                health.lag, health.lag_exact, health.lacking_for = lag, exact, lacking_for
                 health.position, health.behind, health.measured_at = applied, behind, now
                 health.deferred = defer
                 if defer:

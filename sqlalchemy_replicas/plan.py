@@ -22,12 +22,13 @@ its replica):
 
 A replica is not waited on while it is *suspect* (a wait on it timed out and
 it has not been seen to apply anything since: judged by position, not by a
-fixed time). When every other candidate's measured lag already exceeds the
-budget (twice over: the measure is a loose upper bound), no wait is planned:
-the read goes to the primary at once instead of waiting the budget out.
-Otherwise replicas measured within it are waited on first, then those that
-refused a wait as paused (one round trip each while still paused), then
-those measured over it.
+fixed time). When every other candidate is known to have lacked a commit for
+longer than the budget (evidence, from the lag monitor's samples, that it
+applies commits later than that; the measured lag, an upper bound, is no
+such evidence), no wait is planned: the read goes to the primary at once
+instead of waiting the budget out. Otherwise the other replicas are waited
+on first, then those that refused a wait as paused (one round trip each
+while still paused), then those known to be over the budget.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ __all__ = [
     "NOT_CAUGHT_UP",
     "NO_FREE_CONNECTION",
     "NO_REPLICA",
-    "OVER_BUDGET",
     "POSITION_UNKNOWN",
     "Plan",
     "ReplicaState",
@@ -77,10 +77,6 @@ MONOTONIC_STAY: Final = Reason(
     "monotonic_same_replica", "monotonic: the replica this scope reads from"
 )
 _READ: Final = Reason("read", "a replica that may serve")
-
-#: How many times the wait budget a replica's measured lag must exceed for
-#: waits on it to count as futile (see :func:`over_budget`).
-OVER_BUDGET: Final = 2.0
 
 #: The shortest wait worth a round trip (seconds): what is left of a read's
 #: budget after one wait timed out is not spent on the next replica.
@@ -111,6 +107,9 @@ class ReplicaState(NamedTuple):
         spend the read's whole budget in vain: none is planned.
         ``"stopped"``: it was paused; asking again costs one round trip (it
         refuses at once while still paused), so it is waited on last.
+    :ivar lacking_for: for how long, at least, it had lacked a commit when
+        the lag monitor last checked it (a lower bound on its staleness; 0
+        when it had everything the monitor had seen; None: not checked).
     """
 
     name: str
@@ -120,6 +119,7 @@ class ReplicaState(NamedTuple):
     lag: float | None = None
     lag_exact: bool = False
     wait_failed: WaitFailure | None = None
+    lacking_for: float | None = None
 
 
 class Step(NamedTuple):
@@ -275,15 +275,14 @@ def _wait_order(replicas: list[ReplicaState], budget: float) -> list[ReplicaStat
 
     Not one that is suspect (a wait on it timed out and it has not applied
     anything since: another would spend the budget in vain). When every
-    other one's measured lag already exceeds the budget, none: replicas that
-    apply each commit that late cannot apply a fresh one in time, and the
-    read goes to the primary at once. Otherwise all of them, in order of
-    preference within three groups: lag within the budget (or not measured);
-    then those that refused a wait as paused (asking again costs one round
-    trip: they refuse at once while still paused); then those measured over
-    the budget (a lag measured up to a check interval ago, perhaps during a
-    pause since ended, is not proof enough to skip them when others are
-    tried).
+    other one is known to be over the budget (:func:`over_budget`), none:
+    replicas that apply each commit that late cannot apply a fresh one in
+    time, and the read goes to the primary at once. Otherwise all of them, in
+    order of preference within three groups: not known to be over the
+    budget; then those that refused a wait as paused (asking again costs one
+    round trip: they refuse at once while still paused); then those known to
+    be over it (seen up to a check interval ago, perhaps during a pause since
+    ended: not proof enough to skip them when others are tried).
     """
     if budget <= 0:
         return []
@@ -300,12 +299,13 @@ def _wait_order(replicas: list[ReplicaState], budget: float) -> list[ReplicaStat
 
 
 def over_budget(replica: ReplicaState, budget: float) -> bool:
-    """Whether ``replica``'s measured lag rules a wait on it out: over
-    :data:`OVER_BUDGET` times the budget. The measured lag is an upper bound
-    on how stale the replica is, loose by up to a check interval (or, on
-    MariaDB, a few tenths of a second): a replica caught up in fact but
-    measured loosely must not send every read to the primary."""
-    return replica.lag is not None and replica.lag > OVER_BUDGET * budget
+    """Whether ``replica`` is known to apply commits later than ``budget``:
+    at its last check it had lacked a commit for longer than that
+    (:attr:`ReplicaState.lacking_for`, a lower bound). Its measured lag, an
+    upper bound, proves nothing of the kind: after a quiet spell a replica a
+    millisecond behind is measured as stale as the last sample it reached is
+    old, and must not send every read to the primary."""
+    return replica.lacking_for is not None and replica.lacking_for > budget
 
 
 def _within(replica: ReplicaState, bound: float) -> bool:

@@ -133,6 +133,30 @@ def test_lag_is_within_the_sample_spacing(sim: Simulation, spacing: float) -> No
 
 
 @settings(max_examples=150, deadline=None)
+@given(simulations(), st.sampled_from([0.02, 0.1, 0.5, 1.0]))
+def test_lacking_for_is_a_lower_bound_within_the_sample_spacing(
+    sim: Simulation, spacing: float
+) -> None:
+    """For how long a replica has lacked a commit, read from the primary's samples,
+    never exceeds its true staleness (it is evidence that the replica is behind,
+    which the plan's futile-wait rule relies on), and falls short of it by at most
+    the sample spacing."""
+    estimator = LagEstimator(reached, horizon=1000.0)
+    end = (sim.applies[-1] if sim.applies else 0.0) + 1.0
+    t, checked = -5.0, 0
+    while t <= end:
+        estimator.record_primary(t, sim.position(t))
+        now = t + 0.003  # the replica is read just after the primary
+        lacking = estimator.lacking_for(sim.applied(now), now)
+        truth = sim.truth(now)
+        assert lacking <= truth + 1e-9
+        assert lacking >= truth - spacing - 0.003 - 1e-9
+        checked += 1
+        t += spacing
+    assert checked > 0
+
+
+@settings(max_examples=150, deadline=None)
 @given(st.floats(0.01, 0.2), st.integers(5, 60), st.floats(0.0, 3.0))
 def test_replay_timestamp_is_tight_under_steady_writes(
     gap: float, count: int, delay: float

@@ -51,6 +51,7 @@ replica_states = st.lists(
         lag=st.none() | st.floats(0, 3, allow_nan=False),
         lag_exact=st.booleans(),
         wait_failed=st.sampled_from([None, "timed_out", "stopped"]),
+        lacking_for=st.none() | st.floats(0, 3, allow_nan=False),
     ),
     max_size=4,
     unique_by=lambda r: r.name,
@@ -165,9 +166,9 @@ def test_the_plan_is_a_function_of_its_inputs(
 @given(replica_states, st.integers(0, 20), budgets)
 def test_no_futile_waits(replicas: list[ReplicaState], position: int, budget: float) -> None:
     """No wait with no budget, none on a suspect replica (its last wait timed out,
-    no progress since), and none at all when every other candidate's measured lag
-    exceeds the budget; otherwise replicas within the budget are waited on first,
-    then those that were paused, then those measured over the budget. When that
+    no progress since), and none at all when every other candidate is known to
+    have lacked a commit for longer than the budget; otherwise the others are
+    waited on first, then those that were paused, then those known over it. When that
     rules out every candidate and none is known caught up, the plan is the primary
     at once."""
     plan = causal_plan(replicas, position, budget)
@@ -183,7 +184,7 @@ def test_no_futile_waits(replicas: list[ReplicaState], position: int, budget: fl
 
 
 def _group(replica: ReplicaState, budget: float) -> int:
-    """0: measured within the budget (or not measured); 1: paused; 2: over it."""
+    """0: not known over the budget; 1: paused; 2: known over it."""
     if replica.wait_failed == "stopped":
         return 1
     return 2 if over_budget(replica, budget) else 0
@@ -287,22 +288,27 @@ def test_no_deadline_means_no_wait() -> None:
 
 
 def test_lag_over_the_budget_goes_to_the_primary_at_once() -> None:
-    """Both replicas measured 1 s behind, a 0.5 s budget: a fresh commit cannot be
-    applied in time, so no wait at all; one known to have the position still
-    serves."""
-    lagging = [state("r1", lag=1.1, lag_exact=True), state("r2", lag=1.2)]
+    """Both replicas known to have lacked a commit for over 1 s, a 0.5 s budget: a
+    fresh commit cannot be applied in time, so no wait at all; one known to have
+    the position still serves."""
+    lagging = [state("r1", lag=1.1, lacking_for=1.05), state("r2", lag=1.2, lacking_for=1.1)]
     assert causal_plan(lagging, 5, BUDGET) == Plan((), NOT_CAUGHT_UP, BUDGET)
-    caught_up = [state("r1", lag=1.0, applied=5), state("r2", lag=0.2)]
+    caught_up = [state("r1", lacking_for=1.0, applied=5), state("r2", lacking_for=0.2)]
     assert causal_plan(caught_up, 5, BUDGET).steps == (
         Step("r1", None, KNOWN_CAUGHT_UP),
         Step("r2", 5, CAUGHT_UP_AFTER_WAIT),
     )
     # One within the budget: the one over it is still tried, after it.
-    mixed = [state("r1", lag=1.1), state("r2", lag=0.1)]
-    # Measured loosely over the budget, not twice over: still waited on, in order.
-    loose = [state("r1", lag=0.8), state("r2", lag=0.9)]
-    assert [s.replica for s in causal_plan(loose, 5, BUDGET).steps] == ["r1", "r2"]
+    mixed = [state("r1", lacking_for=1.1), state("r2", lacking_for=0.1)]
     assert [s.replica for s in causal_plan(mixed, 5, BUDGET).steps] == ["r2", "r1"]
+
+
+def test_a_loose_upper_bound_on_the_lag_is_no_reason_to_skip_the_wait() -> None:
+    """After a quiet spell, replicas a moment behind are measured as stale as the
+    last sample they reached is old (say 3 s), though they lacked nothing for long:
+    the read still waits on them, in order of preference."""
+    loose = [state("r1", lag=3.0, lacking_for=0.004), state("r2", lag=3.0, lag_exact=True)]
+    assert [s.replica for s in causal_plan(loose, 5, BUDGET).steps] == ["r1", "r2"]
 
 
 def test_a_suspect_replica_is_not_waited_on_but_may_serve_when_known() -> None:

@@ -11,6 +11,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, cast, overload
 
 from sqlalchemy import create_engine
@@ -19,7 +20,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import sessionmaker
 from typing_extensions import Self, TypeVar, Unpack
 
-from . import _config
+from . import _config, zones
 from ._asyncio import (
     call_blocking,
     create_async_engine,
@@ -51,7 +52,6 @@ from .plan import ReplicaState, WaitFailure
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .rules import TableRules
 from .stats import RouterStats, StatsRecorder
-from .sticky import rank
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
 if TYPE_CHECKING:
@@ -169,13 +169,21 @@ class ReplicaRouter(Generic[_E]):
         a ``consistency()`` block wins over rules, rules win over session
         and router defaults. Tables' ``info`` may hold rules too
         (:func:`~sqlalchemy_replicas.table_consistency`); these win over them.
+    :param zone: the zone (availability zone, data centre) this application
+        runs in, e.g. ``"eu-west-1a"``: reads prefer the replicas that
+        ``replica_zones`` puts there, and go to the others only when none of
+        those may serve (docs/zones.md). None: no zone preference.
+    :param replica_zones: replica name -> its zone, e.g.
+        ``{"replica1": "eu-west-1a", "replica2": "eu-west-1b"}``; a replica
+        left out is in no zone (never local).
     :raises ConfigurationError: for a bad URL (a malformed port included),
         mixed dialects, mixed sync and async sources, a negative number, an
         unknown consistency level, ``replicas`` that is not a sequence or a
         mapping of str names (``"primary"`` and ``""`` are reserved), the
         primary's URL or one server twice among the replicas, ``engine_options``
         or ``weights`` that are not mappings, an engine option
-        ``create_engine()`` does not take, or a value below a documented floor.
+        ``create_engine()`` does not take, a value below a documented floor,
+        or ``weights`` or ``replica_zones`` naming an unknown replica.
     """
 
     # The overloads differ only in ``self`` and the sources' types (URLs alone
@@ -201,6 +209,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -222,6 +232,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -243,6 +255,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None: ...
     def __init__(
         self,
@@ -263,6 +277,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None:
         self.max_lag = validate_seconds(max_lag, argument="max_lag")
         self.wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
@@ -337,6 +353,13 @@ class ReplicaRouter(Generic[_E]):
             rules, classifier=self.classifier, dialect=self._primary.sync_engine.dialect
         )
         self._weights = _weights(weights, self.replica_names)
+        #: The zone this application runs in (None: no zone preference).
+        self.zone = zones.check_zone(zone)
+        #: Replica name -> zone, for the replicas given one (read-only).
+        self.replica_zones: Mapping[str, str] = MappingProxyType(
+            zones.check_replica_zones(replica_zones, self.replica_names)
+        )
+        self._local = zones.local_replicas(self.replica_names, self.replica_zones, self.zone)
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine, listeners=self._listeners)
             install_stale_connection_check(
@@ -874,16 +897,19 @@ class ReplicaRouter(Generic[_E]):
         return self._replicas
 
     def _preference(self, sticky_key: bytes | None) -> list[RoutedEngine]:
-        """Every replica, in a read's order of preference: the sticky key's
+        """Every replica, in a read's order of preference: those in the app's
+        zone first, then the others, each group in the sticky key's
         rendezvous order, or without a key, round robin (each read starts at
-        the next replica). Before the lag monitor's first check of each,
-        waits for it up to wait_timeout (as a causal wait would)."""
-        replicas = self._replicas
-        if sticky_key is not None:
-            order = [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
-        else:
-            start = next(self._next_replica) % len(replicas)
-            order = [*replicas[start:], *replicas[:start]]
+        the next replica; :func:`~sqlalchemy_replicas.zones.preference`).
+        Before the lag monitor's first check of each, waits for it up to
+        wait_timeout (as a causal wait would)."""
+        turn = 0 if sticky_key is not None else next(self._next_replica)
+        order = [
+            self._replicas[i]
+            for i in zones.preference(
+                self.replica_names, self._weights, self._local, key=sticky_key, turn=turn
+            )
+        ]
         monitor = self._ensure_monitor()
         if monitor is not None and not monitor.all_checked and self.wait_timeout > 0:
             # Not yet known to replicate from this primary: give the monitor's

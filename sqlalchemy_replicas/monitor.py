@@ -124,6 +124,7 @@ class ReplicaStatus:
     :ivar pool_full_skips: reads that went elsewhere (the next replica that
         qualified, or the primary) because its connection pool had no free
         connection, since the router started.
+    :ivar zone: its zone (the router's ``replica_zones``), or None.
     """
 
     name: str
@@ -138,6 +139,7 @@ class ReplicaStatus:
     #: ``time.monotonic()`` of the check that measured ``lag_seconds`` (None
     #: before one did).
     lag_measured_at: float | None = None
+    zone: str | None = None
 
 
 class LagEstimator:
@@ -457,6 +459,7 @@ class LagMonitor:
                     lag_transactions=health.behind if unit == "transactions" else None,
                     pool_full_skips=router.pool_full_skips(replica.name),
                     lag_measured_at=health.measured_at if health.lag is not None else None,
+                    zone=router.replica_zones.get(replica.name),
                 )
             )
         return result

@@ -993,7 +993,7 @@ class ReplicaRouter(Generic[_E]):
     def status(self) -> list[ReplicaStatus]:
         """Each replica as the lag monitor last saw it: name, URL without the
         password, healthy, lag_seconds, applied position, reason when left out;
-        and the reads sent elsewhere because its pool was full.
+        the reads sent elsewhere because its pool was full; its zone.
         Starts the monitor if it is not running (the first call may show no
         measurement yet)."""
         monitor = self._ensure_monitor()
@@ -1007,6 +1007,7 @@ class ReplicaRouter(Generic[_E]):
                     None,
                     "no replication positions",
                     pool_full_skips=self.pool_full_skips(r.name),
+                    zone=self.replica_zones.get(r.name),
                 )
                 for r in self._replicas
             ]

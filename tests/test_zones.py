@@ -225,6 +225,11 @@ def test_the_router_orders_reads_by_zone(tmp_path: Path) -> None:
             assert snapshot == order
         firsts = [router.replica_order(None)[0].name for _ in range(4)]
         assert sorted(firsts) == ["b", "b", "c", "c"]
+        assert [(s.name, s.zone) for s in router.status()] == [
+            ("a", "z2"),
+            ("b", "z1"),
+            ("c", "z1"),
+        ]
     finally:
         router.dispose()
 
@@ -330,7 +335,11 @@ def test_reads_go_to_the_replica_in_the_apps_zone(
 ) -> None:
     """Real servers: every read goes to replica2, the replica in the app's zone:
     round-robin reads, and sticky keys whose first choice without zones is
-    replica1; a read right after a commit too."""
+    replica1; a read right after a commit too. Status shows each replica's zone."""
+    assert [(s.name, s.zone) for s in zoned_router.status()] == [
+        ("replica1", "a"),
+        ("replica2", "b"),
+    ]
     assert reads_by_server(zoned_router) == {"replica2": 20}
     seen, read = write_then_read(zoned_router, 1)
     assert (seen, read.target) == (1, "replica2")

@@ -183,7 +183,8 @@ class ReplicaRouter(Generic[_E]):
         primary's URL or one server twice among the replicas, ``engine_options``
         or ``weights`` that are not mappings, an engine option
         ``create_engine()`` does not take, a value below a documented floor,
-        or ``weights`` or ``replica_zones`` naming an unknown replica.
+        ``weights`` or ``replica_zones`` naming an unknown replica, or a zone
+        (``zone``, a value of ``replica_zones``) that is not a non-empty str.
     """
 
     # The overloads differ only in ``self`` and the sources' types (URLs alone

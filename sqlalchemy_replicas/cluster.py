@@ -22,11 +22,12 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from . import zones
 from ._asyncio import call_blocking, in_async_greenlet
 from ._listeners import Listeners
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
@@ -35,7 +36,6 @@ from .monitor import LagMonitor, ReplicaStatus
 from .plan import ReplicaState, WaitFailure
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .stats import StatsRecorder
-from .sticky import rank
 from .targets import RoutedEngine
 from .token import UNKNOWN_POSITION, TokenEntry, TokenError, verify
 
@@ -58,6 +58,9 @@ class Cluster:
     :param wait_timeout: seconds a read may wait for a replica to catch up.
     :param lag_check_interval: seconds between the lag monitor's checks.
     :param weights: each replica's share of sticky keys, in configuration order.
+    :param replica_zones: replica name -> zone, for the replicas given one.
+    :param local: which replicas are in the application's zone, in
+        configuration order (:func:`~sqlalchemy_replicas.zones.local_replicas`).
     """
 
     def __init__(
@@ -74,6 +77,8 @@ class Cluster:
         wait_timeout: float,
         lag_check_interval: float,
         weights: tuple[float, ...],
+        replica_zones: Mapping[str, str],
+        local: tuple[bool, ...],
     ) -> None:
         self.name = name
         self.primary_target = primary
@@ -88,6 +93,8 @@ class Cluster:
         self.wait_timeout = wait_timeout
         self.lag_check_interval = lag_check_interval
         self._weights = weights
+        self.replica_zones = replica_zones
+        self._local = local
         #: Operator switch: route reads to lagging replicas too (say, when the
         #: primary is overloaded). Unreachable replicas still get none.
         self.ignore_lag = False
@@ -347,16 +354,19 @@ class Cluster:
     # -- the replicas a read may use ----------------------------------------------------
 
     def _preference(self, sticky_key: bytes | None) -> list[RoutedEngine]:
-        """Every replica, in a read's order of preference: the sticky key's
+        """Every replica, in a read's order of preference: those in the app's
+        zone first, then the others, each group in the sticky key's
         rendezvous order, or without a key, round robin (each read starts at
-        the next replica). Before the lag monitor's first check of each,
-        waits for it up to wait_timeout (as a causal wait would)."""
-        replicas = self.replica_targets
-        if sticky_key is not None:
-            order = [replicas[i] for i in rank(sticky_key, self.replica_names, self._weights)]
-        else:
-            start = next(self._next_replica) % len(replicas)
-            order = [*replicas[start:], *replicas[:start]]
+        the next replica; :func:`~sqlalchemy_replicas.zones.preference`).
+        Before the lag monitor's first check of each, waits for it up to
+        wait_timeout (as a causal wait would)."""
+        turn = 0 if sticky_key is not None else next(self._next_replica)
+        order = [
+            self.replica_targets[i]
+            for i in zones.preference(
+                self.replica_names, self._weights, self._local, key=sticky_key, turn=turn
+            )
+        ]
         monitor = self.ensure_monitor()
         if monitor is not None and not monitor.all_checked and self.wait_timeout > 0:
             # Not yet known to replicate from this primary: give the monitor's
@@ -469,6 +479,7 @@ class Cluster:
                     None,
                     "no replication positions",
                     pool_full_skips=self.pool_full_skips(r.name),
+                    zone=self.replica_zones.get(r.name),
                 )
                 for r in self.replica_targets
             ]

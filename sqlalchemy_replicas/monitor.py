@@ -111,6 +111,7 @@ class Watched(Protocol):
     replica_targets: tuple[RoutedEngine, ...]
     primary_target: RoutedEngine
     max_lag: float
+    replica_zones: Mapping[str, str]
 
     @property
     def primary_url(self) -> str:
@@ -164,6 +165,7 @@ class ReplicaStatus:
     :ivar pool_full_skips: reads that went elsewhere (the next replica that
         qualified, or the primary) because its connection pool had no free
         connection, since the router started.
+    :ivar zone: its zone (the router's ``replica_zones``), or None.
     """
 
     name: str
@@ -178,6 +180,7 @@ class ReplicaStatus:
     #: ``time.monotonic()`` of the check that measured ``lag_seconds`` (None
     #: before one did).
     lag_measured_at: float | None = None
+    zone: str | None = None
 
 
 class LagEstimator:
@@ -515,6 +518,7 @@ class LagMonitor:
                     lag_transactions=health.behind if unit == "transactions" else None,
                     pool_full_skips=cluster.pool_full_skips(replica.name),
                     lag_measured_at=health.measured_at if health.lag is not None else None,
+                    zone=cluster.replica_zones.get(replica.name),
                 )
             )
         return result

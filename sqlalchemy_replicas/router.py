@@ -6,6 +6,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, cast, overload
 
 from sqlalchemy import create_engine
@@ -14,7 +15,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import sessionmaker
 from typing_extensions import Self, TypeVar, Unpack
 
-from . import _config, causal
+from . import _config, causal, zones
 from . import settings as _settings
 from ._asyncio import call_blocking, create_async_engine, is_async_engine, require_asyncio
 from ._dependencies import missing_driver
@@ -131,13 +132,22 @@ class ReplicaRouter(Generic[_E]):
         a ``consistency()`` block wins over rules, rules win over session
         and router defaults. Tables' ``info`` may hold rules too
         (:func:`~sqlalchemy_replicas.table_consistency`); these win over them.
+    :param zone: the zone (availability zone, data centre) this application
+        runs in, e.g. ``"eu-west-1a"``: reads prefer the replicas that
+        ``replica_zones`` puts there, and go to the others only when none of
+        those may serve (docs/zones.md). None: no zone preference.
+    :param replica_zones: replica name -> its zone, e.g.
+        ``{"replica1": "eu-west-1a", "replica2": "eu-west-1b"}``; a replica
+        left out is in no zone (never local).
     :raises ConfigurationError: for a bad URL (a malformed port included),
         mixed dialects, mixed sync and async sources, a negative number, an
         unknown consistency level, ``replicas`` that is not a sequence or a
         mapping of str names (``"primary"`` and ``""`` are reserved), the
         primary's URL or one server twice among the replicas, ``engine_options``
         or ``weights`` that are not mappings, an engine option
-        ``create_engine()`` does not take, or a value below a documented floor.
+        ``create_engine()`` does not take, a value below a documented floor,
+        ``weights`` or ``replica_zones`` naming an unknown replica, or a zone
+        (``zone``, a value of ``replica_zones``) that is not a non-empty str.
     """
 
     # The overloads differ only in ``self`` and the sources' types (URLs alone
@@ -163,6 +173,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -184,6 +196,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -205,6 +219,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None: ...
     def __init__(
         self,
@@ -225,6 +241,8 @@ class ReplicaRouter(Generic[_E]):
         primary_candidates: Iterable[EngineSource] = (),
         causal_scope: CausalScopeKind = "router",
         rules: Mapping[Any, ConsistencyLevel] | None = None,
+        zone: str | None = None,
+        replica_zones: Mapping[str, str] | None = None,
     ) -> None:
         max_lag = validate_seconds(max_lag, argument="max_lag")
         wait_timeout = validate_seconds(wait_timeout, argument="wait_timeout")
@@ -279,6 +297,12 @@ class ReplicaRouter(Generic[_E]):
             weak_method(self._primary_moved, None),
         )
         discovery.install(self._primary.sync_engine, self._listeners)
+        #: The zone this application runs in (None: no zone preference).
+        self.zone = zones.check_zone(zone)
+        #: Replica name -> zone, for the replicas given one (read-only).
+        self.replica_zones: Mapping[str, str] = MappingProxyType(
+            zones.check_replica_zones(replica_zones, self.replica_names)
+        )
         #: The state this router's sessions, causal scopes and lag monitor
         #: share (internal: the router is the public face).
         self.cluster = Cluster(
@@ -293,6 +317,8 @@ class ReplicaRouter(Generic[_E]):
             wait_timeout=wait_timeout,
             lag_check_interval=lag_check_interval,
             weights=_weights(weights, self.replica_names),
+            replica_zones=self.replica_zones,
+            local=zones.local_replicas(self.replica_names, self.replica_zones, self.zone),
         )
         family = dialect_family(self._primary.sync_engine)
         self.classifier = Classifier(
@@ -649,7 +675,7 @@ class ReplicaRouter(Generic[_E]):
     def status(self) -> list[ReplicaStatus]:
         """Each replica as the lag monitor last saw it: name, URL without the
         password, healthy, lag_seconds, applied position, reason when left out;
-        and the reads sent elsewhere because its pool was full.
+        the reads sent elsewhere because its pool was full; its zone.
         Starts the monitor if it is not running (the first call may show no
         measurement yet)."""
         return self.cluster.status()

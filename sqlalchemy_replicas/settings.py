@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from typing_extensions import TypedDict
 
-from . import _config
+from . import _config, zones
 from ._config import kind_of
 from .consistency import (
     CausalScopeKind,
@@ -90,6 +90,8 @@ OPTIONS: Final = (
     "primary_candidates",
     "causal_scope",
     "rules",
+    "zone",
+    "replica_zones",
 )
 
 
@@ -113,6 +115,8 @@ class RouterOptions(TypedDict, total=False):
     primary_candidates: Iterable[EngineSource]
     causal_scope: CausalScopeKind
     rules: Mapping[Any, ConsistencyLevel] | None
+    zone: str | None
+    replica_zones: Mapping[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -264,16 +268,18 @@ def _check_together(replicas: Any, options: dict[str, Any], sources: dict[str, s
     if "lag_check_interval" in sources:
         interval = options["lag_check_interval"]
         _reraise(sources["lag_check_interval"], lambda: _config.check_lag_check_interval(interval))
-    if "weights" in sources:
+    for option in ("weights", "replica_zones"):
+        if option not in sources:
+            continue
         if isinstance(replicas, Mapping):
             names = list(replicas)
         elif isinstance(replicas, (list, tuple)):
             names = [f"replica{i}" for i in range(1, len(replicas) + 1)]
         else:
             return
-        if unknown := sorted(set(options["weights"]) - set(names)):
+        if unknown := sorted(set(options[option]) - set(names)):
             raise ConfigurationError(
-                f"{sources['weights']} names unknown replicas {unknown}; the replicas are "
+                f"{sources[option]} names unknown replicas {unknown}; the replicas are "
                 f"{names} (unnamed replicas are replica1, replica2, ... in order)"
             )
 
@@ -461,6 +467,22 @@ def _rules(value: Any, name: str) -> dict[Any, ConsistencyLevel]:
     return {key: _level(level, f"{name}[{key!r}]") for key, level in value.items()}
 
 
+def _zone(value: Any, name: str) -> str | None:
+    return zones.check_zone(value, argument=name)
+
+
+def _replica_zones(value: Any, name: str) -> dict[str, str]:
+    if isinstance(value, str):
+        value = dict(_pairs(value, name, "replica1=eu-west-1a,replica2=eu-west-1b"))
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"{name} must be replica=zone pairs or a mapping of replica name to zone, "
+            f"not {kind_of(value)}"
+        )
+    # The names are checked against the replicas with the other settings.
+    return zones.check_replica_zones(value, None, argument=name)
+
+
 _PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
     "max_lag": _seconds,
     "wait_timeout": _seconds,
@@ -476,4 +498,6 @@ _PARSERS: Final[dict[str, Callable[[Any, str], Any]]] = {
     "primary_candidates": _candidates,
     "causal_scope": _scope,
     "rules": _rules,
+    "zone": _zone,
+    "replica_zones": _replica_zones,
 }

@@ -254,6 +254,7 @@ def _replica_json(replica: ReplicaState, max_lag: float) -> dict[str, Any]:
         "position": status.position,
         "reason": replica_reason(replica, max_lag),
         "pool_full_skips": status.pool_full_skips,
+        "zone": status.zone,
     }
 
 

@@ -61,6 +61,8 @@ def test_from_env_reads_urls_and_every_option(routers: list[sr.ReplicaRouter[Any
         "SQLALCHEMY_REPLICAS_LAG_CHECK_INTERVAL": "0.25",
         "SQLALCHEMY_REPLICAS_PRIMARY_CANDIDATES": PG2,
         "SQLALCHEMY_REPLICAS_CAUSAL_SCOPE": "session",
+        "SQLALCHEMY_REPLICAS_ZONE": " eu-west-1b ",
+        "SQLALCHEMY_REPLICAS_REPLICA_ZONES": "replica1=eu-west-1a, replica2=eu-west-1b",
         "UNRELATED": "x",
     }
     router = sr.ReplicaRouter.from_env(environ=environ)
@@ -79,6 +81,8 @@ def test_from_env_reads_urls_and_every_option(routers: list[sr.ReplicaRouter[Any
     assert router.cluster._weights == (2.0, 0.5)
     assert router.causal_scope == "session"
     assert [u.port for u in router.cluster.discovery._candidates] == [5001, 5002]
+    assert router.zone == "eu-west-1b"
+    assert router.replica_zones == {"replica1": "eu-west-1a", "replica2": "eu-west-1b"}
 
 
 def test_from_env_defaults_with_only_a_primary(routers: list[sr.ReplicaRouter[Any]]) -> None:
@@ -294,6 +298,25 @@ def test_object_with_upper_case_attributes(routers: list[sr.ReplicaRouter[Any]])
         (
             {"SQLALCHEMY_REPLICAS_WEIGHTS": "replica9=2"},
             r"SQLALCHEMY_REPLICAS_WEIGHTS names unknown replicas \['replica9'\]",
+        ),
+        (
+            {"SQLALCHEMY_REPLICAS_ZONE": " "},
+            "SQLALCHEMY_REPLICAS_ZONE must name the zone this application runs in",
+        ),
+        (
+            {"SQLALCHEMY_REPLICAS_REPLICA_ZONES": "eu-west-1a"},
+            "SQLALCHEMY_REPLICAS_REPLICA_ZONES must be comma-separated name=value pairs, "
+            "e.g. SQLALCHEMY_REPLICAS_REPLICA_ZONES=replica1=eu-west-1a",
+        ),
+        (
+            {"SQLALCHEMY_REPLICAS_REPLICA_ZONES": "replica3=eu-west-1a"},
+            r"SQLALCHEMY_REPLICAS_REPLICA_ZONES names unknown replicas \['replica3'\]; "
+            r"the replicas are \['replica1', 'replica2'\]",
+        ),
+        (
+            {"SQLALCHEMY_REPLICAS_ZONES": "eu-west-1a"},
+            "SQLALCHEMY_REPLICAS_ZONES is not a sqlalchemy-replicas setting; "
+            "did you mean SQLALCHEMY_REPLICAS_ZONE",
         ),
         (
             {"SQLALCHEMY_REPLICAS_PRIMARY_CANDIDATES": "nosuch://h/db"},

@@ -3,6 +3,7 @@ exhaustively, then the command in a subprocess against real topologies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,6 +62,7 @@ REPLICA_KEYS = {
     "position",
     "reason",
     "pool_full_skips",
+    "zone",
 }
 
 
@@ -219,6 +221,14 @@ def test_json_has_the_documented_schema() -> None:
     assert (healthy["health"], healthy["healthy"], healthy["reason"]) == ("healthy", True, None)
     assert (lagging["health"], lagging["lag_seconds"]) == ("lagging", 2.5)
     assert (down["health"], down["reachable"], down["role"]) == ("down", False, None)
+
+
+def test_json_shows_each_replicas_zone() -> None:
+    """Each replica's zone (the router's replica_zones) is in its JSON object,
+    null for a replica given none."""
+    zoned = dataclasses.replace(replica().status, zone="eu-west-1a")
+    document = json.loads(render_json(snapshot(ReplicaState(zoned, True, "replica", True), DOWN)))
+    assert [r["zone"] for r in document["replicas"]] == ["eu-west-1a", None]
 
 
 def test_config_error_json() -> None:

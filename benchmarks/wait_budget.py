@@ -121,8 +121,21 @@ def worker(scenario: str, primary: str, replicas: list[str], requests: int) -> d
 # -- the driver: owns the topology, runs a worker per checkout -----------------
 
 
-def run_worker(topology: Any, code: Path, scenario: str, requests: int) -> dict[str, Any]:
+def run_worker(
+    topology: Any,
+    code: Path,
+    scenario: str,
+    requests: int,
+    *,
+    urls: tuple[sa.URL, list[sa.URL]] | None = None,
+) -> dict[str, Any]:
+    """Run ``scenario`` in a worker on ``code``; the faults on ``topology``.
+
+    :param urls: the primary's and replicas' URLs for the worker (default:
+        the topology's; ``benchmarks/round_trips.py`` gives proxied ones).
+    """
     here = Path(__file__).resolve()
+    primary, replicas = urls or (topology.primary_url, list(topology.replica_urls))
     env = {**os.environ, "PYTHONPATH": str(code)}
     args = [
         sys.executable,
@@ -132,10 +145,10 @@ def run_worker(topology: Any, code: Path, scenario: str, requests: int) -> dict[
         "--requests",
         str(requests),
         "--primary",
-        topology.primary_url.render_as_string(hide_password=False),
+        primary.render_as_string(hide_password=False),
         *(
             arg
-            for url in topology.replica_urls
+            for url in replicas
             for arg in ("--replica", url.render_as_string(hide_password=False))
         ),
     ]

@@ -47,6 +47,7 @@ from .consistency import (
 from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
+from .pipelining import capture_commit, pipeline_commits
 from .plan import ReplicaState, WaitFailure
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .rules import TableRules
@@ -372,6 +373,8 @@ class ReplicaRouter(Generic[_E]):
         if self._replicas and family in ("postgresql", "mysql"):  # it has positions
             self._process_scope.mark_unknown(self)
         self._listeners.listen(self._primary.sync_engine, "commit", _note_commit)
+        if self._replicas:  # else no commit's position is ever read
+            pipeline_commits(self._primary.sync_engine, self._listeners)
         self._listeners.listen_pool(
             self._primary.sync_engine, "reset", weak_method(self._capture_core_commit, None)
         )
@@ -730,7 +733,7 @@ class ReplicaRouter(Generic[_E]):
             for scope in scopes:
                 scope.mark_unknown(self)
             return
-        self.record_commit(DBAPIRunner(dbapi_connection), scopes)
+        self.record_commit(DBAPIRunner(dbapi_connection, record.info), scopes)
 
     def record_commit(self, primary: SQLRunner, scopes: list[CausalScope]) -> bool:
         """Read the position of what was just committed on ``primary`` (the
@@ -741,9 +744,8 @@ class ReplicaRouter(Generic[_E]):
             if backend is None:
                 return False
             self.lineage(primary)
-            # Before the capture: every commit it does not cover came later.
-            acknowledged = time.monotonic()
-            position = backend.capture(primary)
+            # Taken with the COMMIT when the driver pipelines it (pipelining).
+            acknowledged, position = capture_commit(backend, primary)
         except Exception as error:  # the commit is done; only its position is lost
             logger.warning(
                 "could not read the position of a commit on %s (%s); reads in this "

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ._base import PositionBackend, SQLRunner, WaitResult
 
@@ -152,9 +153,19 @@ class PostgresPositions(PositionBackend):
     def behind(self, primary: int, applied: int) -> int:
         return max(0, primary - applied)
 
-    def capture(self, primary: SQLRunner) -> int | None:
-        row = primary.exec_driver_sql(_CAPTURE).one()
+    #: The query :meth:`capture` runs, for a driver that sends it in the
+    #: commit's own round trip (see :mod:`sqlalchemy_replicas.pipelining`).
+    capture_statement: str = _CAPTURE
+
+    def captured(self, row: Sequence[Any]) -> int:
+        """The position in ``row``, the answer to :attr:`capture_statement` (pure).
+
+        :raises ValueError: when ``row`` holds no LSN.
+        """
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
+
+    def capture(self, primary: SQLRunner) -> int | None:
+        return self.captured(primary.exec_driver_sql(_CAPTURE).one())
 
     def current(self, primary: SQLRunner) -> int | None:
         # The flush (or insert) LSN is global: the same query serves both.

@@ -1,0 +1,272 @@
+"""A commit's position in the commit's own round trip (psycopg 3 pipeline mode),
+counted in round trips on real PostgreSQL servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import sqlalchemy_replicas as sr
+from sqlalchemy_replicas import pipelining
+from sqlalchemy_replicas.positions import PostgresPositions
+from sqlalchemy_replicas.testing import PostgresTopology, StatementLog
+
+pytestmark = pytest.mark.postgresql
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    note: Mapped[str] = mapped_column(sa.String(50))
+
+
+class RoundTrips:
+    """Counts the round trips of the connections ``engine`` checks out while
+    active, from libpq's own trace: every round trip ends with the server's
+    ReadyForQuery (one per simple query, one per Sync of the extended
+    protocol and of a pipeline)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._pool = engine.pool
+        # Closed by __exit__, which reads it.
+        self._file = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self._traced: list[Any] = []
+        #: Round trips of the block, known once it is over (its connections
+        #: back in the pool).
+        self.count = 0
+
+    def _trace(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        pgconn = proxy.driver_connection.pgconn
+        pgconn.trace(self._file.fileno())
+        self._traced.append(pgconn)
+
+    def __enter__(self) -> RoundTrips:
+        event.listen(self._pool, "checkout", self._trace)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        event.remove(self._pool, "checkout", self._trace)
+        for pgconn in self._traced:
+            pgconn.untrace()  # flushes the trace
+        with self._file:
+            self._file.seek(0, os.SEEK_SET)
+            self.count = sum("\tReadyForQuery" in line for line in self._file)
+
+
+@pytest.fixture
+def topology(fresh_postgres_topology: PostgresTopology) -> PostgresTopology:
+    """The PostgreSQL topology with the item table, replicated."""
+    engine = sa.create_engine(fresh_postgres_topology.primary_url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    fresh_postgres_topology.wait_for_catchup()
+    return fresh_postgres_topology
+
+
+@pytest.fixture
+def router(topology: PostgresTopology) -> Iterator[sr.ReplicaRouter]:
+    """A started router over both replicas (its start-up queries are done)."""
+    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+    router.start()
+    yield router
+    router.dispose()
+
+
+def write(session: Session, item_id: int) -> None:
+    session.add(Item(id=item_id, note=f"n{item_id}"))
+    session.commit()
+
+
+def test_session_commit_costs_the_round_trips_of_a_plain_sessions_commit(
+    router: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """A routed session's write and commit take exactly as many round trips to the
+    primary as a plain SQLAlchemy Session's on the same server (the position query
+    travels with COMMIT), and the position it brought back is the commit's: the
+    next read of the row is served by a replica, which had to apply it."""
+    plain = sa.create_engine(topology.primary_url)
+    with RoundTrips(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
+        write(session, 2)
+    assert baseline.count >= 2  # BEGIN, INSERT and COMMIT, at least
+    assert routed.count == baseline.count
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+    assert log.counts()["primary"] == 0
+
+
+def test_without_pipelining_the_position_costs_a_round_trip_of_its_own(
+    router: sr.ReplicaRouter, topology: PostgresTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saving is real: with the pipelined capture taken away (the commit not
+    wrapped), the same write and commit take more round trips than a plain session."""
+    plain = sa.create_engine(topology.primary_url)
+    with RoundTrips(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    wrapper = router.primary.dialect.do_commit
+    assert isinstance(wrapper, pipelining._PipelinedCommit)
+    monkeypatch.setattr(router.primary.dialect, "do_commit", wrapper._original)
+    with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
+        write(session, 2)
+    assert routed.count > baseline.count
+
+
+def test_savepoints_and_commits_that_wrote_nothing(
+    router: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """A released savepoint is no commit: a write in one costs a plain session's
+    round trips, its position taken once, with the outer COMMIT. A transaction that
+    wrote nothing leaves the router's scope where it was, though its COMMIT carried
+    the position query and other connections had committed meanwhile."""
+    plain = sa.create_engine(topology.primary_url)
+    with RoundTrips(plain) as baseline, Session(plain) as session:
+        with session.begin_nested():
+            session.add(Item(id=1, note="n1"))
+        session.commit()
+    with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
+        with session.begin_nested():
+            session.add(Item(id=2, note="n2"))
+        session.commit()
+    assert routed.count == baseline.count
+    before = router.process_scope.target(router)
+    with router.sessionmaker(consistency="strong")() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+        with Session(plain) as elsewhere:  # WAL the read-only commit's query would cover
+            write(elsewhere, 3)
+        session.commit()
+    plain.dispose()
+    assert router.process_scope.target(router) == before
+
+
+def test_async_session_commit_costs_no_extra_round_trip(topology: PostgresTopology) -> None:
+    """The same on an async engine (psycopg's AsyncConnection in pipeline mode): an
+    AsyncSession's write and commit through the router take a plain AsyncSession's
+    round trips, and the read after it goes to a replica that applied it."""
+
+    async def scenario() -> tuple[int, int, int]:
+        plain = create_async_engine(topology.async_primary_url)
+        with RoundTrips(plain.sync_engine) as baseline:
+            async with AsyncSession(plain) as session:
+                session.add(Item(id=1, note="n1"))
+                await session.commit()
+        await plain.dispose()
+        router: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(
+            topology.async_primary_url, topology.async_replica_urls
+        )
+        try:
+            await router.astart()
+            with RoundTrips(router.primary.sync_engine) as routed:
+                async with router.async_sessionmaker()() as session:
+                    session.add(Item(id=2, note="n2"))
+                    await session.commit()
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    note = await session.scalar(sa.select(Item.note).where(Item.id == 2))
+            assert note == "n2"
+            return baseline.count, routed.count, log.counts()["primary"]
+        finally:
+            await router.adispose()
+
+    baseline, routed, primary_reads = asyncio.run(scenario())
+    assert baseline >= 2
+    assert routed == baseline
+    assert primary_reads == 0
+
+
+def test_core_commit_on_router_primary_brings_its_position_back(
+    router: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """A Core commit on router.primary costs a plain engine's round trips, check-in
+    included (the pool's reset finds the position, no query), and it is in the
+    router's scope: a read-your-writes read of the row goes to a replica."""
+    plain = sa.create_engine(topology.primary_url)
+    insert = sa.insert(Item)
+    with RoundTrips(plain) as baseline, plain.begin() as conn:
+        conn.execute(insert, {"id": 1, "note": "n1"})
+    plain.dispose()
+    with RoundTrips(router.primary) as routed, router.primary.begin() as conn:
+        conn.execute(insert, {"id": 2, "note": "n2"})
+    assert routed.count == baseline.count
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+    assert log.counts()["primary"] == 0
+
+
+def test_a_failing_position_query_leaves_the_commit_done_and_the_position_unknown(
+    router: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the pipelined position query fails, the COMMIT before it still stands:
+    the session's commit succeeds, a warning says the position is lost, and the
+    scope's position is unknown: the next read first asks the primary for all it
+    has committed (its only statement there), so it is never stale."""
+
+    class Failing(PostgresPositions):
+        capture_statement = "SELECT 1 / 0"
+
+    monkeypatch.setattr(pipelining, "_BACKEND", Failing())
+    with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
+        write(session, 1)
+    assert "could not read the position of a commit" in caplog.text
+    assert "division by zero" in caplog.text
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 1)) == "n1"
+    on_primary = [s.sql for s in log.statements if s.node == "primary"]
+    assert len(on_primary) == 1
+    assert "pg_current_wal_flush_lsn" in on_primary[0]
+
+
+def test_a_failing_commit_raises_as_a_commit_error_and_records_nothing(
+    router: sr.ReplicaRouter,
+) -> None:
+    """A COMMIT that fails (a deferred constraint checked at commit) raises from
+    session.commit() as SQLAlchemy's IntegrityError, as without pipelining; the
+    connection is usable again and nothing was committed."""
+    with router.primary.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE pair (n int, CONSTRAINT one_n UNIQUE (n) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    session = router.sessionmaker()()
+    session.execute(sa.text("INSERT INTO pair VALUES (1), (1)"))
+    with pytest.raises(sa.exc.IntegrityError, match="one_n"):
+        session.commit()
+    session.close()
+    with router.primary.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pair").scalar() == 0
+
+
+def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopology) -> None:
+    """An engine the application passed in is wrapped for as long as a router uses
+    it: two routers share one wrapper, and once both are disposed the dialect's
+    own do_commit is back."""
+    engine = sa.create_engine(topology.primary_url)
+    first = sr.ReplicaRouter(engine, topology.replica_urls)
+    second = sr.ReplicaRouter(engine, topology.replica_urls)
+    assert isinstance(engine.dialect.do_commit, pipelining._PipelinedCommit)
+    first.dispose()
+    assert isinstance(engine.dialect.do_commit, pipelining._PipelinedCommit)
+    second.dispose()
+    assert "do_commit" not in vars(engine.dialect)
+    engine.dispose()

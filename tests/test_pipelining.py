@@ -1,5 +1,5 @@
-"""A commit's position in the commit's own round trip (psycopg 3 pipeline mode),
-counted in round trips on real PostgreSQL servers."""
+"""A commit's position in the commit's own round trip (psycopg 3's pipeline mode,
+MariaDB's multiple statements), counted in round trips on real servers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
+import aiomysql
+import pymysql
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -19,10 +21,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import pipelining
-from sqlalchemy_replicas.positions import PostgresPositions
-from sqlalchemy_replicas.testing import PostgresTopology, StatementLog
-
-pytestmark = pytest.mark.postgresql
+from sqlalchemy_replicas.positions import MariaDBPositions, PostgresPositions
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog
 
 
 class Base(DeclarativeBase):
@@ -97,6 +97,7 @@ def write(session: Session, item_id: int) -> None:
     session.commit()
 
 
+@pytest.mark.postgresql
 def test_session_commit_costs_the_round_trips_of_a_plain_sessions_commit(
     router: sr.ReplicaRouter, topology: PostgresTopology
 ) -> None:
@@ -117,6 +118,7 @@ def test_session_commit_costs_the_round_trips_of_a_plain_sessions_commit(
     assert log.counts()["primary"] == 0
 
 
+@pytest.mark.postgresql
 def test_without_pipelining_the_position_costs_a_round_trip_of_its_own(
     router: sr.ReplicaRouter, topology: PostgresTopology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,13 +129,14 @@ def test_without_pipelining_the_position_costs_a_round_trip_of_its_own(
         write(session, 1)
     plain.dispose()
     wrapper = router.primary.dialect.do_commit
-    assert isinstance(wrapper, pipelining._PipelinedCommit)
+    assert isinstance(wrapper, pipelining._CommitWithCapture)
     monkeypatch.setattr(router.primary.dialect, "do_commit", wrapper._original)
     with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
         write(session, 2)
     assert routed.count > baseline.count
 
 
+@pytest.mark.postgresql
 def test_savepoints_and_commits_that_wrote_nothing(
     router: sr.ReplicaRouter, topology: PostgresTopology
 ) -> None:
@@ -161,6 +164,7 @@ def test_savepoints_and_commits_that_wrote_nothing(
     assert router.process_scope.target(router) == before
 
 
+@pytest.mark.postgresql
 def test_async_session_commit_costs_no_extra_round_trip(topology: PostgresTopology) -> None:
     """The same on an async engine (psycopg's AsyncConnection in pipeline mode): an
     AsyncSession's write and commit through the router take a plain AsyncSession's
@@ -196,6 +200,7 @@ def test_async_session_commit_costs_no_extra_round_trip(topology: PostgresTopolo
     assert primary_reads == 0
 
 
+@pytest.mark.postgresql
 def test_core_commit_on_router_primary_brings_its_position_back(
     router: sr.ReplicaRouter, topology: PostgresTopology
 ) -> None:
@@ -215,6 +220,7 @@ def test_core_commit_on_router_primary_brings_its_position_back(
     assert log.counts()["primary"] == 0
 
 
+@pytest.mark.postgresql
 def test_a_failing_position_query_leaves_the_commit_done_and_the_position_unknown(
     router: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -226,7 +232,9 @@ def test_a_failing_position_query_leaves_the_commit_done_and_the_position_unknow
     class Failing(PostgresPositions):
         capture_statement = "SELECT 1 / 0"
 
-    monkeypatch.setattr(pipelining, "_BACKEND", Failing())
+    wrapper = router.primary.dialect.do_commit
+    assert isinstance(wrapper, pipelining._CommitWithCapture)
+    monkeypatch.setattr(wrapper._strategy, "backend", Failing())
     with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
         write(session, 1)
     assert "could not read the position of a commit" in caplog.text
@@ -238,6 +246,7 @@ def test_a_failing_position_query_leaves_the_commit_done_and_the_position_unknow
     assert "pg_current_wal_flush_lsn" in on_primary[0]
 
 
+@pytest.mark.postgresql
 def test_a_failing_commit_raises_as_a_commit_error_and_records_nothing(
     router: sr.ReplicaRouter,
 ) -> None:
@@ -257,6 +266,7 @@ def test_a_failing_commit_raises_as_a_commit_error_and_records_nothing(
         assert conn.exec_driver_sql("SELECT count(*) FROM pair").scalar() == 0
 
 
+@pytest.mark.postgresql
 def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopology) -> None:
     """An engine the application passed in is wrapped for as long as a router uses
     it: two routers share one wrapper, and once both are disposed the dialect's
@@ -264,9 +274,164 @@ def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopo
     engine = sa.create_engine(topology.primary_url)
     first = sr.ReplicaRouter(engine, topology.replica_urls)
     second = sr.ReplicaRouter(engine, topology.replica_urls)
-    assert isinstance(engine.dialect.do_commit, pipelining._PipelinedCommit)
+    assert isinstance(engine.dialect.do_commit, pipelining._CommitWithCapture)
     first.dispose()
-    assert isinstance(engine.dialect.do_commit, pipelining._PipelinedCommit)
+    assert isinstance(engine.dialect.do_commit, pipelining._CommitWithCapture)
     second.dispose()
     assert "do_commit" not in vars(engine.dialect)
     engine.dispose()
+
+
+# -- MariaDB: COMMIT; SELECT ... where the connections allow several statements --
+
+
+class Commands:
+    """Counts the commands PyMySQL sends on the connections ``engine`` checks
+    out while active: each one a round trip (PyMySQL sends a command and reads
+    its whole answer before the next)."""
+
+    def __init__(self, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._pool = engine.pool
+        self._monkeypatch = monkeypatch
+        self._async = engine.dialect.is_async
+        self._drivers: set[int] = set()
+        self.count = 0
+
+    def _note(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        self._drivers.add(id(proxy.driver_connection))
+
+    def __enter__(self) -> Commands:
+        connection_class: Any = (
+            aiomysql.connection.Connection if self._async else pymysql.connections.Connection
+        )
+        send = connection_class._execute_command
+
+        def counted(connection: Any, command: int, sql: Any) -> Any:
+            if id(connection) in self._drivers:
+                self.count += 1
+            return send(connection, command, sql)  # a coroutine from aiomysql's
+
+        self._monkeypatch.setattr(connection_class, "_execute_command", counted)
+        event.listen(self._pool, "checkout", self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        event.remove(self._pool, "checkout", self._note)
+        self._monkeypatch.undo()
+
+
+def multi_statement(url: sa.URL) -> sa.URL:
+    """``url`` with connections that allow several statements per query."""
+    return url.update_query_dict({"client_flag": str(pymysql.constants.CLIENT.MULTI_STATEMENTS)})
+
+
+@pytest.fixture
+def maria(fresh_mariadb_topology: MariaDBTopology) -> MariaDBTopology:
+    """The MariaDB topology with the item table, replicated."""
+    engine = sa.create_engine(fresh_mariadb_topology.primary_url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    fresh_mariadb_topology.wait_for_catchup()
+    return fresh_mariadb_topology
+
+
+@pytest.mark.mariadb
+def test_mariadb_commit_brings_its_gtid_back_when_connections_allow_several_statements(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On MariaDB with CLIENT.MULTI_STATEMENTS (set by the application), a routed
+    session's write and commit cost a plain Session's round trips (COMMIT; SELECT
+    @@last_gtid, ... in one query), and the GTID is the commit's: a replica serves
+    the read of the row. Without the flag the position costs round trips of its own."""
+    url = multi_statement(maria.primary_url)
+    plain = sa.create_engine(url)
+    with Commands(plain, monkeypatch) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    router = sr.ReplicaRouter(url, maria.replica_urls)
+    two_step = sr.ReplicaRouter(maria.primary_url, maria.replica_urls)
+    try:
+        router.start()
+        two_step.start()
+        with Commands(router.primary, monkeypatch) as routed, router.sessionmaker()() as session:
+            write(session, 2)
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+        with Commands(two_step.primary, monkeypatch) as unpiped, two_step.sessionmaker()() as s:
+            write(s, 3)
+    finally:
+        router.dispose()
+        two_step.dispose()
+    assert baseline.count >= 2  # the INSERT and the COMMIT, at least
+    assert routed.count == baseline.count
+    assert log.counts()["primary"] == 0
+    assert unpiped.count > baseline.count
+
+
+@pytest.mark.mariadb
+def test_mariadb_a_failing_gtid_query_leaves_the_commit_done_and_the_position_unknown(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the query behind COMMIT fails, the commit stands: the session's commit
+    succeeds, a warning says the position is lost, and the next read first asks the
+    primary for all it has committed, so it is never stale."""
+
+    class Failing(MariaDBPositions):
+        capture_statement = "SELECT no_such_column"
+
+    router = sr.ReplicaRouter(multi_statement(maria.primary_url), maria.replica_urls)
+    try:
+        router.start()
+        wrapper = router.primary.dialect.do_commit
+        assert isinstance(wrapper, pipelining._CommitWithCapture)
+        failing = pipelining._MariaDBMultiStatement(router.primary.dialect, is_async=False)
+        monkeypatch.setattr(failing, "backend", Failing())
+        monkeypatch.setattr(failing, "_statement", f"COMMIT; {Failing.capture_statement}")
+        monkeypatch.setattr(wrapper, "_strategy", failing)
+        with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
+            write(session, 1)
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.select(Item.note).where(Item.id == 1)) == "n1"
+    finally:
+        router.dispose()
+    assert "could not read the position of a commit" in caplog.text
+    assert "no_such_column" in caplog.text
+    on_primary = [s.sql for s in log.statements if s.node == "primary"]
+    assert len(on_primary) == 1
+    assert "gtid_binlog_pos" in on_primary[0]
+
+
+@pytest.mark.mariadb
+def test_mariadb_async_commit_brings_its_gtid_back(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through aiomysql: an AsyncSession's write and commit through the
+    router cost a plain AsyncSession's round trips, and a replica serves the read."""
+    url = multi_statement(maria.async_primary_url)
+
+    async def scenario() -> tuple[int, int, int]:
+        plain = create_async_engine(url)
+        with Commands(plain.sync_engine, monkeypatch) as baseline:
+            async with AsyncSession(plain) as session:
+                session.add(Item(id=1, note="n1"))
+                await session.commit()
+        await plain.dispose()
+        router: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(url, maria.async_replica_urls)
+        try:
+            await router.astart()
+            with Commands(router.primary.sync_engine, monkeypatch) as routed:
+                async with router.async_sessionmaker()() as session:
+                    session.add(Item(id=2, note="n2"))
+                    await session.commit()
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    note = await session.scalar(sa.select(Item.note).where(Item.id == 2))
+            assert note == "n2"
+            return baseline.count, routed.count, log.counts()["primary"]
+        finally:
+            await router.adispose()
+
+    baseline, routed, primary_reads = asyncio.run(scenario())
+    assert baseline >= 2
+    assert routed == baseline
+    assert primary_reads == 0

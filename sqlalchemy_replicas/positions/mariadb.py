@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ._base import PositionBackend, SQLRunner, WaitResult
 from ._sources import addresses, source_rows
@@ -112,13 +112,23 @@ class MariaDBPositions(PositionBackend):
     def behind(self, primary: GtidPosition, applied: GtidPosition) -> int:
         return sum(max(0, seq - applied.get(domain, 0)) for domain, seq in primary.items())
 
-    def capture(self, primary: SQLRunner) -> dict[int, int] | None:
-        # @@last_gtid is this connection's own last commit: read it on the
-        # connection that committed, before it goes back to the pool. Empty
-        # when the connection never wrote: then the whole binlog position.
-        last, binlog = primary.exec_driver_sql("SELECT @@last_gtid, @@gtid_binlog_pos").one()
-        text = last or binlog
+    #: The query :meth:`capture` runs, for a client that sends it with the
+    #: ``COMMIT`` (see :mod:`sqlalchemy_replicas.pipelining`). @@last_gtid is
+    #: this connection's own last commit: read it on the connection that
+    #: committed, before it goes back to the pool. Empty when the connection
+    #: never wrote: then the whole binlog position.
+    capture_statement: str = "SELECT @@last_gtid, @@gtid_binlog_pos"
+
+    def captured(self, row: Sequence[Any]) -> dict[int, int] | None:
+        """The position in ``row``, the answer to :attr:`capture_statement` (pure).
+
+        :raises ValueError: when ``row`` holds no GTID position.
+        """
+        text = row[0] or row[1]
         return self.parse(text) if text else None
+
+    def capture(self, primary: SQLRunner) -> dict[int, int] | None:
+        return self.captured(primary.exec_driver_sql(self.capture_statement).one())
 
     def current(self, primary: SQLRunner) -> dict[int, int] | None:
         text = primary.exec_driver_sql("SELECT @@gtid_binlog_pos").scalar()

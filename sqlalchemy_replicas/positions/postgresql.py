@@ -165,7 +165,7 @@ class PostgresPositions(PositionBackend):
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
 
     def capture(self, primary: SQLRunner) -> int | None:
-        return self.captured(primary.exec_driver_sql(_CAPTURE).one())
+        return self.captured(primary.exec_driver_sql(self.capture_statement).one())
 
     def current(self, primary: SQLRunner) -> int | None:
         # The flush (or insert) LSN is global: the same query serves both.

@@ -32,25 +32,41 @@ read after it, as before.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ._listeners import Listeners
 from .causal import CAPTURED_KEY
 from .positions import PositionBackend, SQLRunner
-from .positions.mariadb import MariaDBPositions
+from .positions._base import WaitResult
+from .positions.mariadb import WAIT_FAILED_ERROR, WAIT_FAILED_PREFIX, MariaDBPositions
 from .positions.postgresql import PostgresPositions
 
-__all__ = ["PIPELINED_KEY", "PipelinedCapture", "capture_commit", "pipeline_commits"]
+__all__ = [
+    "PIPELINED_KEY",
+    "DeferredOutcome",
+    "DeferredWait",
+    "PipelinedCapture",
+    "WaitNotReached",
+    "can_defer_wait",
+    "capture_commit",
+    "defer_wait",
+    "forget_deferred_wait",
+    "pipeline_commits",
+    "pipeline_waits",
+]
 
 #: Set in a primary connection's info by every commit of it: the outcome of
 #: the position query pipelined with that ``COMMIT`` (absent when the commit
 #: was not pipelined). Consumed by :func:`capture_commit`.
 PIPELINED_KEY: Final = "sqlalchemy_replicas.pipelined_capture"
+
+logger = logging.getLogger("sqlalchemy_replicas.causal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,3 +314,240 @@ class _MariaDBMultiStatement:
             return row, None
         finally:
             await cursor.close()
+
+
+# -- a causal wait and the read behind it, in one round trip -------------------------
+
+#: Driver connection (a replica's) -> the wait to send ahead of its next
+#: statement (:func:`defer_wait`). Keyed by the driver's connection, which
+#: the execute hook has at hand (the pool's info is not, on a first connect);
+#: entries live from a read's routing to its execution, and are always
+#: removed (:func:`forget_deferred_wait`).
+_DEFERRED: Final[dict[Any, DeferredWait]] = {}
+
+
+class WaitNotReached(Exception):
+    """The wait sent ahead of a read did not see its position applied: the
+    read's rows were discarded, and the read goes on to the plan's next step.
+
+    :ivar outcome: ``"timed_out"``, ``"stopped"`` (the replica is not
+        applying), or ``"failed"`` (the wait raised an error that does not
+        say the replica is gone).
+    """
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(f"the wait ahead of the read ended {outcome}")
+        self.outcome = outcome
+
+
+#: How a deferred wait ended: as :meth:`PositionBackend.wait_applying` says,
+#: or with an error: ``"failed"`` (the replica is up), ``"gone"`` (it is not).
+DeferredOutcome: TypeAlias = WaitResult | Literal["failed", "gone"]
+
+#: Called with how a deferred wait ended and the seconds it took.
+Settle: TypeAlias = Callable[[DeferredOutcome, float], object]
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredWait:
+    """A wait to send ahead of the next statement on a replica connection."""
+
+    position: Any
+    timeout: float
+    settle: Settle
+
+
+def can_defer_wait(connection: Connection) -> bool:
+    """Whether a wait on ``connection`` (a replica's) can travel with the read
+    behind it: its engine's driver can (see :func:`pipeline_waits`)."""
+    wrapper = connection.dialect.__dict__.get("do_execute")
+    return isinstance(wrapper, _ExecuteBehindWait) and wrapper.can_defer(connection)
+
+
+def defer_wait(connection: Connection, position: Any, timeout: float, settle: Settle) -> None:
+    """Send a wait for ``position`` (up to ``timeout`` seconds) ahead of the next
+    statement on ``connection``, in its round trip; ``settle`` learns how it
+    ended. When the position was not reached that statement raises
+    :class:`WaitNotReached` instead of returning its rows."""
+    _DEFERRED[connection.connection.driver_connection] = DeferredWait(position, timeout, settle)
+
+
+def forget_deferred_wait(connection: Connection) -> None:
+    """Drop a wait :func:`defer_wait` attached and no statement took."""
+    _DEFERRED.pop(connection.connection.driver_connection, None)
+
+
+def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
+    """Let reads on ``engine`` (a replica's sync engine) carry the causal wait
+    ahead of them, where the driver can: psycopg 3; PyMySQL on MariaDB, on
+    connections that allow several statements (each connection's flags
+    decide). Async engines keep the separate wait (docs/round-trips.md says
+    why). Returns whether it may; ``listeners`` takes it back."""
+    dialect = engine.dialect
+    make: Callable[[Callable[..., None]], _ExecuteBehindWait]
+    if dialect.is_async:
+        return False
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        import psycopg
+
+        if not psycopg.Pipeline.is_supported():
+            return False
+        make = _PostgresExecuteBehindWait
+    elif dialect.name in ("mysql", "mariadb") and dialect.driver == "pymysql":
+        make = _MariaDBExecuteBehindWait
+    else:
+        return False
+    wrappers = []
+    for name in ("do_execute", "do_execute_no_params"):
+        current = dialect.__dict__.get(name)
+        if isinstance(current, _ExecuteBehindWait):
+            current.users += 1
+            wrapper = current
+        else:
+            wrapper = make(getattr(dialect, name))
+            setattr(dialect, name, wrapper)
+        wrappers.append((name, wrapper))
+
+    def undo() -> None:
+        for name, wrapper in wrappers:
+            wrapper.users -= 1
+            if wrapper.users == 0 and dialect.__dict__.get(name) is wrapper:
+                delattr(dialect, name)
+
+    listeners.on_remove(undo)
+    return True
+
+
+class _ExecuteBehindWait:
+    """``dialect.do_execute`` (or ``do_execute_no_params``) that sends a
+    deferred wait ahead of the statement, in its round trip."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        self._original = original
+        self.users = 1
+
+    def can_defer(self, connection: Connection) -> bool:
+        """Whether ``connection`` can take a wait ahead of its next statement."""
+        return True
+
+    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        raise NotImplementedError
+
+
+class _PostgresExecuteBehindWait(_ExecuteBehindWait):
+    """psycopg 3: the wait and the statement in one pipeline; the statement's
+    rows are discarded when the wait did not reach its position."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        import psycopg
+
+        super().__init__(original)
+        self._server_cursor = psycopg.ServerCursor
+        self._tuples_ok = psycopg.pq.ExecStatus.TUPLES_OK
+
+    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        # rest: (parameters, context), or (context,) without parameters.
+        driver = cursor.connection
+        deferred = _DEFERRED.pop(driver, None) if _DEFERRED else None
+        if deferred is None:
+            self._original(cursor, statement, *rest)
+            return
+        context = rest[-1]
+        query, parameters = _WAITS.wait_applying_query(deferred.position, deferred.timeout)
+        started = time.perf_counter()
+        wait = driver.cursor()
+        try:
+            if isinstance(cursor, self._server_cursor):
+                # A named cursor (stream_results) cannot be pipelined: the
+                # wait goes first, and the statement meets the server's
+                # answer to it as without the router.
+                wait.execute(query, parameters)
+                self._settle(deferred, wait, started)
+                self._original(cursor, statement, *rest)
+                return
+            try:
+                with driver.pipeline():
+                    wait.execute(query, parameters)
+                    self._original(cursor, statement, *rest)
+            except Exception as error:
+                if wait.pgresult is None or wait.pgresult.status != self._tuples_ok:
+                    # The wait itself failed, and the read behind it never ran.
+                    if context.dialect.is_disconnect(error, driver, cursor):
+                        deferred.settle("gone", time.perf_counter() - started)
+                        raise  # the read's own handling marks the replica down
+                    logger.warning("waiting on a replica ahead of a read failed: %s", error)
+                    deferred.settle("failed", time.perf_counter() - started)
+                    raise WaitNotReached("failed") from error
+                self._settle(deferred, wait, started)  # raises when it was not reached
+                raise  # the read's own error, the wait having reached its position
+            self._settle(deferred, wait, started)
+        finally:
+            wait.close()
+
+    @staticmethod
+    def _settle(deferred: DeferredWait, wait: Any, started: float) -> None:
+        result = _WAITS.wait_applying_result(wait.fetchone())
+        deferred.settle(result, time.perf_counter() - started)
+        if result != "reached":
+            raise WaitNotReached(result)
+
+
+_WAITS: Final = PostgresPositions()
+
+
+class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
+    """PyMySQL on MariaDB: ``<wait that fails unless reached>; <statement>`` in
+    one multi-statement query. When the wait fails, the server stops there:
+    the statement never runs on a replica that is behind."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        from pymysql.constants import CLIENT
+
+        super().__init__(original)
+        self._multi_statements = CLIENT.MULTI_STATEMENTS
+
+    def can_defer(self, connection: Connection) -> bool:
+        driver = connection.connection.driver_connection
+        return (
+            bool(getattr(connection.dialect, "is_mariadb", False))
+            and driver is not None
+            and bool(driver.client_flag & self._multi_statements)
+        )
+
+    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        driver = cursor.connection
+        deferred = _DEFERRED.pop(driver, None) if _DEFERRED else None
+        if deferred is None:
+            self._original(cursor, statement, *rest)
+            return
+        import pymysql
+
+        context = rest[-1]
+        parameters = rest[0] if len(rest) == 2 else None
+        wait, wait_parameters = _GTID_WAITS.wait_applying_or_fail(
+            deferred.position, deferred.timeout
+        )
+        # PyMySQL binds parameters on the client: the statement as its own
+        # execute() would send it.
+        query = f"{cursor.mogrify(wait, wait_parameters)}; {cursor.mogrify(statement, parameters)}"
+        started = time.perf_counter()
+        try:
+            cursor.execute(query)  # reads the wait's result: its error raises here
+        except pymysql.Error as error:
+            seconds = time.perf_counter() - started
+            code, message = (*error.args, None, "")[:2]
+            if code == WAIT_FAILED_ERROR and str(message).startswith(WAIT_FAILED_PREFIX):
+                outcome: WaitResult = "stopped" if str(message).endswith("stopped") else "timed_out"
+                deferred.settle(outcome, seconds)
+                raise WaitNotReached(outcome) from None
+            if context.dialect.is_disconnect(error, driver, cursor):
+                deferred.settle("gone", seconds)
+                raise  # the read's own handling marks the replica down
+            logger.warning("waiting on a replica ahead of a read failed: %s", error)
+            deferred.settle("failed", seconds)
+            raise WaitNotReached("failed") from error
+        deferred.settle("reached", time.perf_counter() - started)
+        cursor.nextset()  # the statement's own result (its error raises here)
+
+
+_GTID_WAITS: Final = MariaDBPositions()

@@ -47,7 +47,7 @@ from .consistency import (
 from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import LagMonitor, ReplicaStatus
-from .pipelining import capture_commit, pipeline_commits
+from .pipelining import capture_commit, pipeline_commits, pipeline_waits
 from .plan import ReplicaState, WaitFailure
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .rules import TableRules
@@ -340,6 +340,7 @@ class ReplicaRouter(Generic[_E]):
         self._weights = _weights(weights, self.replica_names)
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine, listeners=self._listeners)
+            pipeline_waits(replica.sync_engine, self._listeners)  # waits travel with reads
             install_stale_connection_check(
                 replica.sync_engine, self._down_since(replica.name), listeners=self._listeners
             )

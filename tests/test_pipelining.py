@@ -46,9 +46,10 @@ class RoundTrips:
         # Closed by __exit__, which reads it.
         self._file = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self._traced: list[Any] = []
-        #: Round trips of the block, known once it is over (its connections
-        #: back in the pool).
+        #: Round trips of the block, and libpq's trace of it, known once it
+        #: is over (its connections back in the pool).
         self.count = 0
+        self.trace = ""
 
     def _trace(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         pgconn = proxy.driver_connection.pgconn
@@ -70,7 +71,8 @@ class RoundTrips:
             pgconn.untrace()  # flushes the trace
         with self._file:
             self._file.seek(0, os.SEEK_SET)
-            self.count = sum("\tReadyForQuery" in line for line in self._file)
+            self.trace = self._file.read()
+        self.count = self.trace.count("\tReadyForQuery")
 
 
 @pytest.fixture
@@ -282,6 +284,78 @@ def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopo
     engine.dispose()
 
 
+# -- PostgreSQL: the causal wait and the read behind it, in one round trip ----------
+
+
+def read_after_write(router: sr.ReplicaRouter, item_id: int) -> tuple[str | None, list[Any]]:
+    """Commit a row, then read it back in another session: the note read, and
+    the explain() entries of the read."""
+    with router.sessionmaker()() as session:
+        write(session, item_id)
+    with sr.explain() as log, router.sessionmaker()() as session:
+        note = session.scalar(sa.select(Item.note).where(Item.id == item_id))
+    return note, list(log)
+
+
+@pytest.fixture
+def one_replica(topology: PostgresTopology) -> Iterator[sr.ReplicaRouter]:
+    """A started router over replica1 only."""
+    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1])
+    router.start()
+    yield router
+    router.dispose()
+
+
+@pytest.mark.postgresql
+def test_the_wait_and_the_read_travel_in_one_round_trip(
+    one_replica: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read right after a commit waits for the replica to apply it: on psycopg the
+    wait and the read go in one pipeline, one round trip to the replica, where the
+    wait sent on its own costs two; the read is right, and explain() shows the wait."""
+    router = one_replica
+    replica = router.replica_targets[0].sync_engine
+    with RoundTrips(replica) as together:
+        note, entries = read_after_write(router, 1)
+    assert note == "n1"
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+        ("replica1", ["reached"])
+    ]
+    monkeypatch.setattr(sr.session, "can_defer_wait", lambda connection: False)
+    with RoundTrips(replica) as apart:
+        note, entries = read_after_write(router, 2)
+    assert note == "n2"
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+        ("replica1", ["reached"])
+    ]
+    assert together.count == apart.count - 1
+
+
+@pytest.mark.postgresql
+def test_a_failed_wait_discards_the_read_and_the_plan_goes_on(
+    one_replica: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """On a replica that is not applying (replay paused) the wait sent with the read
+    is refused at once: the rows read behind it (older than the commit) are
+    discarded, the primary serves the read, and explain(), the statement log and
+    the counters say so (the discarded read served nothing: no replica decision)."""
+    router = one_replica
+    topology.pause_replay(0)
+    router.reset_stats()
+    replica = router.replica_targets[0].sync_engine
+    with StatementLog(router) as statements, RoundTrips(replica) as trips:
+        note, entries = read_after_write(router, 1)
+    assert note == "n1"
+    assert "SELECT item.note" in trips.trace  # sent behind the wait, then discarded
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [("primary", ["failed"])]
+    assert router.wait_failure("replica1") == "stopped"
+    reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
+    assert reads == ["primary"]
+    stats = router.stats()
+    assert stats.decisions_by_target()["replica"] == 0
+    assert stats.decisions_by_reason().get("not_caught_up") == 1
+
+
 # -- MariaDB: COMMIT; SELECT ... where the connections allow several statements --
 
 
@@ -290,9 +364,9 @@ class Commands:
     out while active: each one a round trip (PyMySQL sends a command and reads
     its whole answer before the next)."""
 
-    def __init__(self, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, engine: sa.Engine) -> None:
         self._pool = engine.pool
-        self._monkeypatch = monkeypatch
+        self._monkeypatch = pytest.MonkeyPatch()
         self._async = engine.dialect.is_async
         self._drivers: set[int] = set()
         self.count = 0
@@ -345,7 +419,7 @@ def test_mariadb_commit_brings_its_gtid_back_when_connections_allow_several_stat
     the read of the row. Without the flag the position costs round trips of its own."""
     url = multi_statement(maria.primary_url)
     plain = sa.create_engine(url)
-    with Commands(plain, monkeypatch) as baseline, Session(plain) as session:
+    with Commands(plain) as baseline, Session(plain) as session:
         write(session, 1)
     plain.dispose()
     router = sr.ReplicaRouter(url, maria.replica_urls)
@@ -353,11 +427,11 @@ def test_mariadb_commit_brings_its_gtid_back_when_connections_allow_several_stat
     try:
         router.start()
         two_step.start()
-        with Commands(router.primary, monkeypatch) as routed, router.sessionmaker()() as session:
+        with Commands(router.primary) as routed, router.sessionmaker()() as session:
             write(session, 2)
         with StatementLog(router) as log, router.sessionmaker()() as session:
             assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
-        with Commands(two_step.primary, monkeypatch) as unpiped, two_step.sessionmaker()() as s:
+        with Commands(two_step.primary) as unpiped, two_step.sessionmaker()() as s:
             write(s, 3)
     finally:
         router.dispose()
@@ -411,7 +485,7 @@ def test_mariadb_async_commit_brings_its_gtid_back(
 
     async def scenario() -> tuple[int, int, int]:
         plain = create_async_engine(url)
-        with Commands(plain.sync_engine, monkeypatch) as baseline:
+        with Commands(plain.sync_engine) as baseline:
             async with AsyncSession(plain) as session:
                 session.add(Item(id=1, note="n1"))
                 await session.commit()
@@ -419,7 +493,7 @@ def test_mariadb_async_commit_brings_its_gtid_back(
         router: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(url, maria.async_replica_urls)
         try:
             await router.astart()
-            with Commands(router.primary.sync_engine, monkeypatch) as routed:
+            with Commands(router.primary.sync_engine) as routed:
                 async with router.async_sessionmaker()() as session:
                     session.add(Item(id=2, note="n2"))
                     await session.commit()
@@ -435,3 +509,44 @@ def test_mariadb_async_commit_brings_its_gtid_back(
     assert baseline >= 2
     assert routed == baseline
     assert primary_reads == 0
+
+
+@pytest.mark.mariadb
+def test_mariadb_the_wait_and_the_read_travel_in_one_query(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a MariaDB replica whose connections allow several statements, a read's
+    wait and the read go as one query, one command where the wait alone costs
+    another. On a paused replica the wait fails first and the server stops there:
+    the read never runs on it, and the primary serves it."""
+    replica_url = multi_statement(maria.replica_urls[0])
+    router = sr.ReplicaRouter(maria.primary_url, [replica_url])
+    try:
+        router.start()
+        replica = router.replica_targets[0].sync_engine
+        with Commands(replica) as together:
+            note, entries = read_after_write(router, 1)
+        assert note == "n1"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        with monkeypatch.context() as patch, Commands(replica) as apart:
+            patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
+            note, entries = read_after_write(router, 2)
+        assert note == "n2"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        assert together.count == apart.count - 1
+        maria.pause_replay(0)
+        with StatementLog(router) as statements:
+            note, entries = read_after_write(router, 3)
+        assert note == "n3"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("primary", ["failed"])
+        ]
+        assert router.wait_failure("replica1") == "stopped"
+        reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
+        assert reads == ["primary"]
+    finally:
+        router.dispose()

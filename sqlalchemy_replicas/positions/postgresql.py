@@ -215,9 +215,18 @@ class PostgresPositions(PositionBackend):
         return bool(reached)
 
     def wait_applying(self, replica: SQLRunner, target: int, timeout: float) -> WaitResult:
-        reached, stopped = replica.exec_driver_sql(
-            _WAIT_APPLYING, {"target": format_lsn(target), "timeout": timeout}
-        ).one()
+        return self.wait_applying_result(
+            replica.exec_driver_sql(*self.wait_applying_query(target, timeout)).one()
+        )
+
+    def wait_applying_query(self, target: int, timeout: float) -> tuple[str, dict[str, Any]]:
+        """The statement and parameters :meth:`wait_applying` runs (pure), for a
+        driver that sends them ahead of a read (see :mod:`sqlalchemy_replicas.pipelining`)."""
+        return _WAIT_APPLYING, {"target": format_lsn(target), "timeout": timeout}
+
+    def wait_applying_result(self, row: Sequence[Any]) -> WaitResult:
+        """How the wait ended, from ``row``, the answer to :meth:`wait_applying_query` (pure)."""
+        reached, stopped = row
         if reached:
             return "reached"
         return "stopped" if stopped else "timed_out"

@@ -10,8 +10,9 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 
+from ..pipelining import WaitNotReached
 from ..router import ReplicaRouter
 
 __all__ = ["ExecutedStatement", "StatementLog"]
@@ -30,7 +31,10 @@ class StatementLog:
 
     The truth is taken from the engines' ``before_cursor_execute`` events,
     so it shows where statements really ran, not where the router meant
-    them to::
+    them to. A read sent behind a causal wait that did not reach its
+    position (in one round trip, see :mod:`sqlalchemy_replicas.pipelining`)
+    is taken out again: its rows were discarded, it served nothing. Such
+    waits themselves bypass the engines' events and are not recorded::
 
         with StatementLog(router) as log:
             session.scalars(select(User)).all()
@@ -50,6 +54,7 @@ class StatementLog:
         self._on_statement = on_statement
         self._lock = threading.Lock()
         self._listeners: list[tuple[Engine, Callable[..., None]]] = []
+        self._errors: list[tuple[Engine, Callable[[ExceptionContext], None]]] = []
         self.statements: list[ExecutedStatement] = []
 
     def counts(self) -> Counter[str]:
@@ -67,6 +72,9 @@ class StatementLog:
             listener = self._listener(target.name)
             event.listen(target.sync_engine, "before_cursor_execute", listener)
             self._listeners.append((target.sync_engine, listener))
+            discard = self._discarder(target.name)
+            event.listen(target.sync_engine, "handle_error", discard)
+            self._errors.append((target.sync_engine, discard))
         return self
 
     def __exit__(
@@ -78,6 +86,22 @@ class StatementLog:
         for engine, listener in self._listeners:
             event.remove(engine, "before_cursor_execute", listener)
         self._listeners.clear()
+        for engine, discard in self._errors:
+            event.remove(engine, "handle_error", discard)
+        self._errors.clear()
+
+    def _discarder(self, node: str) -> Callable[[ExceptionContext], None]:
+        def discard(context: ExceptionContext) -> None:
+            if not isinstance(context.original_exception, WaitNotReached):
+                return
+            with self._lock:  # the newest such statement on that node is the one
+                for index in range(len(self.statements) - 1, -1, -1):
+                    executed = self.statements[index]
+                    if executed.node == node and executed.sql == context.statement:
+                        del self.statements[index]
+                        return
+
+        return discard
 
     def _listener(self, node: str) -> Callable[..., None]:
         def record(

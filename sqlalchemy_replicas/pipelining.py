@@ -49,6 +49,7 @@ from .positions.postgresql import PostgresPositions
 
 __all__ = [
     "PIPELINED_KEY",
+    "WAIT_OBSERVERS",
     "DeferredOutcome",
     "DeferredWait",
     "PipelinedCapture",
@@ -325,6 +326,12 @@ class _MariaDBMultiStatement:
 #: removed (:func:`forget_deferred_wait`).
 _DEFERRED: Final[dict[Any, DeferredWait]] = {}
 
+#: Called as ``observer(engine, statement)`` for each wait sent ahead of a
+#: read, which bypasses the engine's cursor events (``before_cursor_execute``
+#: sees the read only); :class:`~sqlalchemy_replicas.testing.StatementLog`
+#: records them so.
+WAIT_OBSERVERS: Final[list[Callable[[Engine, str], object]]] = []
+
 
 class WaitNotReached(Exception):
     """The wait sent ahead of a read did not see its position applied: the
@@ -454,6 +461,8 @@ class _PostgresExecuteBehindWait(_ExecuteBehindWait):
             return
         context = rest[-1]
         query, parameters = _WAITS.wait_applying_query(deferred.position, deferred.timeout)
+        for observer in WAIT_OBSERVERS:
+            observer(context.root_connection.engine, query)
         started = time.perf_counter()
         wait = driver.cursor()
         try:
@@ -527,6 +536,8 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         wait, wait_parameters = _GTID_WAITS.wait_applying_or_fail(
             deferred.position, deferred.timeout
         )
+        for observer in WAIT_OBSERVERS:
+            observer(context.root_connection.engine, wait)
         # PyMySQL binds parameters on the client: the statement as its own
         # execute() would send it.
         query = f"{cursor.mogrify(wait, wait_parameters)}; {cursor.mogrify(statement, parameters)}"

@@ -312,12 +312,17 @@ def test_the_wait_and_the_read_travel_in_one_round_trip(
 ) -> None:
     """A read right after a commit waits for the replica to apply it: on psycopg the
     wait and the read go in one pipeline, one round trip to the replica, where the
-    wait sent on its own costs two; the read is right, and explain() shows the wait."""
+    wait sent on its own costs two; the read is right, and explain() shows the wait,
+    as the statement log does (just before the read, though no cursor event saw it)."""
     router = one_replica
     replica = router.replica_targets[0].sync_engine
-    with RoundTrips(replica) as together:
+    with StatementLog(router) as log, RoundTrips(replica) as together:
         note, entries = read_after_write(router, 1)
     assert note == "n1"
+    on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+    assert len(on_replica) == 2
+    assert "RECURSIVE poll" in on_replica[0]
+    assert on_replica[1].startswith("SELECT item.note")
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
         ("replica1", ["reached"])
     ]
@@ -524,9 +529,13 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
     try:
         router.start()
         replica = router.replica_targets[0].sync_engine
-        with Commands(replica) as together:
+        with StatementLog(router) as log, Commands(replica) as together:
             note, entries = read_after_write(router, 1)
         assert note == "n1"
+        on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+        assert len(on_replica) == 2
+        assert "MASTER_GTID_WAIT" in on_replica[0]
+        assert on_replica[1].startswith("SELECT item.note")
         assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
             ("replica1", ["reached"])
         ]

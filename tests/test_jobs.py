@@ -119,7 +119,7 @@ def item_reads(log: StatementLog) -> list[str]:
 def waits(log: StatementLog) -> list[str]:
     """Nodes that ran a server-side wait for a position."""
     return [
-        s.node for s in log.statements if "MASTER_GTID_WAIT" in s.sql or "poll(n, reached)" in s.sql
+        s.node for s in log.statements if "MASTER_GTID_WAIT" in s.sql or "RECURSIVE poll" in s.sql
     ]
 
 

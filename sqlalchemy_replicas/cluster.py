@@ -33,6 +33,7 @@ from ._listeners import Listeners
 from .causal import CAPTURED_KEY, COMMITTED_KEY, CausalScope, current_scope
 from .discovery import PrimaryDiscovery
 from .monitor import LagMonitor, ReplicaStatus
+from .pipelining import capture_commit
 from .plan import ReplicaState, WaitFailure
 from .positions import DBAPIRunner, PositionBackend, SQLRunner, backend_for
 from .stats import StatsRecorder
@@ -265,7 +266,7 @@ class Cluster:
             for scope in scopes:
                 scope.mark_unknown(self)
             return
-        self.record_commit(DBAPIRunner(dbapi_connection), scopes)
+        self.record_commit(DBAPIRunner(dbapi_connection, record.info), scopes)
 
     def record_commit(self, primary: SQLRunner, scopes: list[CausalScope]) -> bool:
         """Read the position of what was just committed on ``primary`` (the
@@ -276,9 +277,8 @@ class Cluster:
             if backend is None:
                 return False
             self.lineage(primary)
-            # Before the capture: every commit it does not cover came later.
-            acknowledged = time.monotonic()
-            position = backend.capture(primary)
+            # Taken with the COMMIT when the driver pipelines it (pipelining).
+            acknowledged, position = capture_commit(backend, primary)
         except Exception as error:  # the commit is done; only its position is lost
             logger.warning(
                 "could not read the position of a commit on %s (%s); reads in this "

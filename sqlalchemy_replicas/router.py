@@ -39,6 +39,7 @@ from .consistency import (
 from .discovery import PrimaryDiscovery
 from .exc import ConfigurationError
 from .monitor import ReplicaStatus
+from .pipelining import pipeline_commits, pipeline_waits
 from .positions import PositionBackend
 from .rules import TableRules
 from .session import RoutingSession
@@ -332,6 +333,7 @@ class ReplicaRouter(Generic[_E]):
         )
         for replica in self._replicas:
             install_replica_guard(replica.sync_engine, listeners=self._listeners)
+            pipeline_waits(replica.sync_engine, self._listeners)  # waits travel with reads
             install_stale_connection_check(
                 replica.sync_engine,
                 self.cluster.down_since(replica.name),
@@ -344,6 +346,8 @@ class ReplicaRouter(Generic[_E]):
             # reads go to the primary (see Cluster.process_scope).
             self.cluster.process_scope.mark_unknown(self.cluster)
         self._listeners.listen(self._primary.sync_engine, "commit", _note_commit)
+        if self._replicas:  # else no commit's position is ever read
+            pipeline_commits(self._primary.sync_engine, self._listeners)
         self._listeners.listen_pool(
             self._primary.sync_engine, "reset", weak_method(self.cluster.capture_core_commit, None)
         )

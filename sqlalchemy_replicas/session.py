@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeAlias, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeAlias, TypeGuard, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -30,6 +30,13 @@ from .consistency import (
 )
 from .exc import ConfigurationError
 from .explain import ExplainEntry, ExplainLog, ExplainRerun, ExplainWait, active_logs, short_sql
+from .pipelining import (
+    DeferredOutcome,
+    WaitNotReached,
+    can_defer_wait,
+    defer_wait,
+    forget_deferred_wait,
+)
 from .plan import (
     NO_FREE_CONNECTION,
     NOTHING_TO_WAIT_FOR,
@@ -42,7 +49,7 @@ from .plan import (
 from .policy import Decision, decide
 from .pools import PoolFull, nowait_checkout, pool_is_full
 from .rules import info_rules_declared
-from .stats import Reason, RerunCause, WaitOutcome
+from .stats import Reason, ReasonCode, RerunCause, WaitOutcome
 from .sticky import current_sticky_key
 from .targets import RoutedEngine
 
@@ -221,6 +228,17 @@ class RoutingSession(Session):
         # causal waits of the statement being explained.
         self._reason: Reason = NOTHING_TO_WAIT_FOR
         self._explain_waits: list[ExplainWait] = []
+        # The replica connection a read's wait was attached to, to travel
+        # with the read (dropped if the read does not run there); and
+        # whether the read being planned may do so: not a monotonic one,
+        # whose plan goes on from a failed wait itself (_replica_for).
+        self._deferred_wait_on: Connection | None = None
+        self._may_defer_wait = False
+        # The read's decision, to count when that wait reaches its position
+        # ("pending" from the deferral until _route knows it).
+        self._deferred_decision: tuple[ReasonCode, ConsistencyLevel] | Literal["pending"] | None = (
+            None
+        )
         # True once the current flush has been routed (to the primary, which
         # it pins): SQLAlchemy asks get_bind more than once per flush.
         self._flush_routed = False
@@ -433,7 +451,10 @@ class RoutingSession(Session):
                 level, reason, deadline=deadline if wait else None, avoid=avoid
             )
         self._reason = reason
-        cluster.stats_recorder.decision(target is cluster.primary_target, reason.code, level)
+        if self._deferred_decision == "pending":  # this read's wait travels with it:
+            self._deferred_decision = (reason.code, level)  # counted once it reached
+        else:
+            cluster.stats_recorder.decision(target is cluster.primary_target, reason.code, level)
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
             logger.debug("%s -> %s: %s", what, target.name, reason.text)
@@ -484,6 +505,8 @@ class RoutingSession(Session):
             )
         states = cluster.replica_snapshot(current_sticky_key())
         backend = cluster.positions if scope is not None or position is not None else None
+        # Only execute() waits (get_bind gives no deadline): the read follows.
+        self._may_defer_wait = scope is None
         budget = 0.0 if deadline is None else Plan.time_left(deadline, time.monotonic())
         plan = plan_read(
             level,
@@ -633,40 +656,71 @@ class RoutingSession(Session):
         A wait that does not reach the position is remembered until the
         replica is seen to apply more (see ``ReplicaRouter.wait_failure``).
 
+        Where the driver can (see :mod:`~sqlalchemy_replicas.pipelining`), a
+        read's wait is not sent now but ahead of the read, in its round trip:
+        this returns True, and the read raises ``WaitNotReached`` if it failed.
+
         :raises PoolFull: when its pool has no free connection.
         """
+        backend = self._cluster.positions
+        assert backend is not None
+        started = time.perf_counter()
+        try:
+            connection = self._replica_connection(replica)
+            if self._may_defer_wait and can_defer_wait(connection):
+                defer_wait(
+                    connection,
+                    position,
+                    timeout,
+                    lambda outcome, seconds: self._settle_deferred(
+                        replica, position, outcome, seconds
+                    ),
+                )
+                self._deferred_wait_on = connection
+                self._deferred_decision = "pending"
+                return True
+            result: DeferredOutcome = backend.wait_applying(connection, position, timeout)
+        except sa_exc.DBAPIError as error:
+            logger.warning("waiting on replica %s failed: %s", replica.name, error)
+            result = "gone" if self._replica_failed(replica, error) else "failed"
+        return self._waited(replica, position, result, time.perf_counter() - started)
+
+    def _settle_deferred(
+        self, replica: RoutedEngine, position: Any, outcome: DeferredOutcome, seconds: float
+    ) -> None:
+        """A wait sent with the read ended (see :meth:`_wait_on`): record it,
+        and count the read's decision if it runs on ``replica``."""
+        self._deferred_wait_on = None
+        decision, self._deferred_decision = self._deferred_decision, None
+        if self._waited(replica, position, outcome, seconds) and isinstance(decision, tuple):
+            self._cluster.stats_recorder.decision(False, *decision)
+
+    def _waited(
+        self, replica: RoutedEngine, position: Any, result: DeferredOutcome, seconds: float
+    ) -> bool:
+        """Count and remember how a wait on ``replica`` ended; whether it reached ``position``."""
         cluster = self._cluster
         backend = cluster.positions
         assert backend is not None
-        started = time.perf_counter()
-        outcome: WaitOutcome
-        try:
-            connection = self._replica_connection(replica)
-            result = backend.wait_applying(connection, position, timeout)
-        except sa_exc.DBAPIError as error:
-            logger.warning("waiting on replica %s failed: %s", replica.name, error)
-            reached, stopped, outcome = False, False, "failed"
-            gone = self._replica_failed(replica, error)
-        else:
-            gone, reached, stopped = False, result == "reached", result == "stopped"
-            # A refusal (not applying) counts with the failures: the replica
-            # could not serve, and no time was spent waiting.
-            outcome = "reached" if reached else "failed" if stopped else "timed_out"
-            if stopped:
-                logger.debug("replica %s is not applying (replay paused)", replica.name)
-        seconds = time.perf_counter() - started
+        # A refusal (not applying) counts with the failures: the replica
+        # could not serve, and no time was spent waiting.
+        outcome: WaitOutcome = (
+            "reached" if result == "reached" else "timed_out" if result == "timed_out" else "failed"
+        )
+        if result == "stopped":
+            logger.debug("replica %s is not applying (replay paused)", replica.name)
         cluster.stats_recorder.wait(outcome, seconds)
         if active_logs():
             self._explain_waits.append(
                 ExplainWait(replica.name, backend.format(position), seconds, outcome)
             )
-        if gone:
+        if result == "gone":
             return False
-        if reached:
+        if result == "reached":
             cluster.note_applied(replica.name, position)
-        else:
-            cluster.note_wait_failed(replica.name, stopped=stopped)
-        return reached
+            return True
+        cluster.note_wait_failed(replica.name, stopped=result == "stopped")
+        return False
 
     def _replica_connection(self, replica: RoutedEngine) -> Connection:
         """The transaction's connection to ``replica``, checked out now if it
@@ -778,6 +832,27 @@ class RoutingSession(Session):
         bind_arguments: dict[str, Any] | None,
         kw: dict[str, Any],
     ) -> _T:
+        try:
+            return self._run_routed(
+                method, statement, params, execution_options, bind_arguments, kw
+            )
+        finally:
+            if self._deferred_wait_on is not None:  # a wait the read did not take
+                forget_deferred_wait(self._deferred_wait_on)
+                self._deferred_wait_on = None
+            decision, self._deferred_decision = self._deferred_decision, None
+            if isinstance(decision, tuple):  # routed there all the same
+                self._cluster.stats_recorder.decision(False, *decision)
+
+    def _run_routed(
+        self,
+        method: Callable[..., _T],
+        statement: Any,
+        params: Any,
+        execution_options: Mapping[str, Any],
+        bind_arguments: dict[str, Any] | None,
+        kw: dict[str, Any],
+    ) -> _T:
         """Decide where ``statement`` runs, run it there through ``method``
         (Session's own execute, scalars or scalar), and run a statement that
         a read-only replica refused on the primary instead."""
@@ -827,6 +902,10 @@ class RoutingSession(Session):
                 except PoolFull:
                     self._note_pool_full(target)
                     self._note_rerun(reruns, target, "pool_full", "its pool had no free connection")
+                    avoid.append(target)
+                except WaitNotReached:
+                    # The wait sent with the read failed (counted, remembered):
+                    # its rows are discarded, the plan's next step serves.
                     avoid.append(target)
                 except sa_exc.DBAPIError as error:
                     if is_read_only_violation(error):

@@ -178,7 +178,9 @@ def test_a_causal_wait_on_a_dead_replica_moves_on_to_the_next_one(
 ) -> None:
     """After a commit, the read waits for its replica; that replica has died (its
     pooled connection breaks): the wait moves on to the other replica, which
-    serves the read with the commit, rather than sending it to the primary."""
+    serves the read with the commit, rather than sending it to the primary. (Where
+    the wait and the read travel in one round trip, psycopg, the read was sent to
+    replica1 too, and lost with the connection.)"""
     router = sync_router
     make = router.sessionmaker()
     key = key_preferring(router, "replica1")
@@ -189,7 +191,9 @@ def test_a_causal_wait_on_a_dead_replica_moves_on_to_the_next_one(
         topology.kill_replica(0)
         with StatementLog(router) as log:
             assert session.scalar(sa.text("SELECT count(*) FROM item")) == 3
-    assert [s.node for s in log.statements if "item" in s.sql] == ["replica2"]
+    reads = [s.node for s in log.statements if "item" in s.sql]
+    assert reads[-1] == "replica2"
+    assert reads[:-1] == (["replica1"] if topology.backend == "postgresql" else [])
     assert status_of(router, "replica1").healthy is False
 
 

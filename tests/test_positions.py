@@ -237,3 +237,90 @@ def test_wal_that_nothing_flushes_holds_no_read_back(fresh_postgres_topology: To
         assert [s.healthy for s in router.status()] == [True, True]
     finally:
         router.dispose()
+
+
+class FakeServer:
+    """A SQLRunner for unit tests: a dialect with a server version, and canned
+    answers to the statements it is sent (recorded, in order)."""
+
+    def __init__(self, version: tuple[int, ...], answers: list[Any]) -> None:
+        self.dialect = type("Dialect", (), {"server_version_info": version})()
+        self._answers = answers
+        self.sent: list[str] = []
+
+    def exec_driver_sql(self, statement: str, parameters: Any = None, /) -> Any:
+        self.sent.append(statement)
+        answer = self._answers.pop(0)
+        return type("Rows", (), {"one": lambda _: answer, "scalar": lambda _: answer})()
+
+
+def test_wait_for_lsn_statement_and_its_answers() -> None:
+    """PostgreSQL 19's WAIT FOR LSN: the LSN written in, the timeout in whole
+    milliseconds rounded up and never 0 (which waits forever), NO_THROW; its
+    statuses map to reached / timed_out / stopped (promoted), anything else raises.
+    (No PostgreSQL 19 server is available here: unit level only.)"""
+    lsn = PG.parse("16/B374D848")
+    assert PG.wait_for_statement(lsn, 0.5) == (
+        "WAIT FOR LSN '16/B374D848' WITH (TIMEOUT '500ms', NO_THROW)"
+    )
+    assert "TIMEOUT '2ms'" in PG.wait_for_statement(lsn, 0.0011)
+    assert "TIMEOUT '1ms'" in PG.wait_for_statement(lsn, 0.0)
+    assert PG.wait_for_result("success") == "reached"
+    assert PG.wait_for_result("timeout") == "timed_out"
+    assert PG.wait_for_result("not in recovery") == "stopped"
+    with pytest.raises(ValueError, match="unknown WAIT FOR status"):
+        PG.wait_for_result("maybe")
+
+
+def test_wait_applying_uses_wait_for_lsn_on_postgresql_19_only() -> None:
+    """On PostgreSQL 19 (server_version_info >= (19,)) a wait asks the replay state
+    first: already applied, or replay paused, answers in that one round trip;
+    otherwise WAIT FOR LSN waits. Older servers get the polling query. wait()
+    sends WAIT FOR LSN alone."""
+    lsn = PG.parse("0/3000148")
+    caught_up = FakeServer((19, 0), [(True, False)])
+    assert PG.wait_applying(caught_up, lsn, 0.5) == "reached"
+    assert len(caught_up.sent) == 1
+    assert "WAIT FOR" not in caught_up.sent[0]
+    paused = FakeServer((19, 0), [(False, True)])
+    assert PG.wait_applying(paused, lsn, 0.5) == "stopped"
+    assert len(paused.sent) == 1
+    behind = FakeServer((19, 0), [(False, False), "timeout"])
+    assert PG.wait_applying(behind, lsn, 0.5) == "timed_out"
+    assert behind.sent[1] == "WAIT FOR LSN '0/3000148' WITH (TIMEOUT '500ms', NO_THROW)"
+    applying = FakeServer((19,), [(False, False), "success"])
+    assert PG.wait_applying(applying, lsn, 0.5) == "reached"
+    older = FakeServer((18, 1), [(False, False)])
+    assert PG.wait_applying(older, lsn, 0.5) == "timed_out"
+    assert older.sent[0].lstrip().startswith("WITH RECURSIVE poll")
+    waiting = FakeServer((19, 0), ["success"])
+    assert PG.wait(waiting, lsn, 0.5) is True
+    assert waiting.sent[0].startswith("WAIT FOR LSN")
+
+
+@pytest.mark.postgresql
+def test_the_replay_state_asked_before_wait_for_lsn_runs_on_a_real_server(
+    fresh_postgres_topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PostgreSQL 19 path's first question (is the position applied, is replay
+    paused) is valid SQL on a real standby: applied, it answers reached; paused
+    and behind, stopped; neither reaches WAIT FOR LSN, which PostgreSQL 15 lacks."""
+    from sqlalchemy_replicas.positions import postgresql
+
+    monkeypatch.setattr(postgresql, "has_wait_for", lambda server: True)
+    topology = fresh_postgres_topology
+    primary = sa.create_engine(topology.primary_url)
+    replica = sa.create_engine(topology.replica_urls[0], isolation_level="AUTOCOMMIT")
+    try:
+        with primary.connect() as conn:
+            applied = PG.current(conn)
+        topology.wait_for_catchup()
+        assert applied is not None
+        with replica.connect() as conn:
+            assert PG.wait_applying(conn, applied, 0.5) == "reached"
+        topology.pause_replay(0)
+        with replica.connect() as conn:
+            assert PG.wait_applying(conn, applied + 2**32, 0.5) == "stopped"
+    finally:
+        primary.dispose()
+        replica.dispose()

@@ -23,8 +23,11 @@ class DBAPIRunner:
     """Runs a backend's queries on a raw DBAPI connection (pool events have no
     SQLAlchemy Connection), with the small part of Connection's API they use."""
 
-    def __init__(self, dbapi_connection: Any) -> None:
+    def __init__(self, dbapi_connection: Any, info: dict[Any, Any] | None = None) -> None:
         self._dbapi_connection = dbapi_connection
+        #: The pool record's info of the connection, when known (as
+        #: ``Connection.info``).
+        self.info = info
 
     def exec_driver_sql(self, statement: str, parameters: Any = None, /) -> _Rows:
         cursor = self._dbapi_connection.cursor()

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ._base import PositionBackend, SQLRunner, WaitResult
 from ._sources import addresses, source_rows
 
-__all__ = ["GtidPosition", "MariaDBPositions", "MariaDBPrimary", "MariaDBReplica", "MariaDBSource"]
+__all__ = [
+    "WAIT_FAILED_ERROR",
+    "WAIT_FAILED_PREFIX",
+    "GtidPosition",
+    "MariaDBPositions",
+    "MariaDBPrimary",
+    "MariaDBReplica",
+    "MariaDBSource",
+]
 
 _GTID: Final = re.compile(r"(\d{1,10})-(\d{1,10})-(\d{1,20})", re.ASCII)
 #: Domain and server ids are 32-bit, sequence numbers 64-bit (unsigned).
@@ -70,6 +78,22 @@ _WAIT_APPLYING: Final = (
     "THEN IF(MASTER_GTID_WAIT(%s, 0) = 0, 0, -2) ELSE MASTER_GTID_WAIT(%s, %s) END"
 )
 
+# The same, as a statement that fails unless the target was reached (an
+# anonymous compound statement, MariaDB 10.1.1+): sent ahead of a read in
+# one multi-statement query, it stops the read from running on a replica
+# that is behind. The message says how it ended.
+_WAIT_APPLYING_OR_FAIL: Final = (
+    f"BEGIN NOT ATOMIC DECLARE r INT DEFAULT ({_WAIT_APPLYING}); "
+    "IF r = -2 THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'sqlalchemy_replicas: stopped'; "
+    "ELSEIF r <> 0 THEN "
+    "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'sqlalchemy_replicas: timed_out'; "
+    "END IF; END"
+)
+#: The error a failed :meth:`MariaDBPositions.wait_applying_or_fail` raises:
+#: ER_SIGNAL_EXCEPTION, with this prefix and then ``stopped`` or ``timed_out``.
+WAIT_FAILED_ERROR: Final = 1644
+WAIT_FAILED_PREFIX: Final = "sqlalchemy_replicas: "
+
 
 class MariaDBPositions(PositionBackend):
     """MariaDB GTID positions such as ``0-1-10,1-2-5``.
@@ -112,13 +136,23 @@ class MariaDBPositions(PositionBackend):
     def behind(self, primary: GtidPosition, applied: GtidPosition) -> int:
         return sum(max(0, seq - applied.get(domain, 0)) for domain, seq in primary.items())
 
-    def capture(self, primary: SQLRunner) -> dict[int, int] | None:
-        # @@last_gtid is this connection's own last commit: read it on the
-        # connection that committed, before it goes back to the pool. Empty
-        # when the connection never wrote: then the whole binlog position.
-        last, binlog = primary.exec_driver_sql("SELECT @@last_gtid, @@gtid_binlog_pos").one()
-        text = last or binlog
+    #: The query :meth:`capture` runs, for a client that sends it with the
+    #: ``COMMIT`` (see :mod:`sqlalchemy_replicas.pipelining`). @@last_gtid is
+    #: this connection's own last commit: read it on the connection that
+    #: committed, before it goes back to the pool. Empty when the connection
+    #: never wrote: then the whole binlog position.
+    capture_statement: str = "SELECT @@last_gtid, @@gtid_binlog_pos"
+
+    def captured(self, row: Sequence[Any]) -> dict[int, int] | None:
+        """The position in ``row``, the answer to :attr:`capture_statement` (pure).
+
+        :raises ValueError: when ``row`` holds no GTID position.
+        """
+        text = row[0] or row[1]
         return self.parse(text) if text else None
+
+    def capture(self, primary: SQLRunner) -> dict[int, int] | None:
+        return self.captured(primary.exec_driver_sql(self.capture_statement).one())
 
     def current(self, primary: SQLRunner) -> dict[int, int] | None:
         text = primary.exec_driver_sql("SELECT @@gtid_binlog_pos").scalar()
@@ -192,6 +226,16 @@ class MariaDBPositions(PositionBackend):
             "SELECT MASTER_GTID_WAIT(%s, %s)", (self.format(target), timeout)
         ).scalar()
         return bool(result == 0)
+
+    def wait_applying_or_fail(
+        self, target: GtidPosition, timeout: float
+    ) -> tuple[str, tuple[str, str, float]]:
+        """A statement and its parameters (pure) that do :meth:`wait_applying`
+        and fail (error :data:`WAIT_FAILED_ERROR`) unless ``target`` was
+        reached: sent ahead of a read in one query, the read runs only on a
+        replica that has applied it (see :mod:`sqlalchemy_replicas.pipelining`)."""
+        text = self.format(target)
+        return _WAIT_APPLYING_OR_FAIL, (text, text, timeout)
 
     def wait_applying(self, replica: SQLRunner, target: GtidPosition, timeout: float) -> WaitResult:
         text = self.format(target)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ._base import PositionBackend, SQLRunner, WaitResult
 
-__all__ = ["PostgresIdentity", "PostgresPositions", "normalize_insert_lsn"]
+__all__ = ["PostgresIdentity", "PostgresPositions", "has_wait_for", "normalize_insert_lsn"]
 
 _LSN: Final = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
 # Sizes of the headers PostgreSQL puts at the start of every WAL page and of
@@ -89,6 +91,26 @@ SELECT bool_or(reached), bool_or(stopped) FROM poll
 """
 
 
+# PostgreSQL 19's own wait (WAIT FOR LSN, a utility statement: no bind
+# parameters, so the LSN, formatted by format_lsn, and the timeout are
+# written in). NO_THROW: it answers 'success', 'timeout' or 'not in
+# recovery' instead of raising. It does not notice paused replay, so the
+# replay state is asked first (_REPLAY_STATE), in its own round trip.
+_WAIT_FOR_RESULTS: Final[dict[str, WaitResult]] = {
+    "success": "reached",
+    "timeout": "timed_out",
+    # Promoted while waiting (or no standby at all): it applies nothing more.
+    "not in recovery": "stopped",
+}
+
+
+def has_wait_for(server: SQLRunner) -> bool:
+    """Whether ``server`` (a SQLAlchemy Connection) has ``WAIT FOR LSN``
+    (PostgreSQL 19 and later), from its dialect's server version (no I/O)."""
+    version = getattr(getattr(server, "dialect", None), "server_version_info", None)
+    return version is not None and tuple(version[:1]) >= (19,)
+
+
 def parse_lsn(text: str) -> int:
     """``'16/B374D848'`` -> ``0x16B374D848``; raises ValueError for anything else."""
     match = _LSN.fullmatch(text.strip())
@@ -152,9 +174,19 @@ class PostgresPositions(PositionBackend):
     def behind(self, primary: int, applied: int) -> int:
         return max(0, primary - applied)
 
-    def capture(self, primary: SQLRunner) -> int | None:
-        row = primary.exec_driver_sql(_CAPTURE).one()
+    #: The query :meth:`capture` runs, for a driver that sends it in the
+    #: commit's own round trip (see :mod:`sqlalchemy_replicas.pipelining`).
+    capture_statement: str = _CAPTURE
+
+    def captured(self, row: Sequence[Any]) -> int:
+        """The position in ``row``, the answer to :attr:`capture_statement` (pure).
+
+        :raises ValueError: when ``row`` holds no LSN.
+        """
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
+
+    def capture(self, primary: SQLRunner) -> int | None:
+        return self.captured(primary.exec_driver_sql(self.capture_statement).one())
 
     def current(self, primary: SQLRunner) -> int | None:
         # The flush (or insert) LSN is global: the same query serves both.
@@ -198,15 +230,55 @@ class PostgresPositions(PositionBackend):
         return (None if text is None else parse_lsn(text)), (None if age is None else float(age))
 
     def wait(self, replica: SQLRunner, target: int, timeout: float) -> bool:
+        if has_wait_for(replica):
+            status = replica.exec_driver_sql(self.wait_for_statement(target, timeout)).scalar()
+            return self.wait_for_result(status) == "reached"
         reached = replica.exec_driver_sql(
             _WAIT, {"target": format_lsn(target), "timeout": timeout}
         ).scalar()
         return bool(reached)
 
     def wait_applying(self, replica: SQLRunner, target: int, timeout: float) -> WaitResult:
-        reached, stopped = replica.exec_driver_sql(
-            _WAIT_APPLYING, {"target": format_lsn(target), "timeout": timeout}
-        ).one()
+        if has_wait_for(replica):
+            # Already there, or not applying: one round trip, as before.
+            # Else PostgreSQL 19's own wait, which wakes as soon as replay
+            # passes the target (the polling query sleeps up to 16 ms).
+            state = self.wait_applying_result(
+                replica.exec_driver_sql(_REPLAY_STATE, {"target": format_lsn(target)}).one()
+            )
+            if state != "timed_out":
+                return state
+            status = replica.exec_driver_sql(self.wait_for_statement(target, timeout)).scalar()
+            return self.wait_for_result(status)
+        return self.wait_applying_result(
+            replica.exec_driver_sql(*self.wait_applying_query(target, timeout)).one()
+        )
+
+    def wait_for_statement(self, target: int, timeout: float) -> str:
+        """PostgreSQL 19's ``WAIT FOR LSN`` for ``target``, up to ``timeout``
+        seconds, answering instead of raising (pure). The timeout is rounded up
+        to whole milliseconds, and is at least 1: 0 would wait forever."""
+        milliseconds = max(1, math.ceil(timeout * 1000))
+        return f"WAIT FOR LSN '{format_lsn(target)}' WITH (TIMEOUT '{milliseconds}ms', NO_THROW)"
+
+    def wait_for_result(self, status: str) -> WaitResult:
+        """How a ``WAIT FOR LSN ... NO_THROW`` ended, from its status (pure).
+
+        :raises ValueError: for a status PostgreSQL does not document.
+        """
+        try:
+            return _WAIT_FOR_RESULTS[status]
+        except KeyError:
+            raise ValueError(f"unknown WAIT FOR status: {status!r}") from None
+
+    def wait_applying_query(self, target: int, timeout: float) -> tuple[str, dict[str, Any]]:
+        """The statement and parameters :meth:`wait_applying` runs (pure), for a
+        driver that sends them ahead of a read (see :mod:`sqlalchemy_replicas.pipelining`)."""
+        return _WAIT_APPLYING, {"target": format_lsn(target), "timeout": timeout}
+
+    def wait_applying_result(self, row: Sequence[Any]) -> WaitResult:
+        """How the wait ended, from ``row``, the answer to :meth:`wait_applying_query` (pure)."""
+        reached, stopped = row
         if reached:
             return "reached"
         return "stopped" if stopped else "timed_out"

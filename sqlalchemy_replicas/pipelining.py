@@ -1,0 +1,564 @@
+"""A commit's position in the commit's own round trip (I/O on the committing connection).
+
+Read-your-writes needs the position of every commit made through the
+router. Read after ``COMMIT`` returned, it costs a round trip of its own
+(three with psycopg: the query opens a transaction, which the pool's
+check-in rolls back). Where the driver can, the position query travels
+with the ``COMMIT``; the server runs it right after the commit, on the same
+connection, exactly as the two-step query would, and both answers come
+back in one round trip:
+
+* psycopg 3 (PostgreSQL, sync and async engines): libpq's pipeline mode
+  sends ``COMMIT`` and the query behind one Sync.
+* PyMySQL and aiomysql on MariaDB, on connections that allow several
+  statements per query (``client_flag`` with ``CLIENT.MULTI_STATEMENTS``,
+  which the application sets: it is not turned on behind its back, see
+  docs/round-trips.md): ``COMMIT; SELECT @@last_gtid, @@gtid_binlog_pos``.
+
+:func:`pipeline_commits` wraps the primary dialect's ``do_commit`` to do
+this; the after-commit path (:func:`capture_commit`) then finds the
+position in the connection's info instead of asking.
+
+Every commit of a primary connection carries the query, written or not:
+the commit cannot know whether the session wrote (the session decides that
+after ``COMMIT``), and the query adds no round trip. The after-commit path
+keeps deciding whether the position counts, as before.
+
+Where the driver cannot (psycopg2, asyncpg, pg8000, a libpq without
+pipeline mode, mysqlclient, asyncmy, MySQL, a MariaDB connection without
+multiple statements), the commit is the dialect's own and the position is
+read after it, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol, TypeAlias
+
+from sqlalchemy.engine import Connection, Engine
+
+from ._listeners import Listeners
+from .causal import CAPTURED_KEY
+from .positions import PositionBackend, SQLRunner
+from .positions._base import WaitResult
+from .positions.mariadb import WAIT_FAILED_ERROR, WAIT_FAILED_PREFIX, MariaDBPositions
+from .positions.postgresql import PostgresPositions
+
+__all__ = [
+    "PIPELINED_KEY",
+    "WAIT_OBSERVERS",
+    "DeferredOutcome",
+    "DeferredWait",
+    "PipelinedCapture",
+    "WaitNotReached",
+    "can_defer_wait",
+    "capture_commit",
+    "defer_wait",
+    "forget_deferred_wait",
+    "pipeline_commits",
+    "pipeline_waits",
+]
+
+#: Set in a primary connection's info by every commit of it: the outcome of
+#: the position query pipelined with that ``COMMIT`` (absent when the commit
+#: was not pipelined). Consumed by :func:`capture_commit`.
+PIPELINED_KEY: Final = "sqlalchemy_replicas.pipelined_capture"
+
+logger = logging.getLogger("sqlalchemy_replicas.causal")
+
+
+@dataclass(frozen=True, slots=True)
+class PipelinedCapture:
+    """What the position query pipelined with a ``COMMIT`` gave.
+
+    :ivar acknowledged: ``time.monotonic()`` before the commit was sent:
+        every commit the position does not cover came later.
+    :ivar position: the commit's position, when the query succeeded.
+    :ivar error: why the query failed (the commit itself succeeded).
+    """
+
+    acknowledged: float
+    position: Any | None
+    error: Exception | None
+
+
+def capture_commit(backend: PositionBackend, primary: SQLRunner) -> tuple[float, Any | None]:
+    """The position of the commit just made on ``primary`` (the committing
+    connection), and the ``time.monotonic()`` before it was read: the one
+    pipelined with the ``COMMIT`` if there is one (no I/O), else asked now.
+
+    :raises Exception: the error of the position query, pipelined or not.
+    """
+    info = getattr(primary, "info", None)
+    pipelined = None if info is None else info.pop(PIPELINED_KEY, None)
+    if pipelined is None:
+        acknowledged = time.monotonic()
+        return acknowledged, backend.capture(primary)
+    if pipelined.error is not None:
+        raise pipelined.error
+    return pipelined.acknowledged, pipelined.position
+
+
+def pipeline_commits(engine: Engine, listeners: Listeners) -> bool:
+    """Make the commits of ``engine`` (a router's primary, a sync engine or
+    an async engine's ``sync_engine``) carry their position query where the
+    driver can; ``listeners`` takes it back. Returns whether it may (for
+    MariaDB, each connection's flags decide at its commits).
+
+    Engines the application passed in are changed on their dialect instance
+    (their own, one per engine); several routers on one engine share one wrapper.
+    """
+    dialect = engine.dialect
+    strategy: _Strategy
+    if dialect.name == "postgresql" and dialect.driver in ("psycopg", "psycopg_async"):
+        import psycopg
+
+        if not psycopg.Pipeline.is_supported():  # a libpq older than 14
+            return False
+        strategy = _PostgresPipeline(is_async=bool(dialect.is_async))
+    elif dialect.name in ("mysql", "mariadb") and dialect.driver in ("pymysql", "aiomysql"):
+        strategy = _MariaDBMultiStatement(dialect, is_async=bool(dialect.is_async))
+    else:
+        return False
+    current = dialect.__dict__.get("do_commit")
+    if isinstance(current, _CommitWithCapture):
+        current.users += 1
+        wrapper = current
+    else:
+        wrapper = _CommitWithCapture(dialect.do_commit, strategy)
+        dialect.do_commit = wrapper  # type: ignore[method-assign]
+
+    def undo() -> None:
+        wrapper.users -= 1
+        if wrapper.users == 0 and dialect.__dict__.get("do_commit") is wrapper:
+            del dialect.do_commit
+
+    listeners.on_remove(undo)
+    # A two-phase commit does not go through do_commit: the position of an
+    # earlier commit on the connection must not stand for it.
+    listeners.listen(engine, "commit_twophase", _forget_pipelined)
+    return True
+
+
+def _forget_pipelined(connection: Any, xid: Any, is_prepared: bool) -> None:
+    connection.info.pop(PIPELINED_KEY, None)
+
+
+#: Row, or the error of the position query when only the query failed.
+_Answer = tuple[Any, Exception | None]
+
+
+class _Strategy(Protocol):
+    @property
+    def backend(self) -> PostgresPositions | MariaDBPositions:
+        """Whose query the commit carries, and who reads its answer."""
+
+    def applies(self, driver: Any) -> bool:
+        """Whether the commit of ``driver`` (the driver's connection) can carry the query."""
+
+    def commit_and_capture(self, driver: Any) -> _Answer:
+        """Commit on ``driver`` with the position query.
+
+        :raises Exception: the driver's error when the ``COMMIT`` failed.
+        """
+
+
+class _CommitWithCapture:
+    """``dialect.do_commit`` that sends the position query with ``COMMIT``."""
+
+    def __init__(self, original: Callable[[Any], None], strategy: _Strategy) -> None:
+        self._original = original
+        self._strategy = strategy
+        self.users = 1
+
+    def __call__(self, dbapi_connection: Any) -> None:
+        # SQLAlchemy passes the pool's proxied connection: its info is the
+        # one the after-commit path and the pool's check-in read.
+        info = dbapi_connection.info
+        info.pop(PIPELINED_KEY, None)
+        driver = dbapi_connection.driver_connection
+        strategy = self._strategy
+        if (
+            info.get(CAPTURED_KEY)  # the router's own connection: nothing to capture
+            or driver is None
+            or not strategy.applies(driver)
+        ):
+            self._original(dbapi_connection)
+            return
+        acknowledged = time.monotonic()
+        # The transaction is over once this returns: the dialect's own
+        # commit is not called (PyMySQL would send a second COMMIT).
+        row, error = strategy.commit_and_capture(driver)
+        position = None
+        if error is None:
+            try:
+                position = strategy.backend.captured(row)
+            except Exception as exc:  # a malformed answer: the position is unknown
+                error = exc
+        info[PIPELINED_KEY] = PipelinedCapture(acknowledged, position, error)
+
+
+class _PostgresPipeline:
+    """psycopg 3: ``COMMIT`` and the query in one pipeline."""
+
+    def __init__(self, *, is_async: bool) -> None:
+        from psycopg.pq import ExecStatus, TransactionStatus
+
+        self.backend = PostgresPositions()
+        self._is_async = is_async
+        self._in_transaction = TransactionStatus.INTRANS
+        self._command_ok = ExecStatus.COMMAND_OK
+
+    def applies(self, driver: Any) -> bool:
+        # Not in AUTOCOMMIT (COMMIT is a no-op there), nor outside a
+        # transaction or in a failed one: the driver's own commit knows those.
+        return not driver.autocommit and driver.info.transaction_status == self._in_transaction
+
+    def commit_and_capture(self, driver: Any) -> _Answer:
+        if self._is_async:
+            from sqlalchemy.util import await_only
+
+            answer: _Answer = await_only(self._commit_and_capture_async(driver))
+            return answer
+        import psycopg
+
+        commit, capture = driver.cursor(), driver.cursor()
+        try:
+            with driver.pipeline():
+                # Executed, not connection.commit(): that one syncs at once,
+                # a round trip before the query could be sent. Never
+                # prepared: COMMIT has nothing to plan.
+                commit.execute("COMMIT", prepare=False)
+                capture.execute(self.backend.capture_statement)
+        except psycopg.Error as error:
+            if not self._committed(commit):
+                raise
+            return None, error
+        return capture.fetchone(), None
+
+    async def _commit_and_capture_async(self, driver: Any) -> _Answer:
+        import psycopg
+
+        commit, capture = driver.cursor(), driver.cursor()
+        try:
+            async with driver.pipeline():
+                await commit.execute("COMMIT", prepare=False)
+                await capture.execute(self.backend.capture_statement)
+        except psycopg.Error as error:
+            if not self._committed(commit):
+                raise
+            return None, error
+        return await capture.fetchone(), None
+
+    def _committed(self, commit: Any) -> bool:
+        """Whether the pipelined ``COMMIT`` (``commit``, its cursor) succeeded:
+        psycopg attaches a command's result to its cursor only when it is not
+        an error (a failed COMMIT also aborts the query behind it)."""
+        result = commit.pgresult
+        return result is not None and result.status == self._command_ok
+
+
+class _MariaDBMultiStatement:
+    """PyMySQL, aiomysql on MariaDB: ``COMMIT; SELECT ...`` in one query."""
+
+    def __init__(self, dialect: Any, *, is_async: bool) -> None:
+        from pymysql.constants import CLIENT
+
+        self.backend = MariaDBPositions()
+        self._dialect = dialect
+        self._is_async = is_async
+        self._multi_statements = CLIENT.MULTI_STATEMENTS
+        self._statement = f"COMMIT; {self.backend.capture_statement}"
+
+    def applies(self, driver: Any) -> bool:
+        return (
+            bool(getattr(self._dialect, "is_mariadb", False))  # MySQL: @@last_gtid is MariaDB's
+            and bool(driver.client_flag & self._multi_statements)
+            and not driver.get_autocommit()  # from the last status flags: no I/O
+        )
+
+    def commit_and_capture(self, driver: Any) -> _Answer:
+        if self._is_async:
+            from sqlalchemy.util import await_only
+
+            answer: _Answer = await_only(self._commit_and_capture_async(driver))
+            return answer
+        import pymysql
+
+        cursor = driver.cursor()
+        try:
+            # The COMMIT's result is read here: its error raises.
+            cursor.execute(self._statement)
+            try:
+                cursor.nextset()  # the query's result, read behind the COMMIT's
+                row = cursor.fetchone()
+            except pymysql.Error as error:
+                return None, error
+            return row, None
+        finally:
+            cursor.close()
+
+    async def _commit_and_capture_async(self, driver: Any) -> _Answer:
+        import pymysql
+
+        cursor = await driver.cursor()
+        try:
+            await cursor.execute(self._statement)
+            try:
+                await cursor.nextset()
+                row = await cursor.fetchone()
+            except pymysql.Error as error:
+                return None, error
+            return row, None
+        finally:
+            await cursor.close()
+
+
+# -- a causal wait and the read behind it, in one round trip -------------------------
+
+#: Driver connection (a replica's) -> the wait to send ahead of its next
+#: statement (:func:`defer_wait`). Keyed by the driver's connection, which
+#: the execute hook has at hand (the pool's info is not, on a first connect);
+#: entries live from a read's routing to its execution, and are always
+#: removed (:func:`forget_deferred_wait`).
+_DEFERRED: Final[dict[Any, DeferredWait]] = {}
+
+#: Called as ``observer(engine, statement)`` for each wait sent ahead of a
+#: read, which bypasses the engine's cursor events (``before_cursor_execute``
+#: sees the read only); :class:`~sqlalchemy_replicas.testing.StatementLog`
+#: records them so.
+WAIT_OBSERVERS: Final[list[Callable[[Engine, str], object]]] = []
+
+
+class WaitNotReached(Exception):
+    """The wait sent ahead of a read did not see its position applied: the
+    read's rows were discarded, and the read goes on to the plan's next step.
+
+    :ivar outcome: ``"timed_out"``, ``"stopped"`` (the replica is not
+        applying), or ``"failed"`` (the wait raised an error that does not
+        say the replica is gone).
+    """
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(f"the wait ahead of the read ended {outcome}")
+        self.outcome = outcome
+
+
+#: How a deferred wait ended: as :meth:`PositionBackend.wait_applying` says,
+#: or with an error: ``"failed"`` (the replica is up), ``"gone"`` (it is not).
+DeferredOutcome: TypeAlias = WaitResult | Literal["failed", "gone"]
+
+#: Called with how a deferred wait ended and the seconds it took.
+Settle: TypeAlias = Callable[[DeferredOutcome, float], object]
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredWait:
+    """A wait to send ahead of the next statement on a replica connection."""
+
+    position: Any
+    timeout: float
+    settle: Settle
+
+
+def can_defer_wait(connection: Connection) -> bool:
+    """Whether a wait on ``connection`` (a replica's) can travel with the read
+    behind it: its engine's driver can (see :func:`pipeline_waits`)."""
+    wrapper = connection.dialect.__dict__.get("do_execute")
+    return isinstance(wrapper, _ExecuteBehindWait) and wrapper.can_defer(connection)
+
+
+def defer_wait(connection: Connection, position: Any, timeout: float, settle: Settle) -> None:
+    """Send a wait for ``position`` (up to ``timeout`` seconds) ahead of the next
+    statement on ``connection``, in its round trip; ``settle`` learns how it
+    ended. When the position was not reached that statement raises
+    :class:`WaitNotReached` instead of returning its rows."""
+    _DEFERRED[connection.connection.driver_connection] = DeferredWait(position, timeout, settle)
+
+
+def forget_deferred_wait(connection: Connection) -> None:
+    """Drop a wait :func:`defer_wait` attached and no statement took."""
+    _DEFERRED.pop(connection.connection.driver_connection, None)
+
+
+def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
+    """Let reads on ``engine`` (a replica's sync engine) carry the causal wait
+    ahead of them, where the driver can: psycopg 3; PyMySQL on MariaDB, on
+    connections that allow several statements (each connection's flags
+    decide). Async engines keep the separate wait (docs/round-trips.md says
+    why). Returns whether it may; ``listeners`` takes it back."""
+    dialect = engine.dialect
+    make: Callable[[Callable[..., None]], _ExecuteBehindWait]
+    if dialect.is_async:
+        return False
+    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+        import psycopg
+
+        if not psycopg.Pipeline.is_supported():
+            return False
+        make = _PostgresExecuteBehindWait
+    elif dialect.name in ("mysql", "mariadb") and dialect.driver == "pymysql":
+        make = _MariaDBExecuteBehindWait
+    else:
+        return False
+    wrappers = []
+    for name in ("do_execute", "do_execute_no_params"):
+        current = dialect.__dict__.get(name)
+        if isinstance(current, _ExecuteBehindWait):
+            current.users += 1
+            wrapper = current
+        else:
+            wrapper = make(getattr(dialect, name))
+            setattr(dialect, name, wrapper)
+        wrappers.append((name, wrapper))
+
+    def undo() -> None:
+        for name, wrapper in wrappers:
+            wrapper.users -= 1
+            if wrapper.users == 0 and dialect.__dict__.get(name) is wrapper:
+                delattr(dialect, name)
+
+    listeners.on_remove(undo)
+    return True
+
+
+class _ExecuteBehindWait:
+    """``dialect.do_execute`` (or ``do_execute_no_params``) that sends a
+    deferred wait ahead of the statement, in its round trip."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        self._original = original
+        self.users = 1
+
+    def can_defer(self, connection: Connection) -> bool:
+        """Whether ``connection`` can take a wait ahead of its next statement."""
+        return True
+
+    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        raise NotImplementedError
+
+
+class _PostgresExecuteBehindWait(_ExecuteBehindWait):
+    """psycopg 3: the wait and the statement in one pipeline; the statement's
+    rows are discarded when the wait did not reach its position."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        import psycopg
+
+        super().__init__(original)
+        self._server_cursor = psycopg.ServerCursor
+        self._tuples_ok = psycopg.pq.ExecStatus.TUPLES_OK
+
+    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        # rest: (parameters, context), or (context,) without parameters.
+        driver = cursor.connection
+        deferred = _DEFERRED.pop(driver, None) if _DEFERRED else None
+        if deferred is None:
+            self._original(cursor, statement, *rest)
+            return
+        context = rest[-1]
+        query, parameters = _WAITS.wait_applying_query(deferred.position, deferred.timeout)
+        for observer in WAIT_OBSERVERS:
+            observer(context.root_connection.engine, query)
+        started = time.perf_counter()
+        wait = driver.cursor()
+        try:
+            if isinstance(cursor, self._server_cursor):
+                # A named cursor (stream_results) cannot be pipelined: the
+                # wait goes first, and the statement meets the server's
+                # answer to it as without the router.
+                wait.execute(query, parameters)
+                self._settle(deferred, wait, started)
+                self._original(cursor, statement, *rest)
+                return
+            try:
+                with driver.pipeline():
+                    wait.execute(query, parameters)
+                    self._original(cursor, statement, *rest)
+            except Exception as error:
+                if wait.pgresult is None or wait.pgresult.status != self._tuples_ok:
+                    # The wait itself failed, and the read behind it never ran.
+                    if context.dialect.is_disconnect(error, driver, cursor):
+                        deferred.settle("gone", time.perf_counter() - started)
+                        raise  # the read's own handling marks the replica down
+                    logger.warning("waiting on a replica ahead of a read failed: %s", error)
+                    deferred.settle("failed", time.perf_counter() - started)
+                    raise WaitNotReached("failed") from error
+                self._settle(deferred, wait, started)  # raises when it was not reached
+                raise  # the read's own error, the wait having reached its position
+            self._settle(deferred, wait, started)
+        finally:
+            wait.close()
+
+    @staticmethod
+    def _settle(deferred: DeferredWait, wait: Any, started: float) -> None:
+        result = _WAITS.wait_applying_result(wait.fetchone())
+        deferred.settle(result, time.perf_counter() - started)
+        if result != "reached":
+            raise WaitNotReached(result)
+
+
+_WAITS: Final = PostgresPositions()
+
+
+class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
+    """PyMySQL on MariaDB: ``<wait that fails unless reached>; <statement>`` in
+    one multi-statement query. When the wait fails, the server stops there:
+    the statement never runs on a replica that is behind."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        from pymysql.constants import CLIENT
+
+        super().__init__(original)
+        self._multi_statements = CLIENT.MULTI_STATEMENTS
+
+    def can_defer(self, connection: Connection) -> bool:
+        driver = connection.connection.driver_connection
+        return (
+            bool(getattr(connection.dialect, "is_mariadb", False))
+            and driver is not None
+            and bool(driver.client_flag & self._multi_statements)
+        )
+
+    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        driver = cursor.connection
+        deferred = _DEFERRED.pop(driver, None) if _DEFERRED else None
+        if deferred is None:
+            self._original(cursor, statement, *rest)
+            return
+        import pymysql
+
+        context = rest[-1]
+        parameters = rest[0] if len(rest) == 2 else None
+        wait, wait_parameters = _GTID_WAITS.wait_applying_or_fail(
+            deferred.position, deferred.timeout
+        )
+        for observer in WAIT_OBSERVERS:
+            observer(context.root_connection.engine, wait)
+        # PyMySQL binds parameters on the client: the statement as its own
+        # execute() would send it.
+        query = f"{cursor.mogrify(wait, wait_parameters)}; {cursor.mogrify(statement, parameters)}"
+        started = time.perf_counter()
+        try:
+            cursor.execute(query)  # reads the wait's result: its error raises here
+        except pymysql.Error as error:
+            seconds = time.perf_counter() - started
+            code, message = (*error.args, None, "")[:2]
+            if code == WAIT_FAILED_ERROR and str(message).startswith(WAIT_FAILED_PREFIX):
+                outcome: WaitResult = "stopped" if str(message).endswith("stopped") else "timed_out"
+                deferred.settle(outcome, seconds)
+                raise WaitNotReached(outcome) from None
+            if context.dialect.is_disconnect(error, driver, cursor):
+                deferred.settle("gone", seconds)
+                raise  # the read's own handling marks the replica down
+            logger.warning("waiting on a replica ahead of a read failed: %s", error)
+            deferred.settle("failed", seconds)
+            raise WaitNotReached("failed") from error
+        deferred.settle("reached", time.perf_counter() - started)
+        cursor.nextset()  # the statement's own result (its error raises here)
+
+
+_GTID_WAITS: Final = MariaDBPositions()

@@ -1,0 +1,561 @@
+"""A commit's position in the commit's own round trip (psycopg 3's pipeline mode,
+MariaDB's multiple statements), counted in round trips on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import aiomysql
+import pymysql
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import sqlalchemy_replicas as sr
+from sqlalchemy_replicas import pipelining
+from sqlalchemy_replicas.positions import MariaDBPositions, PostgresPositions
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "item"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    note: Mapped[str] = mapped_column(sa.String(50))
+
+
+class RoundTrips:
+    """Counts the round trips of the connections ``engine`` checks out while
+    active, from libpq's own trace: every round trip ends with the server's
+    ReadyForQuery (one per simple query, one per Sync of the extended
+    protocol and of a pipeline)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._pool = engine.pool
+        # Closed by __exit__, which reads it.
+        self._file = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self._traced: list[Any] = []
+        #: Round trips of the block, and libpq's trace of it, known once it
+        #: is over (its connections back in the pool).
+        self.count = 0
+        self.trace = ""
+
+    def _trace(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        pgconn = proxy.driver_connection.pgconn
+        pgconn.trace(self._file.fileno())
+        self._traced.append(pgconn)
+
+    def __enter__(self) -> RoundTrips:
+        event.listen(self._pool, "checkout", self._trace)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        event.remove(self._pool, "checkout", self._trace)
+        for pgconn in self._traced:
+            pgconn.untrace()  # flushes the trace
+        with self._file:
+            self._file.seek(0, os.SEEK_SET)
+            self.trace = self._file.read()
+        self.count = self.trace.count("\tReadyForQuery")
+
+
+@pytest.fixture
+def topology(fresh_postgres_topology: PostgresTopology) -> PostgresTopology:
+    """The PostgreSQL topology with the item table, replicated."""
+    engine = sa.create_engine(fresh_postgres_topology.primary_url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    fresh_postgres_topology.wait_for_catchup()
+    return fresh_postgres_topology
+
+
+@pytest.fixture
+def router(topology: PostgresTopology) -> Iterator[sr.ReplicaRouter]:
+    """A started router over both replicas (its start-up queries are done)."""
+    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls)
+    router.start()
+    yield router
+    router.dispose()
+
+
+def write(session: Session, item_id: int) -> None:
+    session.add(Item(id=item_id, note=f"n{item_id}"))
+    session.commit()
+
+
+@pytest.mark.postgresql
+def test_session_commit_costs_the_round_trips_of_a_plain_sessions_commit(
+    router: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """A routed session's write and commit take exactly as many round trips to the
+    primary as a plain SQLAlchemy Session's on the same server (the position query
+    travels with COMMIT), and the position it brought back is the commit's: the
+    next read of the row is served by a replica, which had to apply it."""
+    plain = sa.create_engine(topology.primary_url)
+    with RoundTrips(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
+        write(session, 2)
+    assert baseline.count >= 2  # BEGIN, INSERT and COMMIT, at least
+    assert routed.count == baseline.count
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+    assert log.counts()["primary"] == 0
+
+
+@pytest.mark.postgresql
+def test_without_pipelining_the_position_costs_a_round_trip_of_its_own(
+    router: sr.ReplicaRouter, topology: PostgresTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saving is real: with the pipelined capture taken away (the commit not
+    wrapped), the same write and commit take more round trips than a plain session."""
+    plain = sa.create_engine(topology.primary_url)
+    with RoundTrips(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    wrapper = router.primary.dialect.do_commit
+    assert isinstance(wrapper, pipelining._CommitWithCapture)
+    monkeypatch.setattr(router.primary.dialect, "do_commit", wrapper._original)
+    with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
+        write(session, 2)
+    assert routed.count > baseline.count
+
+
+@pytest.mark.postgresql
+def test_savepoints_and_commits_that_wrote_nothing(
+    router: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """A released savepoint is no commit: a write in one costs a plain session's
+    round trips, its position taken once, with the outer COMMIT. A transaction that
+    wrote nothing leaves the router's scope where it was, though its COMMIT carried
+    the position query and other connections had committed meanwhile."""
+    plain = sa.create_engine(topology.primary_url)
+    with RoundTrips(plain) as baseline, Session(plain) as session:
+        with session.begin_nested():
+            session.add(Item(id=1, note="n1"))
+        session.commit()
+    with RoundTrips(router.primary) as routed, router.sessionmaker()() as session:
+        with session.begin_nested():
+            session.add(Item(id=2, note="n2"))
+        session.commit()
+    assert routed.count == baseline.count
+    before = router.cluster.process_scope.target(router.cluster)
+    with router.sessionmaker(consistency="strong")() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+        with Session(plain) as elsewhere:  # WAL the read-only commit's query would cover
+            write(elsewhere, 3)
+        session.commit()
+    plain.dispose()
+    assert router.cluster.process_scope.target(router.cluster) == before
+
+
+@pytest.mark.postgresql
+def test_async_session_commit_costs_no_extra_round_trip(topology: PostgresTopology) -> None:
+    """The same on an async engine (psycopg's AsyncConnection in pipeline mode): an
+    AsyncSession's write and commit through the router take a plain AsyncSession's
+    round trips, and the read after it goes to a replica that applied it."""
+
+    async def scenario() -> tuple[int, int, int]:
+        plain = create_async_engine(topology.async_primary_url)
+        with RoundTrips(plain.sync_engine) as baseline:
+            async with AsyncSession(plain) as session:
+                session.add(Item(id=1, note="n1"))
+                await session.commit()
+        await plain.dispose()
+        router: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(
+            topology.async_primary_url, topology.async_replica_urls
+        )
+        try:
+            await router.astart()
+            with RoundTrips(router.primary.sync_engine) as routed:
+                async with router.async_sessionmaker()() as session:
+                    session.add(Item(id=2, note="n2"))
+                    await session.commit()
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    note = await session.scalar(sa.select(Item.note).where(Item.id == 2))
+            assert note == "n2"
+            return baseline.count, routed.count, log.counts()["primary"]
+        finally:
+            await router.adispose()
+
+    baseline, routed, primary_reads = asyncio.run(scenario())
+    assert baseline >= 2
+    assert routed == baseline
+    assert primary_reads == 0
+
+
+@pytest.mark.postgresql
+def test_core_commit_on_router_primary_brings_its_position_back(
+    router: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """A Core commit on router.primary costs a plain engine's round trips, check-in
+    included (the pool's reset finds the position, no query), and it is in the
+    router's scope: a read-your-writes read of the row goes to a replica."""
+    plain = sa.create_engine(topology.primary_url)
+    insert = sa.insert(Item)
+    with RoundTrips(plain) as baseline, plain.begin() as conn:
+        conn.execute(insert, {"id": 1, "note": "n1"})
+    plain.dispose()
+    with RoundTrips(router.primary) as routed, router.primary.begin() as conn:
+        conn.execute(insert, {"id": 2, "note": "n2"})
+    assert routed.count == baseline.count
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+    assert log.counts()["primary"] == 0
+
+
+@pytest.mark.postgresql
+def test_a_failing_position_query_leaves_the_commit_done_and_the_position_unknown(
+    router: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the pipelined position query fails, the COMMIT before it still stands:
+    the session's commit succeeds, a warning says the position is lost, and the
+    scope's position is unknown: the next read first asks the primary for all it
+    has committed (its only statement there), so it is never stale."""
+
+    class Failing(PostgresPositions):
+        capture_statement = "SELECT 1 / 0"
+
+    wrapper = router.primary.dialect.do_commit
+    assert isinstance(wrapper, pipelining._CommitWithCapture)
+    monkeypatch.setattr(wrapper._strategy, "backend", Failing())
+    with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
+        write(session, 1)
+    assert "could not read the position of a commit" in caplog.text
+    assert "division by zero" in caplog.text
+    with StatementLog(router) as log, router.sessionmaker()() as session:
+        assert session.scalar(sa.select(Item.note).where(Item.id == 1)) == "n1"
+    on_primary = [s.sql for s in log.statements if s.node == "primary"]
+    assert len(on_primary) == 1
+    assert "pg_current_wal_flush_lsn" in on_primary[0]
+
+
+@pytest.mark.postgresql
+def test_a_failing_commit_raises_as_a_commit_error_and_records_nothing(
+    router: sr.ReplicaRouter,
+) -> None:
+    """A COMMIT that fails (a deferred constraint checked at commit) raises from
+    session.commit() as SQLAlchemy's IntegrityError, as without pipelining; the
+    connection is usable again and nothing was committed."""
+    with router.primary.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE pair (n int, CONSTRAINT one_n UNIQUE (n) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    session = router.sessionmaker()()
+    session.execute(sa.text("INSERT INTO pair VALUES (1), (1)"))
+    with pytest.raises(sa.exc.IntegrityError, match="one_n"):
+        session.commit()
+    session.close()
+    with router.primary.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pair").scalar() == 0
+
+
+@pytest.mark.postgresql
+def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopology) -> None:
+    """An engine the application passed in is wrapped for as long as a router uses
+    it: two routers share one wrapper, and once both are disposed the dialect's
+    own do_commit is back."""
+    engine = sa.create_engine(topology.primary_url)
+    first = sr.ReplicaRouter(engine, topology.replica_urls)
+    second = sr.ReplicaRouter(engine, topology.replica_urls)
+    assert isinstance(engine.dialect.do_commit, pipelining._CommitWithCapture)
+    first.dispose()
+    assert isinstance(engine.dialect.do_commit, pipelining._CommitWithCapture)
+    second.dispose()
+    assert "do_commit" not in vars(engine.dialect)
+    engine.dispose()
+
+
+# -- PostgreSQL: the causal wait and the read behind it, in one round trip ----------
+
+
+def read_after_write(router: sr.ReplicaRouter, item_id: int) -> tuple[str | None, list[Any]]:
+    """Commit a row, then read it back in another session: the note read, and
+    the explain() entries of the read."""
+    with router.sessionmaker()() as session:
+        write(session, item_id)
+    with sr.explain() as log, router.sessionmaker()() as session:
+        note = session.scalar(sa.select(Item.note).where(Item.id == item_id))
+    return note, list(log)
+
+
+@pytest.fixture
+def one_replica(topology: PostgresTopology) -> Iterator[sr.ReplicaRouter]:
+    """A started router over replica1 only."""
+    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1])
+    router.start()
+    yield router
+    router.dispose()
+
+
+@pytest.mark.postgresql
+def test_the_wait_and_the_read_travel_in_one_round_trip(
+    one_replica: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read right after a commit waits for the replica to apply it: on psycopg the
+    wait and the read go in one pipeline, one round trip to the replica, where the
+    wait sent on its own costs two; the read is right, and explain() shows the wait,
+    as the statement log does (just before the read, though no cursor event saw it)."""
+    router = one_replica
+    replica = router.replica_targets[0].sync_engine
+    with StatementLog(router) as log, RoundTrips(replica) as together:
+        note, entries = read_after_write(router, 1)
+    assert note == "n1"
+    on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+    assert len(on_replica) == 2
+    assert "RECURSIVE poll" in on_replica[0]
+    assert on_replica[1].startswith("SELECT item.note")
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+        ("replica1", ["reached"])
+    ]
+    monkeypatch.setattr(sr.session, "can_defer_wait", lambda connection: False)
+    with RoundTrips(replica) as apart:
+        note, entries = read_after_write(router, 2)
+    assert note == "n2"
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+        ("replica1", ["reached"])
+    ]
+    assert together.count == apart.count - 1
+
+
+@pytest.mark.postgresql
+def test_a_failed_wait_discards_the_read_and_the_plan_goes_on(
+    one_replica: sr.ReplicaRouter, topology: PostgresTopology
+) -> None:
+    """On a replica that is not applying (replay paused) the wait sent with the read
+    is refused at once: the rows read behind it (older than the commit) are
+    discarded, the primary serves the read, and explain(), the statement log and
+    the counters say so (the discarded read served nothing: no replica decision)."""
+    router = one_replica
+    topology.pause_replay(0)
+    router.reset_stats()
+    replica = router.replica_targets[0].sync_engine
+    with StatementLog(router) as statements, RoundTrips(replica) as trips:
+        note, entries = read_after_write(router, 1)
+    assert note == "n1"
+    assert "SELECT item.note" in trips.trace  # sent behind the wait, then discarded
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [("primary", ["failed"])]
+    assert router.cluster.wait_failure("replica1") == "stopped"
+    reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
+    assert reads == ["primary"]
+    stats = router.stats()
+    assert stats.decisions_by_target()["replica"] == 0
+    assert stats.decisions_by_reason().get("not_caught_up") == 1
+
+
+# -- MariaDB: COMMIT; SELECT ... where the connections allow several statements --
+
+
+class Commands:
+    """Counts the commands PyMySQL sends on the connections ``engine`` checks
+    out while active: each one a round trip (PyMySQL sends a command and reads
+    its whole answer before the next)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._pool = engine.pool
+        self._monkeypatch = pytest.MonkeyPatch()
+        self._async = engine.dialect.is_async
+        self._drivers: set[int] = set()
+        self.count = 0
+
+    def _note(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        self._drivers.add(id(proxy.driver_connection))
+
+    def __enter__(self) -> Commands:
+        connection_class: Any = (
+            aiomysql.connection.Connection if self._async else pymysql.connections.Connection
+        )
+        send = connection_class._execute_command
+
+        def counted(connection: Any, command: int, sql: Any) -> Any:
+            if id(connection) in self._drivers:
+                self.count += 1
+            return send(connection, command, sql)  # a coroutine from aiomysql's
+
+        self._monkeypatch.setattr(connection_class, "_execute_command", counted)
+        event.listen(self._pool, "checkout", self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        event.remove(self._pool, "checkout", self._note)
+        self._monkeypatch.undo()
+
+
+def multi_statement(url: sa.URL) -> sa.URL:
+    """``url`` with connections that allow several statements per query."""
+    return url.update_query_dict({"client_flag": str(pymysql.constants.CLIENT.MULTI_STATEMENTS)})
+
+
+@pytest.fixture
+def maria(fresh_mariadb_topology: MariaDBTopology) -> MariaDBTopology:
+    """The MariaDB topology with the item table, replicated."""
+    engine = sa.create_engine(fresh_mariadb_topology.primary_url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    fresh_mariadb_topology.wait_for_catchup()
+    return fresh_mariadb_topology
+
+
+@pytest.mark.mariadb
+def test_mariadb_commit_brings_its_gtid_back_when_connections_allow_several_statements(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On MariaDB with CLIENT.MULTI_STATEMENTS (set by the application), a routed
+    session's write and commit cost a plain Session's round trips (COMMIT; SELECT
+    @@last_gtid, ... in one query), and the GTID is the commit's: a replica serves
+    the read of the row. Without the flag the position costs round trips of its own."""
+    url = multi_statement(maria.primary_url)
+    plain = sa.create_engine(url)
+    with Commands(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    router = sr.ReplicaRouter(url, maria.replica_urls)
+    two_step = sr.ReplicaRouter(maria.primary_url, maria.replica_urls)
+    try:
+        router.start()
+        two_step.start()
+        with Commands(router.primary) as routed, router.sessionmaker()() as session:
+            write(session, 2)
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.select(Item.note).where(Item.id == 2)) == "n2"
+        with Commands(two_step.primary) as unpiped, two_step.sessionmaker()() as s:
+            write(s, 3)
+    finally:
+        router.dispose()
+        two_step.dispose()
+    assert baseline.count >= 2  # the INSERT and the COMMIT, at least
+    assert routed.count == baseline.count
+    assert log.counts()["primary"] == 0
+    assert unpiped.count > baseline.count
+
+
+@pytest.mark.mariadb
+def test_mariadb_a_failing_gtid_query_leaves_the_commit_done_and_the_position_unknown(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the query behind COMMIT fails, the commit stands: the session's commit
+    succeeds, a warning says the position is lost, and the next read first asks the
+    primary for all it has committed, so it is never stale."""
+
+    class Failing(MariaDBPositions):
+        capture_statement = "SELECT no_such_column"
+
+    router = sr.ReplicaRouter(multi_statement(maria.primary_url), maria.replica_urls)
+    try:
+        router.start()
+        wrapper = router.primary.dialect.do_commit
+        assert isinstance(wrapper, pipelining._CommitWithCapture)
+        failing = pipelining._MariaDBMultiStatement(router.primary.dialect, is_async=False)
+        monkeypatch.setattr(failing, "backend", Failing())
+        monkeypatch.setattr(failing, "_statement", f"COMMIT; {Failing.capture_statement}")
+        monkeypatch.setattr(wrapper, "_strategy", failing)
+        with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
+            write(session, 1)
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.select(Item.note).where(Item.id == 1)) == "n1"
+    finally:
+        router.dispose()
+    assert "could not read the position of a commit" in caplog.text
+    assert "no_such_column" in caplog.text
+    on_primary = [s.sql for s in log.statements if s.node == "primary"]
+    assert len(on_primary) == 1
+    assert "gtid_binlog_pos" in on_primary[0]
+
+
+@pytest.mark.mariadb
+def test_mariadb_async_commit_brings_its_gtid_back(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through aiomysql: an AsyncSession's write and commit through the
+    router cost a plain AsyncSession's round trips, and a replica serves the read."""
+    url = multi_statement(maria.async_primary_url)
+
+    async def scenario() -> tuple[int, int, int]:
+        plain = create_async_engine(url)
+        with Commands(plain.sync_engine) as baseline:
+            async with AsyncSession(plain) as session:
+                session.add(Item(id=1, note="n1"))
+                await session.commit()
+        await plain.dispose()
+        router: sr.ReplicaRouter[AsyncEngine] = sr.ReplicaRouter(url, maria.async_replica_urls)
+        try:
+            await router.astart()
+            with Commands(router.primary.sync_engine) as routed:
+                async with router.async_sessionmaker()() as session:
+                    session.add(Item(id=2, note="n2"))
+                    await session.commit()
+            with StatementLog(router) as log:
+                async with router.async_sessionmaker()() as session:
+                    note = await session.scalar(sa.select(Item.note).where(Item.id == 2))
+            assert note == "n2"
+            return baseline.count, routed.count, log.counts()["primary"]
+        finally:
+            await router.adispose()
+
+    baseline, routed, primary_reads = asyncio.run(scenario())
+    assert baseline >= 2
+    assert routed == baseline
+    assert primary_reads == 0
+
+
+@pytest.mark.mariadb
+def test_mariadb_the_wait_and_the_read_travel_in_one_query(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a MariaDB replica whose connections allow several statements, a read's
+    wait and the read go as one query, one command where the wait alone costs
+    another. On a paused replica the wait fails first and the server stops there:
+    the read never runs on it, and the primary serves it."""
+    replica_url = multi_statement(maria.replica_urls[0])
+    router = sr.ReplicaRouter(maria.primary_url, [replica_url])
+    try:
+        router.start()
+        replica = router.replica_targets[0].sync_engine
+        with StatementLog(router) as log, Commands(replica) as together:
+            note, entries = read_after_write(router, 1)
+        assert note == "n1"
+        on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+        assert len(on_replica) == 2
+        assert "MASTER_GTID_WAIT" in on_replica[0]
+        assert on_replica[1].startswith("SELECT item.note")
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        with monkeypatch.context() as patch, Commands(replica) as apart:
+            patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
+            note, entries = read_after_write(router, 2)
+        assert note == "n2"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        assert together.count == apart.count - 1
+        maria.pause_replay(0)
+        with StatementLog(router) as statements:
+            note, entries = read_after_write(router, 3)
+        assert note == "n3"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("primary", ["failed"])
+        ]
+        assert router.cluster.wait_failure("replica1") == "stopped"
+        reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
+        assert reads == ["primary"]
+    finally:
+        router.dispose()

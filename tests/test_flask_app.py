@@ -27,7 +27,7 @@ import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import token as tokens
 from sqlalchemy_replicas.exc import ConfigurationError, ReplicasError
 from sqlalchemy_replicas.integrations.flask import EXTENSION_KEY, Replicas, current_router
-from sqlalchemy_replicas.testing import StatementLog, Topology
+from sqlalchemy_replicas.testing import MariaDBTopology, StatementLog, Topology
 
 SECRET = "flask test secret"
 DELAY = 0.5
@@ -37,12 +37,15 @@ StartResponse = Callable[..., Callable[[bytes], object]]
 
 
 def make_router(topology: Topology, name: str = "default") -> sr.ReplicaRouter[Engine]:
-    """A router as the example's serve.py makes it."""
+    """A router as the example's serve.py makes it, with a wait budget the
+    replicas' delay fits in: MariaDB applies MASTER_DELAY in whole seconds from
+    an event's whole-second timestamp, so 0.5 s becomes 1 to 2 s there (and a
+    read's waits share one budget across replicas)."""
     return sr.ReplicaRouter(
         topology.primary_url,
         topology.replica_urls,
         secret=SECRET,
-        wait_timeout=2 * DELAY,
+        wait_timeout=2.5 if isinstance(topology, MariaDBTopology) else 2 * DELAY,
         engine_options={"pool_pre_ping": True},
         name=name,
     )

@@ -68,14 +68,19 @@ class MariaDBReplica:
 
 
 # MASTER_GTID_WAIT, unless no replication connection has both its threads
-# running (STOP SLAVE [SQL_THREAD]): then only whether the target is applied
-# already (a timeout of 0 does not wait), and -2 when it is not. Slaves_running
-# counts the connections whose IO and SQL threads both run; a multi-source
-# replica with one of them stopped still waits, as before.
+# running (STOP SLAVE [SQL_THREAD]): then -2 at once, once the target is not
+# applied. Slaves_running counts the connections whose IO and SQL threads
+# both run; a multi-source replica with one of them stopped still waits, as
+# before. Reading it costs about 0.1 ms (MariaDB fills every status variable
+# for the query), so a short wait comes first (CASE stops at the first true
+# branch): a replica that applies the target within FIRST_WAIT, the common
+# case, never pays for it; a paused one refuses after FIRST_WAIT.
+FIRST_WAIT: Final = 0.002
 _WAIT_APPLYING: Final = (
-    "SELECT CASE WHEN (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
-    "WHERE VARIABLE_NAME = 'SLAVES_RUNNING') = '0' "
-    "THEN IF(MASTER_GTID_WAIT(%s, 0) = 0, 0, -2) ELSE MASTER_GTID_WAIT(%s, %s) END"
+    f"SELECT CASE WHEN MASTER_GTID_WAIT(%s, LEAST(%s, {FIRST_WAIT})) = 0 THEN 0 "
+    "WHEN (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+    "WHERE VARIABLE_NAME = 'SLAVES_RUNNING') = '0' THEN -2 "
+    f"ELSE MASTER_GTID_WAIT(%s, GREATEST(%s - {FIRST_WAIT}, 0)) END"
 )
 
 # The same, as a statement that fails unless the target was reached (an
@@ -235,11 +240,11 @@ class MariaDBPositions(PositionBackend):
         reached: sent ahead of a read in one query, the read runs only on a
         replica that has applied it (see :mod:`sqlalchemy_replicas.pipelining`)."""
         text = self.format(target)
-        return _WAIT_APPLYING_OR_FAIL, (text, text, timeout)
+        return _WAIT_APPLYING_OR_FAIL, (text, timeout, text, timeout)
 
     def wait_applying(self, replica: SQLRunner, target: GtidPosition, timeout: float) -> WaitResult:
         text = self.format(target)
-        result = replica.exec_driver_sql(_WAIT_APPLYING, (text, text, timeout)).scalar()
+        result = replica.exec_driver_sql(_WAIT_APPLYING, (text, timeout, text, timeout)).scalar()
         if result == 0:
             return "reached"
         return "stopped" if result == -2 else "timed_out"

@@ -234,7 +234,7 @@ class MariaDBPositions(PositionBackend):
 
     def wait_applying_or_fail(
         self, target: GtidPosition, timeout: float
-    ) -> tuple[str, tuple[str, str, float]]:
+    ) -> tuple[str, tuple[str, float, str, float]]:
         """A statement and its parameters (pure) that do :meth:`wait_applying`
         and fail (error :data:`WAIT_FAILED_ERROR`) unless ``target`` was
         reached: sent ahead of a read in one query, the read runs only on a

@@ -438,7 +438,40 @@ class _ExecuteBehindWait:
         return True
 
     def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
+        # rest: (parameters, context), or (context,) without parameters.
+        deferred = _DEFERRED.pop(cursor.connection, None) if _DEFERRED else None
+        if deferred is None:
+            self._original(cursor, statement, *rest)
+        else:
+            self._behind_wait(deferred, cursor, statement, rest)
+
+    def _behind_wait(
+        self, deferred: DeferredWait, cursor: Any, statement: Any, rest: tuple[Any, ...]
+    ) -> None:
+        """Send ``deferred``'s wait and the statement in one round trip; settle
+        the wait; raise :class:`WaitNotReached` unless it reached its position."""
         raise NotImplementedError
+
+    @staticmethod
+    def _announce(context: Any, query: str) -> None:
+        """Tell the wait observers (``StatementLog``) of the wait sent."""
+        for observer in WAIT_OBSERVERS:
+            observer(context.root_connection.engine, query)
+
+    @staticmethod
+    def _failed(
+        deferred: DeferredWait, error: Exception, cursor: Any, context: Any, seconds: float
+    ) -> None:
+        """The wait itself failed (the statement behind it never ran). A lost
+        connection returns, for the caller to raise the driver's error (the
+        read's own handling marks the replica down); else raises
+        :class:`WaitNotReached`."""
+        if context.dialect.is_disconnect(error, cursor.connection, cursor):
+            deferred.settle("gone", seconds)
+            return
+        logger.warning("waiting on a replica ahead of a read failed: %s", error)
+        deferred.settle("failed", seconds)
+        raise WaitNotReached("failed") from error
 
 
 class _PostgresExecuteBehindWait(_ExecuteBehindWait):
@@ -452,17 +485,13 @@ class _PostgresExecuteBehindWait(_ExecuteBehindWait):
         self._server_cursor = psycopg.ServerCursor
         self._tuples_ok = psycopg.pq.ExecStatus.TUPLES_OK
 
-    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
-        # rest: (parameters, context), or (context,) without parameters.
+    def _behind_wait(
+        self, deferred: DeferredWait, cursor: Any, statement: Any, rest: tuple[Any, ...]
+    ) -> None:
         driver = cursor.connection
-        deferred = _DEFERRED.pop(driver, None) if _DEFERRED else None
-        if deferred is None:
-            self._original(cursor, statement, *rest)
-            return
         context = rest[-1]
         query, parameters = _WAITS.wait_applying_query(deferred.position, deferred.timeout)
-        for observer in WAIT_OBSERVERS:
-            observer(context.root_connection.engine, query)
+        self._announce(context, query)
         started = time.perf_counter()
         wait = driver.cursor()
         try:
@@ -481,12 +510,8 @@ class _PostgresExecuteBehindWait(_ExecuteBehindWait):
             except Exception as error:
                 if wait.pgresult is None or wait.pgresult.status != self._tuples_ok:
                     # The wait itself failed, and the read behind it never ran.
-                    if context.dialect.is_disconnect(error, driver, cursor):
-                        deferred.settle("gone", time.perf_counter() - started)
-                        raise  # the read's own handling marks the replica down
-                    logger.warning("waiting on a replica ahead of a read failed: %s", error)
-                    deferred.settle("failed", time.perf_counter() - started)
-                    raise WaitNotReached("failed") from error
+                    self._failed(deferred, error, cursor, context, time.perf_counter() - started)
+                    raise  # lost connection: the read's own handling marks it down
                 self._settle(deferred, wait, started)  # raises when it was not reached
                 raise  # the read's own error, the wait having reached its position
             self._settle(deferred, wait, started)
@@ -523,12 +548,9 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             and bool(driver.client_flag & self._multi_statements)
         )
 
-    def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
-        driver = cursor.connection
-        deferred = _DEFERRED.pop(driver, None) if _DEFERRED else None
-        if deferred is None:
-            self._original(cursor, statement, *rest)
-            return
+    def _behind_wait(
+        self, deferred: DeferredWait, cursor: Any, statement: Any, rest: tuple[Any, ...]
+    ) -> None:
         import pymysql
 
         context = rest[-1]
@@ -536,8 +558,7 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         wait, wait_parameters = _GTID_WAITS.wait_applying_or_fail(
             deferred.position, deferred.timeout
         )
-        for observer in WAIT_OBSERVERS:
-            observer(context.root_connection.engine, wait)
+        self._announce(context, wait)
         # PyMySQL binds parameters on the client: the statement as its own
         # execute() would send it.
         query = f"{cursor.mogrify(wait, wait_parameters)}; {cursor.mogrify(statement, parameters)}"
@@ -551,12 +572,8 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
                 outcome: WaitResult = "stopped" if str(message).endswith("stopped") else "timed_out"
                 deferred.settle(outcome, seconds)
                 raise WaitNotReached(outcome) from None
-            if context.dialect.is_disconnect(error, driver, cursor):
-                deferred.settle("gone", seconds)
-                raise  # the read's own handling marks the replica down
-            logger.warning("waiting on a replica ahead of a read failed: %s", error)
-            deferred.settle("failed", seconds)
-            raise WaitNotReached("failed") from error
+            self._failed(deferred, error, cursor, context, seconds)
+            raise  # lost connection: the read's own handling marks it down
         deferred.settle("reached", time.perf_counter() - started)
         cursor.nextset()  # the statement's own result (its error raises here)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import create_engine, event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ._listeners import Listeners
@@ -42,6 +43,12 @@ _READ_ONLY_SQL: Final = {
     "sqlite": "PRAGMA query_only = ON",
 }
 _GUARD_KEY: Final = "sqlalchemy_replicas.read_only"
+#: ``record.info`` key: the connection left AUTOCOMMIT for a server-side cursor.
+_STREAMING_KEY: Final = "sqlalchemy_replicas.streaming"
+#: Families whose server-side cursors need a transaction: PostgreSQL's
+#: DECLARE CURSOR is refused outside one (psycopg, psycopg2, asyncpg alike),
+#: where MySQL's streaming cursors read an ordinary result.
+_STREAMS_IN_TRANSACTION: Final = frozenset({"postgresql"})
 _CONNECTED_AT_KEY: Final = "sqlalchemy_replicas.connected_at"
 
 # PostgreSQL SQLSTATE read_only_sql_transaction; MySQL/MariaDB errors
@@ -77,25 +84,43 @@ def install_replica_guard(engine: Engine, *, listeners: Listeners | None = None)
     replica that died after a read had returned must not make the
     session's close raise.
 
-    :param listeners: records the listener and the setting, so that
+    On PostgreSQL, a streamed read (``stream_results``, ``yield_per``)
+    needs a transaction for its server-side cursor: the connection leaves
+    AUTOCOMMIT for READ COMMITTED (each statement still sees everything
+    applied when it starts, as in AUTOCOMMIT) from that read until it goes
+    back to the pool, where the pool's reset rolls the read-only
+    transaction back; its next checkout makes it AUTOCOMMIT again.
+
+    :param listeners: records the listener and the settings, so that
         ``listeners.remove_all()`` leaves the engine as it was.
     """
-    sql = _READ_ONLY_SQL.get(dialect_family(engine))
+    family = dialect_family(engine)
+    sql = _READ_ONLY_SQL.get(family)
     dialect = engine.dialect
+    streams_in_transaction = family in _STREAMS_IN_TRANSACTION
     if listeners is not None:
-        was = dialect.skip_autocommit_rollback
+        was_skipping, was_context = dialect.skip_autocommit_rollback, dialect.execution_ctx_cls
 
         def restore() -> None:
-            dialect.skip_autocommit_rollback = was
+            dialect.skip_autocommit_rollback = was_skipping
+            dialect.execution_ctx_cls = was_context
 
         listeners.on_remove(restore)
     dialect.skip_autocommit_rollback = True
+    if streams_in_transaction:
+        dialect.execution_ctx_cls = _streaming_in_transaction(dialect.execution_ctx_cls)
 
     def guard(
         dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
     ) -> None:
         # record.info lives exactly as long as the DBAPI connection.
         if record.info.get(_GUARD_KEY):
+            if streams_in_transaction and record.info.pop(_STREAMING_KEY, False):
+                # Back from a streamed read. The pool's reset rolled its
+                # transaction back, unless the app turned reset off: then
+                # this does (no round trip when there is none).
+                dbapi_connection.rollback()
+                dialect.set_isolation_level(dbapi_connection, "AUTOCOMMIT")
             return
         if sql is not None:
             cursor = dbapi_connection.cursor()
@@ -111,6 +136,31 @@ def install_replica_guard(engine: Engine, *, listeners: Listeners | None = None)
     # On the pool, not the engine: engine-level listeners would make every
     # execution on it dispatch (empty) statement events.
     _listen_pool(listeners, engine, "checkout", guard)
+
+
+def _streaming_in_transaction(base: type[Any]) -> type[DefaultExecutionContext]:
+    """``base`` (a dialect's execution context class), except that a
+    server-side cursor first takes its connection out of AUTOCOMMIT (see
+    :func:`install_replica_guard`)."""
+    if getattr(base, "streams_in_transaction", False):
+        return base  # the guard installed twice on one engine
+
+    class StreamInTransaction(base):  # type: ignore[misc]
+        streams_in_transaction = True
+
+        def create_server_side_cursor(self) -> Any:
+            proxied = self._dbapi_connection
+            if not proxied.info.get(_STREAMING_KEY):
+                # READ COMMITTED whatever the server's default: a later read
+                # on this connection must see what a causal wait found applied.
+                self.dialect.set_isolation_level(proxied.dbapi_connection, "READ COMMITTED")
+                proxied.info[_STREAMING_KEY] = True
+            return super().create_server_side_cursor()
+
+    StreamInTransaction.__name__ = StreamInTransaction.__qualname__ = (
+        f"StreamInTransaction_{base.__name__}"
+    )
+    return StreamInTransaction
 
 
 def install_stale_connection_check(

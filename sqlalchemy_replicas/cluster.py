@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -105,6 +106,11 @@ class Cluster:
         self._monitor: LagMonitor | None = None
         self._monitor_lock = threading.Lock()
         self._next_replica = itertools.count()
+        # The orders of preference, computed once (zones.preference is pure
+        # and took a few microseconds per read): without a sticky key, one
+        # per turn of the round robin's cycle; per sticky key, as keys come.
+        self._rotations = _round_robin_orders(replicas, weights, local)
+        self._sticky_orders: dict[bytes, tuple[RoutedEngine, ...]] = {}
         self._positions: PositionBackend | None = None
         self._lineage: str | None = None
         # Replica name -> a position it is known to have applied (a lower
@@ -353,20 +359,30 @@ class Cluster:
 
     # -- the replicas a read may use ----------------------------------------------------
 
-    def _preference(self, sticky_key: bytes | None) -> list[RoutedEngine]:
+    def _preference(self, sticky_key: bytes | None) -> tuple[RoutedEngine, ...]:
         """Every replica, in a read's order of preference: those in the app's
         zone first, then the others, each group in the sticky key's
         rendezvous order, or without a key, round robin (each read starts at
         the next replica; :func:`~sqlalchemy_replicas.zones.preference`).
         Before the lag monitor's first check of each, waits for it up to
         wait_timeout (as a causal wait would)."""
-        turn = 0 if sticky_key is not None else next(self._next_replica)
-        order = [
-            self.replica_targets[i]
-            for i in zones.preference(
-                self.replica_names, self._weights, self._local, key=sticky_key, turn=turn
-            )
-        ]
+        if sticky_key is None:
+            order = self._rotations[next(self._next_replica) % len(self._rotations)]
+        else:
+            found = self._sticky_orders.get(sticky_key)
+            if found is None:
+                found = tuple(
+                    self.replica_targets[i]
+                    for i in zones.preference(
+                        self.replica_names, self._weights, self._local, key=sticky_key
+                    )
+                )
+                if len(self._sticky_orders) >= _STICKY_ORDERS_KEPT:
+                    # Bounded: the app's users are unbounded. Clearing all is
+                    # cheap, and the active users' orders come straight back.
+                    self._sticky_orders.clear()
+                self._sticky_orders[sticky_key] = found
+            order = found
         monitor = self.ensure_monitor()
         if monitor is not None and not monitor.all_checked and self.wait_timeout > 0:
             # Not yet known to replicate from this primary: give the monitor's
@@ -387,7 +403,7 @@ class Cluster:
         order = self._preference(sticky_key)
         monitor = self._monitor
         if monitor is None:
-            return order if max_lag is None else []
+            return list(order) if max_lag is None else []
         return [r for r in order if monitor.may_serve(r.name, max_lag, self.ignore_lag)]
 
     def replica_snapshot(self, sticky_key: bytes | None) -> list[ReplicaState]:
@@ -491,3 +507,22 @@ def server_kind_unknown(engine: Engine) -> bool:
     (a ``mariadb://`` URL says so; the first connection sets the version)."""
     dialect = engine.dialect
     return dialect.name == "mysql" and getattr(dialect, "server_version_info", None) is None
+
+
+#: How many sticky keys' orders of preference a cluster keeps.
+_STICKY_ORDERS_KEPT = 10_000
+
+
+def _round_robin_orders(
+    replicas: tuple[RoutedEngine, ...], weights: tuple[float, ...], local: tuple[bool, ...]
+) -> tuple[tuple[RoutedEngine, ...], ...]:
+    """The keyless orders of preference, one per turn of their cycle: each zone
+    group rotates with its own size, so the orders repeat after the least
+    common multiple of the two sizes (1 turn without replicas)."""
+    names = [r.name for r in replicas]
+    near = sum(local)
+    cycle = max(1, math.lcm(near or 1, (len(replicas) - near) or 1))
+    return tuple(
+        tuple(replicas[i] for i in zones.preference(names, weights, local, key=None, turn=turn))
+        for turn in range(cycle)
+    )

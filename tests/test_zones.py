@@ -376,3 +376,30 @@ def test_reads_leave_the_zone_while_its_replica_may_not_serve(
     )
     with sr.consistency("eventual"):
         assert reads_by_server(zoned_router) == {"replica2": 20}
+
+
+def test_the_router_follows_zones_preference_turn_after_turn(tmp_path: Path) -> None:
+    """The router keeps its orders of preference (computed once per sticky key,
+    and once per turn of the round robin's cycle): they stay exactly what
+    zones.preference says, read after read, for keys seen again and for
+    zone groups of different sizes (2 in the zone, 3 outside: a 6-turn cycle)."""
+    names = {n: f"sqlite:///{tmp_path / n}.db" for n in ("a", "b", "c", "d", "e")}
+    zoning = {"a": "z2", "b": "z1", "c": "z2", "d": "z1", "e": "z2"}
+    router = sr.ReplicaRouter(
+        f"sqlite:///{tmp_path / 'p.db'}", names, zone="z1", replica_zones=zoning
+    )
+    local = tuple(zoning[n] == "z1" for n in names)
+    weights = (1.0,) * len(names)
+    try:
+        cluster = router.cluster
+        listed = list(names)
+        for turn in range(13):  # a fresh router's reads take turns from 0
+            expected = preference(listed, weights, local, key=None, turn=turn)
+            assert [r.name for r in cluster.replica_order(None)] == [listed[i] for i in expected]
+        for n in [*range(30), *range(30)]:  # each key twice: computed, then kept
+            expected = preference(listed, weights, local, key=key_bytes(n))
+            assert [r.name for r in cluster.replica_order(key_bytes(n))] == [
+                listed[i] for i in expected
+            ]
+    finally:
+        router.dispose()

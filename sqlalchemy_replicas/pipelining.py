@@ -13,7 +13,12 @@ back in one round trip:
 * PyMySQL and aiomysql on MariaDB, on connections that allow several
   statements per query (``client_flag`` with ``CLIENT.MULTI_STATEMENTS``,
   which the application sets: it is not turned on behind its back, see
-  docs/round-trips.md): ``COMMIT; SELECT @@last_gtid, @@gtid_binlog_pos``.
+  docs/round-trips.md): ``COMMIT; SELECT @@last_gtid, @@gtid_binlog_pos``
+  (aiomysql's connections always allow it).
+* PyMySQL on MariaDB, other connections with ``CLIENT.SESSION_TRACK``
+  (which the router adds for primaries it connects to from a URL):
+  ``COMMIT`` alone, its GTID read from the OK packet, where the server
+  tracking ``last_gtid`` reports it (read after the commit when it does not).
 
 :func:`pipeline_commits` wraps the primary dialect's ``do_commit`` to do
 this; the after-commit path (:func:`capture_commit`) then finds the
@@ -25,8 +30,8 @@ after ``COMMIT``), and the query adds no round trip. The after-commit path
 keeps deciding whether the position counts, as before.
 
 Where the driver cannot (psycopg2, asyncpg, pg8000, a libpq without
-pipeline mode, mysqlclient, asyncmy, MySQL, a MariaDB connection without
-multiple statements), the commit is the dialect's own and the position is
+pipeline mode, mysqlclient, asyncmy, MySQL, a PyMySQL connection to
+MariaDB with neither flag), the commit is the dialect's own and the position is
 read after it, as before.
 """
 

@@ -13,7 +13,12 @@ back in one round trip:
 * PyMySQL and aiomysql on MariaDB, on connections that allow several
   statements per query (``client_flag`` with ``CLIENT.MULTI_STATEMENTS``,
   which the application sets: it is not turned on behind its back, see
-  docs/round-trips.md): ``COMMIT; SELECT @@last_gtid, @@gtid_binlog_pos``.
+  docs/round-trips.md): ``COMMIT; SELECT @@last_gtid, @@gtid_binlog_pos``
+  (aiomysql's connections always allow it).
+* PyMySQL on MariaDB, other connections with ``CLIENT.SESSION_TRACK``
+  (which the router adds for primaries it connects to from a URL):
+  ``COMMIT`` alone, its GTID read from the OK packet, where the server
+  tracking ``last_gtid`` reports it (read after the commit when it does not).
 
 :func:`pipeline_commits` wraps the primary dialect's ``do_commit`` to do
 this; the after-commit path (:func:`capture_commit`) then finds the
@@ -25,8 +30,8 @@ after ``COMMIT``), and the query adds no round trip. The after-commit path
 keeps deciding whether the position counts, as before.
 
 Where the driver cannot (psycopg2, asyncpg, pg8000, a libpq without
-pipeline mode, mysqlclient, asyncmy, MySQL, a MariaDB connection without
-multiple statements), the commit is the dialect's own and the position is
+pipeline mode, mysqlclient, asyncmy, MySQL, a PyMySQL connection to
+MariaDB with neither flag), the commit is the dialect's own and the position is
 read after it, as before.
 """
 
@@ -102,7 +107,7 @@ def capture_commit(backend: PositionBackend, primary: SQLRunner) -> tuple[float,
     return pipelined.acknowledged, pipelined.position
 
 
-def pipeline_commits(engine: Engine, listeners: Listeners) -> bool:
+def pipeline_commits(engine: Engine, listeners: Listeners, *, owned: bool = False) -> bool:
     """Make the commits of ``engine`` (a router's primary, a sync engine or
     an async engine's ``sync_engine``) carry their position query where the
     driver can; ``listeners`` takes it back. Returns whether it may (for
@@ -110,6 +115,9 @@ def pipeline_commits(engine: Engine, listeners: Listeners) -> bool:
 
     Engines the application passed in are changed on their dialect instance
     (their own, one per engine); several routers on one engine share one wrapper.
+    On MariaDB through PyMySQL, the connections of an engine the router built
+    (``owned``) ask for CLIENT.SESSION_TRACK; on any engine's connections that
+    have it, the server is told to track ``last_gtid`` (:func:`_track_last_gtid`).
     """
     dialect = engine.dialect
     strategy: _Strategy
@@ -121,6 +129,10 @@ def pipeline_commits(engine: Engine, listeners: Listeners) -> bool:
         strategy = _PostgresPipeline(is_async=bool(dialect.is_async))
     elif dialect.name in ("mysql", "mariadb") and dialect.driver in ("pymysql", "aiomysql"):
         strategy = _MariaDBMultiStatement(dialect, is_async=bool(dialect.is_async))
+        if not dialect.is_async and _MariaDBTrackedCommit.supported():
+            # aiomysql always allows several statements: only PyMySQL needs it.
+            strategy = _MariaDBByFlags(strategy, _MariaDBTrackedCommit(dialect))
+            _track_last_gtid(engine, listeners, add_flag=owned)
     else:
         return False
     current = dialect.__dict__.get("do_commit")
@@ -147,8 +159,13 @@ def _forget_pipelined(connection: Any, xid: Any, is_prepared: bool) -> None:
     connection.info.pop(PIPELINED_KEY, None)
 
 
-#: Row, or the error of the position query when only the query failed.
+#: Row, or the error of the position query when only the query failed. The
+#: row is :data:`_ASK_AFTER` when the commit succeeded but brought no answer.
 _Answer = tuple[Any, Exception | None]
+
+#: A strategy's row when its ``COMMIT`` succeeded but did not bring the
+#: position back: the after-commit path then asks for it, as without pipelining.
+_ASK_AFTER: Final = object()
 
 
 class _Strategy(Protocol):
@@ -192,6 +209,8 @@ class _CommitWithCapture:
         # The transaction is over once this returns: the dialect's own
         # commit is not called (PyMySQL would send a second COMMIT).
         row, error = strategy.commit_and_capture(driver)
+        if row is _ASK_AFTER:  # committed, without its position: read after, as before
+            return
         position = None
         if error is None:
             try:
@@ -315,6 +334,198 @@ class _MariaDBMultiStatement:
             return row, None
         finally:
             await cursor.close()
+
+
+class _MariaDBTrackedCommit:
+    """PyMySQL on MariaDB without multiple statements: ``COMMIT`` alone, its
+    GTID read from the OK packet's session state (``last_gtid`` tracked by
+    ``session_track_system_variables``, CLIENT.SESSION_TRACK).
+
+    The tracked value is what ``SELECT @@last_gtid`` says right after the
+    ``COMMIT`` (the server writes the variable's value when it builds the
+    packet), and a non-empty ``@@last_gtid`` is all
+    :meth:`MariaDBPositions.captured` takes from the query's row. The
+    packet has it only when the commit changed it (a commit that wrote to
+    the binlog); otherwise (nothing written, tracking off, an older server)
+    the position is read after the commit, as without pipelining.
+    """
+
+    def __init__(self, dialect: Any) -> None:
+        from pymysql.constants import CLIENT, COMMAND
+
+        self.backend = MariaDBPositions()
+        self._dialect = dialect
+        self._session_track = CLIENT.SESSION_TRACK
+        self._query = COMMAND.COM_QUERY
+
+    @staticmethod
+    def supported() -> bool:
+        """Whether this PyMySQL has the private methods the commit uses."""
+        import pymysql
+
+        connection = pymysql.connections.Connection
+        return callable(getattr(connection, "_execute_command", None)) and callable(
+            getattr(connection, "_read_ok_packet", None)
+        )
+
+    def applies(self, driver: Any) -> bool:
+        track = self._session_track
+        return (
+            bool(getattr(self._dialect, "is_mariadb", False))
+            # PyMySQL sends its flags unmasked: the server must have it too.
+            and bool(driver.client_flag & track)
+            and bool(getattr(driver, "server_capabilities", 0) & track)
+            and not driver.get_autocommit()
+        )
+
+    def commit_and_capture(self, driver: Any) -> _Answer:
+        # What PyMySQL's commit() does, keeping the OK packet it drops.
+        driver._execute_command(self._query, "COMMIT")
+        ok = driver._read_ok_packet()  # raises the COMMIT's error
+        message = getattr(ok, "message", None)
+        status = getattr(ok, "server_status", 0)
+        if not isinstance(message, bytes) or not status & _SESSION_STATE_CHANGED:
+            return _ASK_AFTER, None
+        value = _tracked_variable(message, b"last_gtid")
+        if not value:
+            return _ASK_AFTER, None
+        try:
+            text = value.decode("ascii")
+            self.backend.parse(text)
+        except ValueError:  # not a GTID position (UnicodeDecodeError is one)
+            return _ASK_AFTER, None
+        return (text, None), None  # the row of capture_statement, as it would read
+
+
+class _MariaDBByFlags:
+    """PyMySQL on MariaDB: per connection, by the flags it connected with,
+    ``COMMIT; SELECT ...`` (CLIENT.MULTI_STATEMENTS: always one round trip),
+    else the GTID tracked in the ``COMMIT``'s OK packet (CLIENT.SESSION_TRACK)."""
+
+    def __init__(self, multi: _MariaDBMultiStatement, tracked: _MariaDBTrackedCommit) -> None:
+        self.backend = multi.backend
+        self._multi = multi
+        self._tracked = tracked
+
+    def applies(self, driver: Any) -> bool:
+        return self._multi.applies(driver) or self._tracked.applies(driver)
+
+    def commit_and_capture(self, driver: Any) -> _Answer:
+        if self._multi.applies(driver):
+            return self._multi.commit_and_capture(driver)
+        return self._tracked.commit_and_capture(driver)
+
+
+#: SERVER_SESSION_STATE_CHANGED: the OK packet carries session state changes.
+_SESSION_STATE_CHANGED: Final = 1 << 14
+#: SESSION_TRACK_SYSTEM_VARIABLES: a change of a tracked system variable.
+_SYSTEM_VARIABLE: Final = 0
+
+#: Tells the server to track ``last_gtid`` besides what it tracks already
+#: ('*' tracks every variable; a name listed twice is kept once anyway).
+_TRACK_LAST_GTID: Final = (
+    "SET SESSION session_track_system_variables = "
+    "IF(FIND_IN_SET('last_gtid', @@session_track_system_variables) "
+    "OR FIND_IN_SET('*', @@session_track_system_variables), "
+    "@@session_track_system_variables, "
+    "CONCAT_WS(',', NULLIF(@@session_track_system_variables, ''), 'last_gtid'))"
+)
+
+
+def _track_last_gtid(engine: Engine, listeners: Listeners, *, add_flag: bool) -> None:
+    """Let the ``COMMIT``'s OK packet of ``engine``'s new PyMySQL connections
+    carry ``last_gtid``: ask for CLIENT.SESSION_TRACK when ``add_flag`` (an
+    engine the router built), and on every new connection that has it, on
+    MariaDB, start tracking ``last_gtid`` (one statement per connection).
+
+    The flag only adds the session state to OK packets, which PyMySQL reads
+    as it reads their info (kept whole in a result's private ``message``);
+    result sets and their EOF packets are unchanged.
+    """
+    import pymysql
+    from pymysql.constants import CLIENT
+
+    flag = CLIENT.SESSION_TRACK
+
+    def ask(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        # Added to the flags SQLAlchemy built from the URL (FOUND_ROWS, the
+        # application's): connect_args would replace them.
+        cparams["client_flag"] = int(cparams.get("client_flag", 0)) | flag
+
+    def track(dbapi_connection: Any, record: Any) -> None:
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if not (
+            getattr(engine.dialect, "is_mariadb", False)
+            and driver.client_flag & flag
+            and getattr(driver, "server_capabilities", 0) & flag
+        ):
+            return
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(_TRACK_LAST_GTID)  # opens no transaction
+        except pymysql.Error as exc:  # a proxy that refuses it: commits read their GTID after
+            logger.debug("could not track last_gtid on a new connection: %s", exc)
+        finally:
+            cursor.close()
+
+    if add_flag:
+        listeners.listen(engine, "do_connect", ask)
+    listeners.listen(engine, "connect", track)
+
+
+def _tracked_variable(message: bytes, name: bytes) -> bytes | None:
+    """The value of the tracked system variable ``name`` in an OK packet's
+    ``message`` (pure): what follows its status flags and warning count, on
+    a connection with CLIENT.SESSION_TRACK whose packet has
+    SERVER_SESSION_STATE_CHANGED: the info (a length-encoded string) and the
+    session state (one, of entries: a type byte and length-encoded data;
+    a system variable's data is its name and value, both length-encoded).
+
+    None when the state does not have it, or is malformed.
+    """
+    try:
+        at, _info = _lenenc_bytes(message, 0)
+        at, state = _lenenc_bytes(message, at)
+        if at != len(message):
+            return None
+        found = None
+        at = 0
+        while at < len(state):
+            kind = state[at]
+            at, data = _lenenc_bytes(state, at + 1)
+            if kind != _SYSTEM_VARIABLE:
+                continue
+            end, variable = _lenenc_bytes(data, 0)
+            end, value = _lenenc_bytes(data, end)
+            if end != len(data):
+                return None
+            if variable == name:
+                found = value
+    except ValueError:
+        return None
+    return found
+
+
+def _lenenc_bytes(data: bytes, at: int) -> tuple[int, bytes]:
+    """The length-encoded string at ``data[at:]`` and the offset after it.
+
+    :raises ValueError: when it does not fit in ``data`` or its length is not one.
+    """
+    if at >= len(data):
+        raise ValueError("truncated")
+    first = data[at]
+    if first < 0xFB:
+        length, at = first, at + 1
+    elif first in (0xFC, 0xFD, 0xFE):
+        size = {0xFC: 2, 0xFD: 3, 0xFE: 8}[first]
+        if at + 1 + size > len(data):
+            raise ValueError("truncated")
+        length, at = int.from_bytes(data[at + 1 : at + 1 + size], "little"), at + 1 + size
+    else:  # 0xFB (NULL) and 0xFF are not lengths
+        raise ValueError("not a length")
+    if at + length > len(data):
+        raise ValueError("truncated")
+    return at + length, data[at : at + length]
 
 
 # -- a causal wait and the read behind it, in one round trip -------------------------

@@ -347,7 +347,7 @@ class ReplicaRouter(Generic[_E]):
             self.cluster.process_scope.mark_unknown(self.cluster)
         self._listeners.listen(self._primary.sync_engine, "commit", _note_commit)
         if self._replicas:  # else no commit's position is ever read
-            pipeline_commits(self._primary.sync_engine, self._listeners)
+            pipeline_commits(self._primary.sync_engine, self._listeners, owned=self._primary.owned)
         self._listeners.listen_pool(
             self._primary.sync_engine, "reset", weak_method(self.cluster.capture_core_commit, None)
         )

@@ -15,12 +15,15 @@ import aiomysql
 import pymysql
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import pipelining
+from sqlalchemy_replicas._listeners import Listeners
 from sqlalchemy_replicas.positions import MariaDBPositions, PostgresPositions
 from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog
 
@@ -421,14 +424,16 @@ def test_mariadb_commit_brings_its_gtid_back_when_connections_allow_several_stat
     """On MariaDB with CLIENT.MULTI_STATEMENTS (set by the application), a routed
     session's write and commit cost a plain Session's round trips (COMMIT; SELECT
     @@last_gtid, ... in one query), and the GTID is the commit's: a replica serves
-    the read of the row. Without the flag the position costs round trips of its own."""
+    the read of the row. Without the flag (nor CLIENT.SESSION_TRACK: an engine passed
+    in without flags) the position costs round trips of its own."""
     url = multi_statement(maria.primary_url)
     plain = sa.create_engine(url)
     with Commands(plain) as baseline, Session(plain) as session:
         write(session, 1)
     plain.dispose()
     router = sr.ReplicaRouter(url, maria.replica_urls)
-    two_step = sr.ReplicaRouter(maria.primary_url, maria.replica_urls)
+    unflagged = sa.create_engine(maria.primary_url)
+    two_step = sr.ReplicaRouter(unflagged, maria.replica_urls)
     try:
         router.start()
         two_step.start()
@@ -441,6 +446,7 @@ def test_mariadb_commit_brings_its_gtid_back_when_connections_allow_several_stat
     finally:
         router.dispose()
         two_step.dispose()
+        unflagged.dispose()
     assert baseline.count >= 2  # the INSERT and the COMMIT, at least
     assert routed.count == baseline.count
     assert log.counts()["primary"] == 0
@@ -559,3 +565,254 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         assert reads == ["primary"]
     finally:
         router.dispose()
+
+
+# -- MariaDB: the GTID in COMMIT's OK packet (session state tracking) ---------------
+
+
+def session_track(url: sa.URL) -> sa.URL:
+    """``url`` with connections that ask for CLIENT.SESSION_TRACK (as an
+    application sets it on an engine it passes in)."""
+    return url.update_query_dict({"client_flag": str(pymysql.constants.CLIENT.SESSION_TRACK)})
+
+
+class TrackedCommits:
+    """Records, for each commit the tracked strategy makes, the row it read from
+    the OK packet and what ``SELECT @@last_gtid`` then says on the connection."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: list[tuple[Any, str]] = []
+        commit = pipelining._MariaDBTrackedCommit.commit_and_capture
+
+        def spied(strategy: Any, driver: Any) -> Any:
+            answer = commit(strategy, driver)
+            with driver.cursor() as cursor:
+                cursor.execute("SELECT @@last_gtid")
+                self.seen.append((answer[0], cursor.fetchone()[0]))
+            return answer
+
+        monkeypatch.setattr(pipelining._MariaDBTrackedCommit, "commit_and_capture", spied)
+
+
+@pytest.mark.mariadb
+def test_mariadb_commit_brings_its_gtid_back_in_its_ok_packet(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without multiple statements, on connections the router built from a URL, a
+    routed session's write and commit cost a plain Session's round trips: the
+    router asks for CLIENT.SESSION_TRACK and has the server track last_gtid, whose
+    new value comes back in COMMIT's OK packet. It is what SELECT @@last_gtid says
+    after the commit, and a replica that applied it serves the read of the row."""
+    plain = sa.create_engine(maria.primary_url)
+    with Commands(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    router = sr.ReplicaRouter(maria.primary_url, maria.replica_urls)
+    try:
+        router.start()
+        with Commands(router.primary) as routed, router.sessionmaker()() as session:
+            write(session, 2)
+        spy = TrackedCommits(monkeypatch)
+        with router.sessionmaker()() as session:
+            write(session, 3)
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.select(Item.note).where(Item.id == 3)) == "n3"
+        # A write that changes no row writes nothing to the binlog: no new
+        # last_gtid in the packet, and the position is asked after the commit.
+        with StatementLog(router) as nothing_written, router.sessionmaker()() as session:
+            session.execute(sa.update(Item).where(Item.id == 99).values(note="x"))
+            session.commit()
+    finally:
+        router.dispose()
+    assert baseline.count >= 2  # the INSERT and the COMMIT, at least
+    assert routed.count == baseline.count
+    (row, last_gtid), (nothing, _) = spy.seen
+    assert row is not pipelining._ASK_AFTER
+    assert row[0] == last_gtid
+    assert log.counts()["primary"] == 0
+    assert nothing is pipelining._ASK_AFTER
+    on_primary = [s.sql for s in nothing_written.statements if s.node == "primary"]
+    assert on_primary[-1] == MariaDBPositions.capture_statement
+
+
+@pytest.mark.mariadb
+def test_mariadb_an_engine_passed_in_with_session_track_commits_in_one_round_trip(
+    maria: MariaDBTopology,
+) -> None:
+    """An engine the application passes in gets the tracking when its URL asks for
+    CLIENT.SESSION_TRACK (the router does not change its flags): its commits cost a
+    plain Session's round trips; one without the flag pays the position query."""
+    plain = sa.create_engine(maria.primary_url)
+    with Commands(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    tracked = sa.create_engine(session_track(maria.primary_url))
+    untracked = sa.create_engine(maria.primary_url)
+    routers = [sr.ReplicaRouter(e, maria.replica_urls) for e in (tracked, untracked)]
+    try:
+        for router in routers:
+            router.start()
+        with Commands(tracked) as one, routers[0].sessionmaker()() as session:
+            write(session, 2)
+        with Commands(untracked) as two, routers[1].sessionmaker()() as session:
+            write(session, 3)
+    finally:
+        for router in routers:
+            router.dispose()
+        tracked.dispose()
+        untracked.dispose()
+    assert one.count == baseline.count
+    assert two.count == baseline.count + 1
+
+
+@pytest.mark.mariadb
+def test_mariadb_without_the_tracked_gtid_the_position_is_asked_after_the_commit(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When COMMIT's OK packet lacks last_gtid (tracking turned off on the
+    connection; a commit that wrote nothing to the binlog), the commit stands and
+    the position is read after it, as without pipelining: a round trip more, and
+    still the right position (a replica serves the read of the row)."""
+    plain = sa.create_engine(maria.primary_url)
+    with Commands(plain) as baseline, Session(plain) as session:
+        write(session, 1)
+    plain.dispose()
+    router = sr.ReplicaRouter(maria.primary_url, maria.replica_urls)
+
+    def untrack(dbapi_connection: Any, record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET SESSION session_track_system_variables = ''")
+
+    try:
+        # After the router's own connect listener, which turned tracking on.
+        event.listen(router.primary, "connect", untrack)
+        router.start()
+        with Commands(router.primary) as routed, router.sessionmaker()() as session:
+            write(session, 2)
+        spy = TrackedCommits(monkeypatch)  # its query would count
+        with router.sessionmaker()() as session:
+            write(session, 3)
+        with StatementLog(router) as log, router.sessionmaker()() as session:
+            assert session.scalar(sa.select(Item.note).where(Item.id == 3)) == "n3"
+    finally:
+        router.dispose()
+    assert [row for row, _ in spy.seen] == [pipelining._ASK_AFTER]
+    assert routed.count == baseline.count + 1
+    assert log.counts()["primary"] == 0
+
+
+@pytest.mark.mariadb
+def test_mariadb_session_track_leaves_ordinary_statements_as_they_were(
+    maria: MariaDBTopology,
+) -> None:
+    """With CLIENT.SESSION_TRACK on and last_gtid tracked, PyMySQL still reads every
+    other answer right: the connection keeps SQLAlchemy's flags (FOUND_ROWS: an
+    UPDATE counts matched rows), tracking opened no transaction, and inserts
+    (lastrowid), executemany, warnings and result sets read as without it."""
+    router = sr.ReplicaRouter(maria.primary_url, maria.replica_urls)
+    try:
+        router.start()
+        with router.primary.connect() as connection:
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            flags = pymysql.constants.CLIENT
+            assert driver.client_flag & flags.SESSION_TRACK
+            assert driver.client_flag & flags.FOUND_ROWS
+            assert not driver.server_status & pymysql.constants.SERVER_STATUS.SERVER_STATUS_IN_TRANS
+            tracked = connection.exec_driver_sql("SELECT @@session_track_system_variables")
+            assert "last_gtid" in tracked.scalar_one().split(",")
+            connection.exec_driver_sql(
+                "CREATE TABLE counted (id INT AUTO_INCREMENT PRIMARY KEY, v INT)"
+            )
+            inserted = connection.exec_driver_sql("INSERT INTO counted (v) VALUES (1)")
+            assert inserted.lastrowid == 1
+            many = connection.exec_driver_sql(
+                "INSERT INTO counted (v) VALUES (%s)", [(2,), (3,), (4,)]
+            )
+            assert many.rowcount == 3
+            same = connection.exec_driver_sql("UPDATE counted SET v = 1 WHERE id = 1")
+            assert same.rowcount == 1  # matched, not changed: FOUND_ROWS
+            cursor = driver.cursor()
+            cursor.execute("SELECT CAST('abc' AS SIGNED)")
+            assert cursor.fetchall() == ((0,),)
+            assert cursor.warning_count == 1
+            cursor.execute("SHOW WARNINGS")
+            assert cursor.fetchall()[0][1] == 1292
+            connection.commit()
+            rows = connection.exec_driver_sql("SELECT id, v FROM counted ORDER BY id").all()
+            assert [tuple(r) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    finally:
+        router.dispose()
+
+
+def test_mariadb_without_the_private_methods_pymysql_commits_as_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PyMySQL without the private methods the tracked commit uses: its commits
+    are the multi-statement ones or the dialect's own, and no connection is changed."""
+    monkeypatch.delattr(pymysql.connections.Connection, "_read_ok_packet")
+    engine = sa.create_engine("mysql+pymysql://u:p@127.0.0.1:1/app")
+    connect = len(engine.pool.dispatch.connect), len(engine.dialect.dispatch.do_connect)
+    listeners = Listeners()
+    assert pipelining.pipeline_commits(engine, listeners, owned=True)
+    strategy = engine.dialect.do_commit._strategy  # type: ignore[attr-defined]
+    assert isinstance(strategy, pipelining._MariaDBMultiStatement)
+    # Nothing asks for the flag nor turns the tracking on.
+    assert (len(engine.pool.dispatch.connect), len(engine.dialect.dispatch.do_connect)) == connect
+    listeners.remove_all()
+
+
+def lenenc(data: bytes) -> bytes:
+    """``data`` as a length-encoded string."""
+    n = len(data)
+    if n < 0xFB:
+        head = bytes([n])
+    elif n < 2**16:
+        head = b"\xfc" + n.to_bytes(2, "little")
+    else:
+        head = b"\xfd" + n.to_bytes(3, "little")
+    return head + data
+
+
+# What MariaDB 10.11 sent after a COMMIT (status and warnings before it):
+# no info, then the session state: last_gtid = 0-1-8.
+COMMIT_OK = b"\x00\x12\x00\x10\tlast_gtid\x050-1-8"
+
+names = st.sampled_from([b"last_gtid", b"autocommit", b"time_zone", b"last_gtid_x", b""])
+values = st.binary(max_size=300)
+entries = st.one_of(
+    st.tuples(st.just(0), names, values),
+    st.tuples(st.integers(1, 255), st.just(b""), st.binary(max_size=300)),
+)
+
+
+def test_the_tracked_last_gtid_is_read_from_a_real_commits_ok_packet() -> None:
+    """The bytes MariaDB sent after a COMMIT give its GTID; any cut of them gives
+    none; a packet without session state, or with other variables, gives none."""
+    assert pipelining._tracked_variable(COMMIT_OK, b"last_gtid") == b"0-1-8"
+    assert pipelining._tracked_variable(COMMIT_OK, b"autocommit") is None
+    for cut in range(len(COMMIT_OK)):
+        assert pipelining._tracked_variable(COMMIT_OK[:cut], b"last_gtid") is None
+    assert pipelining._tracked_variable(COMMIT_OK + b"\x00", b"last_gtid") is None
+    assert pipelining._tracked_variable(b"", b"last_gtid") is None
+    assert pipelining._tracked_variable(b"\xfb\x00", b"last_gtid") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(info=st.binary(max_size=300), state=st.lists(entries, max_size=6))
+def test_the_tracked_variable_is_the_last_one_of_its_name_in_any_session_state(
+    info: bytes, state: list[tuple[int, bytes, bytes]]
+) -> None:
+    """In any session state (entries of any type, lengths of one or three bytes),
+    the value read is that of the last system-variable entry of that name (None
+    when there is none), and every cut of the packet reads as nothing."""
+    block = b""
+    for kind, name, value in state:
+        data = lenenc(name) + lenenc(value) if kind == 0 else value
+        block += bytes([kind]) + lenenc(data)
+    message = lenenc(info) + lenenc(block)
+    expected = [value for kind, name, value in state if kind == 0 and name == b"last_gtid"]
+    read = pipelining._tracked_variable(message, b"last_gtid")
+    assert read == (expected[-1] if expected else None)
+    for cut in range(0, len(message), max(1, len(message) // 20)):
+        assert pipelining._tracked_variable(message[:cut], b"last_gtid") is None

@@ -7,7 +7,9 @@ errors; the connections are opened by whoever uses those engines.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -98,17 +100,9 @@ def install_replica_guard(engine: Engine, *, listeners: Listeners | None = None)
     sql = _READ_ONLY_SQL.get(family)
     dialect = engine.dialect
     streams_in_transaction = family in _STREAMS_IN_TRANSACTION
+    _guard_dialect(dialect, streams_in_transaction)
     if listeners is not None:
-        was_skipping, was_context = dialect.skip_autocommit_rollback, dialect.execution_ctx_cls
-
-        def restore() -> None:
-            dialect.skip_autocommit_rollback = was_skipping
-            dialect.execution_ctx_cls = was_context
-
-        listeners.on_remove(restore)
-    dialect.skip_autocommit_rollback = True
-    if streams_in_transaction:
-        dialect.execution_ctx_cls = _streaming_in_transaction(dialect.execution_ctx_cls)
+        listeners.on_remove(lambda: _unguard_dialect(dialect))
 
     def guard(
         dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
@@ -136,6 +130,50 @@ def install_replica_guard(engine: Engine, *, listeners: Listeners | None = None)
     # On the pool, not the engine: engine-level listeners would make every
     # execution on it dispatch (empty) statement events.
     _listen_pool(listeners, engine, "checkout", guard)
+
+
+@dataclass(slots=True)
+class _GuardedDialect:
+    """A replica dialect's own settings, kept while routers guard it."""
+
+    users: int
+    skip_autocommit_rollback: bool
+    execution_ctx_cls: type[Any]
+
+
+# Dialect -> its own settings, while one router or more guard it: several
+# routers may share an application's engine, and the first one disposed must
+# not take the settings back from under the others.
+_GUARDED: Final[weakref.WeakKeyDictionary[Dialect, _GuardedDialect]] = weakref.WeakKeyDictionary()
+_GUARDED_LOCK: Final = threading.Lock()
+
+
+def _guard_dialect(dialect: Dialect, streams_in_transaction: bool) -> None:
+    """Give ``dialect`` a replica's settings (see :func:`install_replica_guard`)."""
+    with _GUARDED_LOCK:
+        guarded = _GUARDED.get(dialect)
+        if guarded is not None:
+            guarded.users += 1
+            return
+        _GUARDED[dialect] = _GuardedDialect(
+            1, dialect.skip_autocommit_rollback, dialect.execution_ctx_cls
+        )
+        dialect.skip_autocommit_rollback = True
+        if streams_in_transaction:
+            dialect.execution_ctx_cls = _streaming_in_transaction(dialect.execution_ctx_cls)
+
+
+def _unguard_dialect(dialect: Dialect) -> None:
+    """Undo one :func:`_guard_dialect`; the last one restores ``dialect``'s settings."""
+    with _GUARDED_LOCK:
+        guarded = _GUARDED.get(dialect)
+        if guarded is None:
+            return
+        guarded.users -= 1
+        if guarded.users == 0:
+            del _GUARDED[dialect]
+            dialect.skip_autocommit_rollback = guarded.skip_autocommit_rollback
+            dialect.execution_ctx_cls = guarded.execution_ctx_cls
 
 
 def _streaming_in_transaction(base: type[Any]) -> type[DefaultExecutionContext]:

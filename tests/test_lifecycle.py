@@ -111,6 +111,48 @@ def collected(refs: list[weakref.ReferenceType[Any]], names: list[str]) -> bool:
 # -- dispose() takes back everything ------------------------------------------
 
 
+def test_routers_sharing_engines_keep_them_routed_until_the_last_is_disposed(
+    topology: Topology,
+) -> None:
+    """Two routers over the same application engines: disposing one leaves the
+    engines as the other needs them (its replica settings kept: no ROLLBACK on
+    check-in, streamed reads in a transaction on PostgreSQL; its commits
+    still carry their position), and disposing the last one leaves them as
+    they were."""
+    primary = sa.create_engine(topology.primary_url)
+    replicas = [sa.create_engine(url) for url in topology.replica_urls]
+    engines = [primary, *replicas]
+    before = [listeners_of(e) for e in engines]
+    skip = [e.dialect.skip_autocommit_rollback for e in engines]
+    contexts = [e.dialect.execution_ctx_cls for e in engines]
+    metadata.create_all(primary)
+    first = sr.ReplicaRouter(primary, replicas, lag_check_interval=INTERVAL)
+    second = sr.ReplicaRouter(primary, replicas, lag_check_interval=INTERVAL)
+    added = [added_listeners(b, listeners_of(e)) for b, e in zip(before, engines, strict=True)]
+    first.dispose()
+    try:
+        assert all(r.dialect.skip_autocommit_rollback for r in replicas)
+        with StatementLog(second) as log, second.sessionmaker()() as session:
+            session.execute(item.insert(), [{"id": 1}, {"id": 2}])
+            session.commit()
+            streamed = session.execute(
+                sa.select(item.c.id).order_by(item.c.id).execution_options(stream_results=True)
+            )
+            assert streamed.scalars().all() == [1, 2]  # the commit's position was known
+        reads = [s.node for s in log.statements if "FROM item" in s.sql]
+        assert len(reads) == 1
+        assert reads[0].startswith("replica")
+    finally:
+        second.dispose()
+    for engine, was, new, skipped, context in zip(
+        engines, before, added, skip, contexts, strict=True
+    ):
+        assert_left_as_before(engine, was, new, skipped)
+        assert engine.dialect.execution_ctx_cls is context
+    for engine in engines:
+        engine.dispose()
+
+
 def test_dispose_leaves_user_engines_as_they_were(topology: Topology) -> None:
     """Engines the application gave the router carry the router's listeners
     (and setting) while it lives; after dispose() every one of them is gone

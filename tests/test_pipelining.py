@@ -226,29 +226,45 @@ def test_core_commit_on_router_primary_brings_its_position_back(
 
 
 @pytest.mark.postgresql
-def test_a_failing_position_query_leaves_the_commit_done_and_the_position_unknown(
+def test_a_position_query_without_an_answer_leaves_the_commit_done_and_the_position_unknown(
     router: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """When the pipelined position query fails, the COMMIT before it still stands:
-    the session's commit succeeds, a warning says the position is lost, and the
-    scope's position is unknown: the next read first asks the primary for all it
-    has committed (its only statement there), so it is never stale."""
+    """When the query sent with the COMMIT answers no position (its answer on a
+    server in recovery), the COMMIT still stands: the session's commit succeeds,
+    a warning says the position is lost, and the scope's position is unknown:
+    the next read first asks the primary for all it has committed (its only
+    statement there), so it is never stale."""
 
-    class Failing(PostgresPositions):
-        capture_statement = "SELECT 1 / 0"
+    class InRecovery(PostgresPositions):
+        capture_statement = "SELECT NULL::text, 8192, 16777216"
 
     wrapper = router.primary.dialect.do_commit
     assert isinstance(wrapper, pipelining._CommitWithCapture)
-    monkeypatch.setattr(wrapper._strategy, "backend", Failing())
+    monkeypatch.setattr(wrapper._strategy, "backend", InRecovery())
     with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
         write(session, 1)
     assert "could not read the position of a commit" in caplog.text
-    assert "division by zero" in caplog.text
+    assert "in recovery" in caplog.text
     with StatementLog(router) as log, router.sessionmaker()() as session:
         assert session.scalar(sa.select(Item.note).where(Item.id == 1)) == "n1"
     on_primary = [s.sql for s in log.statements if s.node == "primary"]
     assert len(on_primary) == 1
     assert "pg_current_wal_flush_lsn" in on_primary[0]
+
+
+@pytest.mark.postgresql
+def test_the_position_query_cannot_fail_on_a_standby(router: sr.ReplicaRouter) -> None:
+    """The query sent with each COMMIT answers NULL on a server in recovery,
+    where the WAL position functions raise: an error of the combined query is
+    always the COMMIT's own."""
+    backend = PostgresPositions()
+    with router.replicas[0].connect() as conn:
+        row = conn.exec_driver_sql(backend.capture_statement).one()
+        with pytest.raises(sa.exc.DBAPIError, match="recovery is in progress"):
+            conn.exec_driver_sql("SELECT pg_current_wal_flush_lsn()")
+    assert row[0] is None
+    with pytest.raises(ValueError, match="in recovery"):
+        backend.captured(row)
 
 
 @pytest.mark.postgresql

@@ -34,8 +34,12 @@ _LONG_PAGE_HEADER: Final = 40
 # block and segment sizes let us undo the insert LSN's page-header quirk
 # (normalize_insert_lsn; harmless on a flush LSN, which never points into a
 # page header).
+# NULL on a server in recovery, where the WAL functions raise: the query
+# cannot fail (but for a cancel or a lost connection), which the commit that
+# carries it relies on (see pipelining: an error there is the COMMIT's).
 _CAPTURE: Final = (
-    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off' "
+    "SELECT CASE WHEN pg_is_in_recovery() THEN NULL "
+    "WHEN current_setting('synchronous_commit') = 'off' "
     "THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text, "
     "current_setting('wal_block_size')::int, pg_size_bytes(current_setting('wal_segment_size'))"
 )
@@ -183,6 +187,8 @@ class PostgresPositions(PositionBackend):
 
         :raises ValueError: when ``row`` holds no LSN.
         """
+        if row[0] is None:
+            raise ValueError("the server is in recovery (a standby): it has no commit position")
         return normalize_insert_lsn(parse_lsn(row[0]), int(row[1]), int(row[2]))
 
     def capture(self, primary: SQLRunner) -> int | None:

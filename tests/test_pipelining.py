@@ -21,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import pipelining
+from sqlalchemy_replicas._listeners import Listeners
 from sqlalchemy_replicas.positions import MariaDBPositions, PostgresPositions
 from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog
 
@@ -297,27 +298,93 @@ def read_after_write(router: sr.ReplicaRouter, item_id: int) -> tuple[str | None
     return note, list(log)
 
 
-@pytest.fixture
-def one_replica(topology: PostgresTopology) -> Iterator[sr.ReplicaRouter]:
-    """A started router over replica1 only."""
-    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1])
-    router.start()
-    yield router
-    router.dispose()
+class Reads:
+    """A started router over replica1 only, its sessions sync (``Session``,
+    psycopg's Connection) or async (``AsyncSession``, psycopg's
+    AsyncConnection, on an event loop of its own that the pooled
+    connections stay on)."""
+
+    def __init__(self, topology: PostgresTopology, mode: str) -> None:
+        self.is_async = mode == "async"
+        self._loop = asyncio.new_event_loop() if self.is_async else None
+        if self.is_async:
+            self.router: sr.ReplicaRouter[Any] = sr.ReplicaRouter(
+                topology.async_primary_url, topology.async_replica_urls[:1]
+            )
+            self._run(self.router.astart())
+        else:
+            self.router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1])
+            self.router.start()
+        #: The replica's sync engine (an async engine's ``sync_engine``).
+        self.replica: sa.Engine = self.router.replica_targets[0].sync_engine
+
+    def _run(self, work: Any) -> Any:
+        assert self._loop is not None
+        return self._loop.run_until_complete(work)
+
+    def read_after_write(
+        self, item_id: int, *, stream: bool = False
+    ) -> tuple[str | None, list[Any]]:
+        """Commit a row, then read it back in another session (streamed: on a
+        server-side cursor): the note read, and the explain() entries of the read."""
+        query = sa.select(Item.note).where(Item.id == item_id)
+        if stream:
+            query = query.execution_options(yield_per=10)
+        if not self.is_async:
+            with self.router.sessionmaker()() as session:
+                write(session, item_id)
+            with sr.explain() as log, self.router.sessionmaker()() as session:
+                note = session.scalars(query).first()
+            return note, list(log)
+
+        async def scenario() -> tuple[str | None, list[Any]]:
+            sessions = self.router.async_sessionmaker()
+            async with sessions() as session:
+                session.add(Item(id=item_id, note=f"n{item_id}"))
+                await session.commit()
+            with sr.explain() as log:
+                async with sessions() as session:
+                    if stream:
+                        notes = [n async for n in await session.stream_scalars(query)]
+                        note = notes[0] if notes else None
+                    else:
+                        note = await session.scalar(query)
+            return note, list(log)
+
+        result: tuple[str | None, list[Any]] = self._run(scenario())
+        return result
+
+    def dispose(self) -> None:
+        if self._loop is None:
+            self.router.dispose()
+            return
+        try:
+            self._run(self.router.adispose())
+        finally:
+            self._loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def reads(request: pytest.FixtureRequest, topology: PostgresTopology) -> Iterator[Reads]:
+    """A router over replica1 only, with sync sessions, then with async ones."""
+    reads = Reads(topology, request.param)
+    yield reads
+    reads.dispose()
 
 
 @pytest.mark.postgresql
 def test_the_wait_and_the_read_travel_in_one_round_trip(
-    one_replica: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch
+    reads: Reads, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read right after a commit waits for the replica to apply it: on psycopg the
-    wait and the read go in one pipeline, one round trip to the replica, where the
-    wait sent on its own costs two; the read is right, and explain() shows the wait,
-    as the statement log does (just before the read, though no cursor event saw it)."""
-    router = one_replica
-    replica = router.replica_targets[0].sync_engine
-    with StatementLog(router) as log, RoundTrips(replica) as together:
-        note, entries = read_after_write(router, 1)
+    """A read right after a commit waits for the replica to apply it: on psycopg (sync
+    and async) the wait and the read go in one pipeline, one round trip to the replica,
+    where the wait sent on its own costs two; the read is right (on async engines its
+    rows reach the AsyncSession though SQLAlchemy's adapter did not buffer them), and
+    explain() shows the wait, as the statement log does (just before the read, though
+    no cursor event saw it)."""
+    router = reads.router
+    with StatementLog(router) as log, RoundTrips(reads.replica) as together:
+        note, entries = reads.read_after_write(1)
     assert note == "n1"
     on_replica = [s.sql for s in log.statements if s.node == "replica1"]
     assert len(on_replica) == 2
@@ -327,8 +394,8 @@ def test_the_wait_and_the_read_travel_in_one_round_trip(
         ("replica1", ["reached"])
     ]
     monkeypatch.setattr(sr.session, "can_defer_wait", lambda connection: False)
-    with RoundTrips(replica) as apart:
-        note, entries = read_after_write(router, 2)
+    with RoundTrips(reads.replica) as apart:
+        note, entries = reads.read_after_write(2)
     assert note == "n2"
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
         ("replica1", ["reached"])
@@ -338,27 +405,89 @@ def test_the_wait_and_the_read_travel_in_one_round_trip(
 
 @pytest.mark.postgresql
 def test_a_failed_wait_discards_the_read_and_the_plan_goes_on(
-    one_replica: sr.ReplicaRouter, topology: PostgresTopology
+    reads: Reads, topology: PostgresTopology
 ) -> None:
     """On a replica that is not applying (replay paused) the wait sent with the read
     is refused at once: the rows read behind it (older than the commit) are
     discarded, the primary serves the read, and explain(), the statement log and
     the counters say so (the discarded read served nothing: no replica decision)."""
-    router = one_replica
+    router = reads.router
     topology.pause_replay(0)
     router.reset_stats()
-    replica = router.replica_targets[0].sync_engine
-    with StatementLog(router) as statements, RoundTrips(replica) as trips:
-        note, entries = read_after_write(router, 1)
+    with StatementLog(router) as statements, RoundTrips(reads.replica) as trips:
+        note, entries = reads.read_after_write(1)
     assert note == "n1"
     assert "SELECT item.note" in trips.trace  # sent behind the wait, then discarded
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [("primary", ["failed"])]
     assert router.cluster.wait_failure("replica1") == "stopped"
-    reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
-    assert reads == ["primary"]
+    reads_by_node = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
+    assert reads_by_node == ["primary"]
     stats = router.stats()
     assert stats.decisions_by_target()["replica"] == 0
     assert stats.decisions_by_reason().get("not_caught_up") == 1
+
+
+@pytest.mark.postgresql
+def test_a_lost_connection_under_the_wait_marks_the_replica_down(
+    reads: Reads, topology: PostgresTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the replica's connection is gone (its server process killed), the
+    wait sent with the read fails with the driver's disconnect error: the
+    replica is marked down, and the primary serves the read."""
+    reads.read_after_write(1)  # a pooled connection to the replica
+    sent: list[str] = []
+    monkeypatch.setattr(pipelining, "WAIT_OBSERVERS", [lambda engine, sql: sent.append(sql)])
+    killed = topology.admin_query(
+        0,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    )
+    assert killed >= 1
+    note, entries = reads.read_after_write(2)
+    assert note == "n2"
+    assert len(sent) == 1  # the wait went with the read
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [("primary", ["failed"])]
+    [replica] = reads.router.status()
+    assert not replica.healthy
+    assert (replica.reason or "").startswith("disconnected")
+
+
+@pytest.mark.postgresql
+def test_a_streamed_read_after_a_commit_waits_first(reads: Reads) -> None:
+    """A streamed read (a server-side cursor, which libpq cannot pipeline) right
+    after a commit: the wait goes first, on its own, and the read behind it, on
+    the replica, returns the row."""
+    with StatementLog(reads.router) as log:
+        note, entries = reads.read_after_write(1, stream=True)
+    assert note == "n1"
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+        ("replica1", ["reached"])
+    ]
+    on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+    assert "RECURSIVE poll" in on_replica[0]
+    assert any(sql.startswith("SELECT item.note") for sql in on_replica[1:])
+
+
+def test_async_engines_keep_the_separate_wait_without_the_adapters_row_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The async wait-and-read fills in SQLAlchemy's psycopg async cursor's private
+    row buffer: should a SQLAlchemy release not have it, async engines keep the
+    separate wait (sync engines are not concerned)."""
+    from sqlalchemy.dialects.postgresql import psycopg as adaption
+
+    url = "postgresql+psycopg_async://nobody@localhost/none"
+    listeners = Listeners()
+    engine = create_async_engine(url)
+    assert pipelining.pipeline_waits(engine.sync_engine, listeners)
+
+    class Unbuffered:
+        __slots__ = ("_cursor",)
+
+    monkeypatch.setattr(adaption, "AsyncAdapt_psycopg_cursor", Unbuffered)
+    assert not pipelining.pipeline_waits(create_async_engine(url).sync_engine, listeners)
+    assert pipelining.pipeline_waits(sa.create_engine(url.replace("_async", "")), listeners)
+    listeners.remove_all()
 
 
 # -- MariaDB: COMMIT; SELECT ... where the connections allow several statements --

@@ -32,9 +32,9 @@ read after it, as before.
 A read's causal wait travels the same way, ahead of the read
 (:func:`pipeline_waits`): in one pipeline on psycopg 3, sync and async
 engines (the async ones driven from SQLAlchemy's greenlet), and as
-``<wait>; <read>`` on PyMySQL connections to MariaDB that allow several
-statements. aiomysql, and streamed reads (server-side cursors), keep the
-separate wait.
+``<wait>; <read>`` on PyMySQL and aiomysql connections to MariaDB that
+allow several statements. Streamed reads (server-side cursors) on psycopg
+and aiomysql keep the separate wait.
 """
 
 from __future__ import annotations
@@ -396,10 +396,9 @@ def forget_deferred_wait(connection: Connection) -> None:
 def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
     """Let reads on ``engine`` (a replica's sync engine, or an async engine's
     ``sync_engine``) carry the causal wait ahead of them, where the driver
-    can: psycopg 3, sync and async; PyMySQL on MariaDB, on connections that
-    allow several statements (each connection's flags decide). aiomysql
-    keeps the separate wait. Returns whether it may; ``listeners`` takes it
-    back."""
+    can: psycopg 3, sync and async; PyMySQL and aiomysql on MariaDB, on
+    connections that allow several statements (each connection's flags
+    decide). Returns whether it may; ``listeners`` takes it back."""
     dialect = engine.dialect
     make: Callable[[Callable[..., None]], _ExecuteBehindWait]
     if dialect.name == "postgresql" and dialect.driver in ("psycopg", "psycopg_async"):
@@ -410,8 +409,8 @@ def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
         if dialect.is_async and not _adapter_buffers_rows():
             return False
         make = partial(_PostgresExecuteBehindWait, is_async=bool(dialect.is_async))
-    elif dialect.name in ("mysql", "mariadb") and dialect.driver == "pymysql":
-        make = _MariaDBExecuteBehindWait
+    elif dialect.name in ("mysql", "mariadb") and dialect.driver in ("pymysql", "aiomysql"):
+        make = partial(_MariaDBExecuteBehindWait, is_async=bool(dialect.is_async))
     else:
         return False
     wrappers = []
@@ -619,15 +618,25 @@ _WAITS: Final = PostgresPositions()
 
 
 class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
-    """PyMySQL on MariaDB: ``<wait that fails unless reached>; <statement>`` in
-    one multi-statement query. When the wait fails, the server stops there:
-    the statement never runs on a replica that is behind."""
+    """PyMySQL, aiomysql on MariaDB: ``<wait that fails unless reached>;
+    <statement>`` in one multi-statement query. When the wait fails, the
+    server stops there: the statement never runs on a replica that is behind.
 
-    def __init__(self, original: Callable[..., None]) -> None:
+    On async engines SQLAlchemy's adapter cursor runs the query (its
+    ``execute()``, then its ``nextset()``, which buffers the statement's
+    rows as its ``execute()`` would have).
+    """
+
+    def __init__(self, original: Callable[..., None], *, is_async: bool = False) -> None:
         from pymysql.constants import CLIENT
 
         super().__init__(original)
+        self._is_async = is_async
         self._multi_statements = CLIENT.MULTI_STATEMENTS
+        if is_async:
+            from sqlalchemy.util import await_only
+
+            self._await: Callable[[Any], Any] = await_only
 
     def can_defer(self, connection: Connection) -> bool:
         driver = connection.connection.driver_connection
@@ -648,12 +657,22 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             deferred.position, deferred.timeout
         )
         self._announce(context, wait)
-        # PyMySQL binds parameters on the client: the statement as its own
-        # execute() would send it.
-        query = f"{cursor.mogrify(wait, wait_parameters)}; {cursor.mogrify(statement, parameters)}"
+        # PyMySQL and aiomysql bind parameters on the client: the statement
+        # as its own execute() would send it.
+        binder = self._binder(cursor, context)
+        wait = binder.mogrify(wait, wait_parameters)
+        # aiomysql's server-side cursor (stream_results) reads a query's
+        # later results whole (its nextset() is the buffered cursor's), where
+        # its fetch*() read rows from the wire: they would find none. There
+        # the wait goes first, on its own.
+        alone = self._is_async and cursor.server_side
         started = time.perf_counter()
         try:
-            cursor.execute(query)  # reads the wait's result: its error raises here
+            if alone:
+                self._await(binder.execute(wait))
+            else:
+                # Reads the wait's result: its error raises here.
+                cursor.execute(f"{wait}; {binder.mogrify(statement, parameters)}")
         except pymysql.Error as error:
             seconds = time.perf_counter() - started
             code, message = (*error.args, None, "")[:2]
@@ -664,7 +683,20 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             self._failed(deferred, error, cursor, context, seconds)
             raise  # lost connection: the read's own handling marks it down
         deferred.settle("reached", time.perf_counter() - started)
-        cursor.nextset()  # the statement's own result (its error raises here)
+        if alone:
+            self._original(cursor, statement, *rest)
+        else:
+            cursor.nextset()  # the statement's own result (its error raises here)
+
+    def _binder(self, cursor: Any, context: Any) -> Any:
+        """A cursor whose ``mogrify()`` binds parameters as the driver's
+        ``execute()`` does: PyMySQL's own; on aiomysql, whose adapter cursor
+        has no ``mogrify()``, a cursor of the aiomysql connection (made
+        without I/O; it holds nothing once its one statement, if any, has
+        been read)."""
+        if not self._is_async:
+            return cursor
+        return self._await(_driver(context).cursor())
 
 
 _GTID_WAITS: Final = MariaDBPositions()

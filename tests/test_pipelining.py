@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -23,7 +23,7 @@ import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import pipelining
 from sqlalchemy_replicas._listeners import Listeners
 from sqlalchemy_replicas.positions import MariaDBPositions, PostgresPositions
-from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
 
 
 class Base(DeclarativeBase):
@@ -288,32 +288,32 @@ def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopo
 # -- PostgreSQL: the causal wait and the read behind it, in one round trip ----------
 
 
-def read_after_write(router: sr.ReplicaRouter, item_id: int) -> tuple[str | None, list[Any]]:
-    """Commit a row, then read it back in another session: the note read, and
-    the explain() entries of the read."""
-    with router.sessionmaker()() as session:
-        write(session, item_id)
-    with sr.explain() as log, router.sessionmaker()() as session:
-        note = session.scalar(sa.select(Item.note).where(Item.id == item_id))
-    return note, list(log)
+def same_url(url: sa.URL) -> sa.URL:
+    return url
 
 
 class Reads:
-    """A started router over replica1 only, its sessions sync (``Session``,
-    psycopg's Connection) or async (``AsyncSession``, psycopg's
-    AsyncConnection, on an event loop of its own that the pooled
-    connections stay on)."""
+    """A started router over replica1 only, its sessions sync (``Session``) or
+    async (``AsyncSession``, on an event loop of its own that the pooled
+    connections stay on); ``replica_url`` adjusts the replica's URL."""
 
-    def __init__(self, topology: PostgresTopology, mode: str) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        mode: str,
+        replica_url: Callable[[sa.URL], sa.URL] = same_url,
+    ) -> None:
         self.is_async = mode == "async"
         self._loop = asyncio.new_event_loop() if self.is_async else None
         if self.is_async:
             self.router: sr.ReplicaRouter[Any] = sr.ReplicaRouter(
-                topology.async_primary_url, topology.async_replica_urls[:1]
+                topology.async_primary_url, [replica_url(topology.async_replica_urls[0])]
             )
             self._run(self.router.astart())
         else:
-            self.router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1])
+            self.router = sr.ReplicaRouter(
+                topology.primary_url, [replica_url(topology.replica_urls[0])]
+            )
             self.router.start()
         #: The replica's sync engine (an async engine's ``sync_engine``).
         self.replica: sa.Engine = self.router.replica_targets[0].sync_engine
@@ -452,20 +452,37 @@ def test_a_lost_connection_under_the_wait_marks_the_replica_down(
     assert (replica.reason or "").startswith("disconnected")
 
 
-@pytest.mark.postgresql
-def test_a_streamed_read_after_a_commit_waits_first(reads: Reads) -> None:
-    """A streamed read (a server-side cursor, which libpq cannot pipeline) right
-    after a commit: the wait goes first, on its own, and the read behind it, on
-    the replica, returns the row."""
-    with StatementLog(reads.router) as log:
-        note, entries = reads.read_after_write(1, stream=True)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("topology", marks=pytest.mark.postgresql),
+        pytest.param("maria", marks=pytest.mark.mariadb),
+    ],
+)
+def test_a_streamed_read_after_a_commit_reads_the_row_on_the_replica(
+    request: pytest.FixtureRequest, backend: str, mode: str
+) -> None:
+    """A streamed read (a server-side cursor) right after a commit waits for the
+    replica, and the read, on the replica, returns the row. libpq cannot pipeline
+    a server-side cursor, and aiomysql's reads no rows of a query's second
+    result: there the wait goes first, on its own (PyMySQL's sends ``<wait>;
+    <read>``). The wait is logged just before the read."""
+    maria = backend == "maria"
+    reads = Reads(request.getfixturevalue(backend), mode, multi_statement if maria else same_url)
+    try:
+        with StatementLog(reads.router) as log:
+            note, entries = reads.read_after_write(1, stream=True)
+    finally:
+        reads.dispose()
     assert note == "n1"
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
         ("replica1", ["reached"])
     ]
     on_replica = [s.sql for s in log.statements if s.node == "replica1"]
-    assert "RECURSIVE poll" in on_replica[0]
-    assert any(sql.startswith("SELECT item.note") for sql in on_replica[1:])
+    assert len(on_replica) == 2
+    assert ("MASTER_GTID_WAIT" if maria else "RECURSIVE poll") in on_replica[0]
+    assert on_replica[1].startswith("SELECT item.note")
 
 
 def test_async_engines_keep_the_separate_wait_without_the_adapters_row_buffer(
@@ -646,20 +663,21 @@ def test_mariadb_async_commit_brings_its_gtid_back(
 
 
 @pytest.mark.mariadb
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_mariadb_the_wait_and_the_read_travel_in_one_query(
-    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """On a MariaDB replica whose connections allow several statements, a read's
-    wait and the read go as one query, one command where the wait alone costs
-    another. On a paused replica the wait fails first and the server stops there:
-    the read never runs on it, and the primary serves it."""
-    replica_url = multi_statement(maria.replica_urls[0])
-    router = sr.ReplicaRouter(maria.primary_url, [replica_url])
+    """On a MariaDB replica whose connections allow several statements (PyMySQL,
+    aiomysql), a read's wait and the read go as one query, one command where the
+    wait alone costs another; the read's rows reach the session. On a paused
+    replica the wait fails first and the server stops there: the read never runs
+    on it, and the primary serves it."""
+    reads = Reads(maria, mode, multi_statement)
+    router = reads.router
     try:
-        router.start()
-        replica = router.replica_targets[0].sync_engine
+        replica = reads.replica
         with StatementLog(router) as log, Commands(replica) as together:
-            note, entries = read_after_write(router, 1)
+            note, entries = reads.read_after_write(1)
         assert note == "n1"
         on_replica = [s.sql for s in log.statements if s.node == "replica1"]
         assert len(on_replica) == 2
@@ -670,7 +688,7 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         ]
         with monkeypatch.context() as patch, Commands(replica) as apart:
             patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
-            note, entries = read_after_write(router, 2)
+            note, entries = reads.read_after_write(2)
         assert note == "n2"
         assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
             ("replica1", ["reached"])
@@ -678,13 +696,15 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         assert together.count == apart.count - 1
         maria.pause_replay(0)
         with StatementLog(router) as statements:
-            note, entries = read_after_write(router, 3)
+            note, entries = reads.read_after_write(3)
         assert note == "n3"
         assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
             ("primary", ["failed"])
         ]
         assert router.cluster.wait_failure("replica1") == "stopped"
-        reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
-        assert reads == ["primary"]
+        reads_by_node = [
+            s.node for s in statements.statements if s.sql.startswith("SELECT item.note")
+        ]
+        assert reads_by_node == ["primary"]
     finally:
-        router.dispose()
+        reads.dispose()

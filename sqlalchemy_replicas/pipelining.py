@@ -657,10 +657,6 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             deferred.position, deferred.timeout
         )
         self._announce(context, wait)
-        # PyMySQL and aiomysql bind parameters on the client: the statement
-        # as its own execute() would send it.
-        binder = self._binder(cursor, context)
-        wait = binder.mogrify(wait, wait_parameters)
         # aiomysql's server-side cursor (stream_results) reads a query's
         # later results whole (its nextset() is the buffered cursor's), where
         # its fetch*() read rows from the wire: they would find none. There
@@ -668,6 +664,11 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         alone = self._is_async and cursor.server_side
         started = time.perf_counter()
         try:
+            # aiomysql's cursor() raises here if the connection is closed.
+            binder = self._binder(cursor, context)
+            # PyMySQL and aiomysql bind parameters on the client: the
+            # statement as its own execute() would send it.
+            wait = binder.mogrify(wait, wait_parameters)
             if alone:
                 self._await(binder.execute(wait))
             else:

@@ -315,6 +315,7 @@ class Reads:
                 topology.primary_url, [replica_url(topology.replica_urls[0])]
             )
             self.router.start()
+        self.topology = topology
         #: The replica's sync engine (an async engine's ``sync_engine``).
         self.replica: sa.Engine = self.router.replica_targets[0].sync_engine
 
@@ -427,22 +428,56 @@ def test_a_failed_wait_discards_the_read_and_the_plan_goes_on(
     assert stats.decisions_by_reason().get("not_caught_up") == 1
 
 
-@pytest.mark.postgresql
+@pytest.fixture(
+    params=[
+        pytest.param(("topology", mode), marks=pytest.mark.postgresql, id=f"postgresql-{mode}")
+        for mode in ("sync", "async")
+    ]
+    + [
+        pytest.param(("maria", mode), marks=pytest.mark.mariadb, id=f"mariadb-{mode}")
+        for mode in ("sync", "async")
+    ]
+)
+def any_reads(request: pytest.FixtureRequest) -> Iterator[Reads]:
+    """Reads on PostgreSQL and on MariaDB (connections allowing several
+    statements), sync and async."""
+    backend, mode = request.param
+    topology = request.getfixturevalue(backend)
+    reads = Reads(topology, mode, multi_statement if backend == "maria" else same_url)
+    yield reads
+    reads.dispose()
+
+
+def kill_client_connections(topology: Topology) -> int:
+    """Kill every client connection to replica1 but the admin's own; how many."""
+    if isinstance(topology, PostgresTopology):
+        killed: int = topology.admin_query(
+            0,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        return killed
+    ids = topology.admin_query(
+        0,
+        "SELECT GROUP_CONCAT(id) FROM information_schema.processlist"
+        " WHERE id <> CONNECTION_ID() AND user NOT IN ('system user', 'event_scheduler')",
+    )
+    connections = str(ids or "").split(",") if ids else []
+    topology.admin_execute(0, *(f"KILL CONNECTION {c}" for c in connections))
+    return len(connections)
+
+
 def test_a_lost_connection_under_the_wait_marks_the_replica_down(
-    reads: Reads, topology: PostgresTopology, monkeypatch: pytest.MonkeyPatch
+    any_reads: Reads, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the replica's connection is gone (its server process killed), the
-    wait sent with the read fails with the driver's disconnect error: the
-    replica is marked down, and the primary serves the read."""
+    """When the replica's connection is gone (killed on the server), the wait
+    sent with the read fails with the driver's disconnect error: the replica is
+    marked down, and the primary serves the read."""
+    reads = any_reads
     reads.read_after_write(1)  # a pooled connection to the replica
     sent: list[str] = []
     monkeypatch.setattr(pipelining, "WAIT_OBSERVERS", [lambda engine, sql: sent.append(sql)])
-    killed = topology.admin_query(
-        0,
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-    )
-    assert killed >= 1
+    assert kill_client_connections(reads.topology) >= 1
     note, entries = reads.read_after_write(2)
     assert note == "n2"
     assert len(sent) == 1  # the wait went with the read
@@ -452,36 +487,23 @@ def test_a_lost_connection_under_the_wait_marks_the_replica_down(
     assert (replica.reason or "").startswith("disconnected")
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param("topology", marks=pytest.mark.postgresql),
-        pytest.param("maria", marks=pytest.mark.mariadb),
-    ],
-)
-def test_a_streamed_read_after_a_commit_reads_the_row_on_the_replica(
-    request: pytest.FixtureRequest, backend: str, mode: str
-) -> None:
+def test_a_streamed_read_after_a_commit_reads_the_row_on_the_replica(any_reads: Reads) -> None:
     """A streamed read (a server-side cursor) right after a commit waits for the
     replica, and the read, on the replica, returns the row. libpq cannot pipeline
     a server-side cursor, and aiomysql's reads no rows of a query's second
     result: there the wait goes first, on its own (PyMySQL's sends ``<wait>;
     <read>``). The wait is logged just before the read."""
-    maria = backend == "maria"
-    reads = Reads(request.getfixturevalue(backend), mode, multi_statement if maria else same_url)
-    try:
-        with StatementLog(reads.router) as log:
-            note, entries = reads.read_after_write(1, stream=True)
-    finally:
-        reads.dispose()
+    reads = any_reads
+    with StatementLog(reads.router) as log:
+        note, entries = reads.read_after_write(1, stream=True)
     assert note == "n1"
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
         ("replica1", ["reached"])
     ]
     on_replica = [s.sql for s in log.statements if s.node == "replica1"]
     assert len(on_replica) == 2
-    assert ("MASTER_GTID_WAIT" if maria else "RECURSIVE poll") in on_replica[0]
+    wait = "RECURSIVE poll" if isinstance(reads.topology, PostgresTopology) else "MASTER_GTID_WAIT"
+    assert wait in on_replica[0]
     assert on_replica[1].startswith("SELECT item.note")
 
 

@@ -33,14 +33,23 @@ keeps deciding whether the position counts, as before.
 Where the driver cannot (psycopg2, asyncpg, pg8000, mysqlclient, asyncmy,
 MySQL, a PyMySQL connection to MariaDB with neither flag), the commit is the
 dialect's own and the position is read after it, as before.
+
+A read's causal wait travels the same way, ahead of the read
+(:func:`pipeline_waits`): in one pipeline on psycopg 3, sync and async
+engines (the async ones driven from SQLAlchemy's greenlet), and as
+``<wait>; <read>`` on PyMySQL and aiomysql connections to MariaDB that
+allow several statements. Streamed reads (server-side cursors) on psycopg
+and aiomysql keep the separate wait.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
 from sqlalchemy.engine import Connection, Engine
@@ -583,23 +592,23 @@ def forget_deferred_wait(connection: Connection) -> None:
 
 
 def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
-    """Let reads on ``engine`` (a replica's sync engine) carry the causal wait
-    ahead of them, where the driver can: psycopg 3; PyMySQL on MariaDB, on
+    """Let reads on ``engine`` (a replica's sync engine, or an async engine's
+    ``sync_engine``) carry the causal wait ahead of them, where the driver
+    can: psycopg 3, sync and async; PyMySQL and aiomysql on MariaDB, on
     connections that allow several statements (each connection's flags
-    decide). Async engines keep the separate wait (docs/round-trips.md says
-    why). Returns whether it may; ``listeners`` takes it back."""
+    decide). Returns whether it may; ``listeners`` takes it back."""
     dialect = engine.dialect
     make: Callable[[Callable[..., None]], _ExecuteBehindWait]
-    if dialect.is_async:
-        return False
-    if dialect.name == "postgresql" and dialect.driver == "psycopg":
+    if dialect.name == "postgresql" and dialect.driver in ("psycopg", "psycopg_async"):
         import psycopg
 
         if not psycopg.Pipeline.is_supported():
             return False
-        make = _PostgresExecuteBehindWait
-    elif dialect.name in ("mysql", "mariadb") and dialect.driver == "pymysql":
-        make = _MariaDBExecuteBehindWait
+        if dialect.is_async and not _adapter_buffers_rows():
+            return False
+        make = partial(_PostgresExecuteBehindWait, is_async=bool(dialect.is_async))
+    elif dialect.name in ("mysql", "mariadb") and dialect.driver in ("pymysql", "aiomysql"):
+        make = partial(_MariaDBExecuteBehindWait, is_async=bool(dialect.is_async))
     else:
         return False
     wrappers = []
@@ -623,6 +632,31 @@ def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
     return True
 
 
+def _driver(context: Any) -> Any:
+    """The driver's connection an execution (``context``) runs on, the key of
+    :data:`_DEFERRED`: on async engines the cursor SQLAlchemy executes on is
+    its adapter's, which does not name it."""
+    return context.root_connection.connection.driver_connection
+
+
+def _dbapi_connection(context: Any) -> Any:
+    """The DBAPI connection (SQLAlchemy's adapter on async engines) of ``context``."""
+    return context.root_connection.connection.dbapi_connection
+
+
+def _adapter_buffers_rows() -> bool:
+    """Whether SQLAlchemy's psycopg async cursor keeps the psycopg cursor and
+    its buffered rows where :meth:`_PostgresExecuteBehindWait._buffer_rows`
+    fills them in (private attributes: without them, async engines keep the
+    separate wait)."""
+    from sqlalchemy.dialects.postgresql import psycopg as adaption
+
+    cursor_class = getattr(adaption, "AsyncAdapt_psycopg_cursor", None)
+    return cursor_class is not None and all(
+        hasattr(cursor_class, name) for name in ("_cursor", "_rows")
+    )
+
+
 class _ExecuteBehindWait:
     """``dialect.do_execute`` (or ``do_execute_no_params``) that sends a
     deferred wait ahead of the statement, in its round trip."""
@@ -637,7 +671,7 @@ class _ExecuteBehindWait:
 
     def __call__(self, cursor: Any, statement: Any, *rest: Any) -> None:
         # rest: (parameters, context), or (context,) without parameters.
-        deferred = _DEFERRED.pop(cursor.connection, None) if _DEFERRED else None
+        deferred = _DEFERRED.pop(_driver(rest[-1]), None) if _DEFERRED else None
         if deferred is None:
             self._original(cursor, statement, *rest)
         else:
@@ -664,7 +698,7 @@ class _ExecuteBehindWait:
         connection returns, for the caller to raise the driver's error (the
         read's own handling marks the replica down); else raises
         :class:`WaitNotReached`."""
-        if context.dialect.is_disconnect(error, cursor.connection, cursor):
+        if context.dialect.is_disconnect(error, _dbapi_connection(context), cursor):
             deferred.settle("gone", seconds)
             return
         logger.warning("waiting on a replica ahead of a read failed: %s", error)
@@ -674,36 +708,50 @@ class _ExecuteBehindWait:
 
 class _PostgresExecuteBehindWait(_ExecuteBehindWait):
     """psycopg 3: the wait and the statement in one pipeline; the statement's
-    rows are discarded when the wait did not reach its position."""
+    rows are discarded when the wait did not reach its position.
 
-    def __init__(self, original: Callable[..., None]) -> None:
+    On async engines (``AsyncConnection``) the same runs in SQLAlchemy's
+    greenlet, each driver call awaited there (``await_only``), as
+    SQLAlchemy's own adapter does.
+    """
+
+    def __init__(self, original: Callable[..., None], *, is_async: bool = False) -> None:
         import psycopg
 
         super().__init__(original)
+        self._is_async = is_async
         self._server_cursor = psycopg.ServerCursor
         self._tuples_ok = psycopg.pq.ExecStatus.TUPLES_OK
+        if is_async:
+            from sqlalchemy.util import await_only
+
+            self._await: Callable[[Any], Any] = await_only
+
+    def _io(self, result: Any) -> Any:
+        """What a psycopg call gave: awaited when the connection is async."""
+        return self._await(result) if self._is_async else result
 
     def _behind_wait(
         self, deferred: DeferredWait, cursor: Any, statement: Any, rest: tuple[Any, ...]
     ) -> None:
-        driver = cursor.connection
         context = rest[-1]
+        driver = _driver(context)
         query, parameters = _WAITS.wait_applying_query(deferred.position, deferred.timeout)
         self._announce(context, query)
         started = time.perf_counter()
         wait = driver.cursor()
         try:
-            if isinstance(cursor, self._server_cursor):
+            if cursor.server_side if self._is_async else isinstance(cursor, self._server_cursor):
                 # A named cursor (stream_results) cannot be pipelined: the
                 # wait goes first, and the statement meets the server's
                 # answer to it as without the router.
-                wait.execute(query, parameters)
+                self._io(wait.execute(query, parameters))
                 self._settle(deferred, wait, started)
                 self._original(cursor, statement, *rest)
                 return
             try:
-                with driver.pipeline():
-                    wait.execute(query, parameters)
+                with self._pipeline(driver):
+                    self._io(wait.execute(query, parameters))
                     self._original(cursor, statement, *rest)
             except Exception as error:
                 if wait.pgresult is None or wait.pgresult.status != self._tuples_ok:
@@ -713,12 +761,52 @@ class _PostgresExecuteBehindWait(_ExecuteBehindWait):
                 self._settle(deferred, wait, started)  # raises when it was not reached
                 raise  # the read's own error, the wait having reached its position
             self._settle(deferred, wait, started)
+            if self._is_async:
+                self._buffer_rows(cursor)
         finally:
-            wait.close()
+            self._io(wait.close())
 
-    @staticmethod
-    def _settle(deferred: DeferredWait, wait: Any, started: float) -> None:
-        result = _WAITS.wait_applying_result(wait.fetchone())
+    @contextmanager
+    def _pipeline(self, driver: Any) -> Iterator[None]:
+        """``driver`` (a psycopg connection) in pipeline mode; on exit, the
+        Sync and every answer (errors raise here)."""
+        if not self._is_async:
+            with driver.pipeline():
+                yield
+            return
+        # async with, from the greenlet: AsyncConnection.pipeline() is an
+        # async context manager.
+        manager = driver.pipeline()
+        self._await(manager.__aenter__())
+        try:
+            yield
+        except BaseException as error:
+            if not self._await(manager.__aexit__(type(error), error, error.__traceback__)):
+                raise
+        else:
+            self._await(manager.__aexit__(None, None, None))
+
+    def _buffer_rows(self, cursor: Any) -> None:
+        """Give SQLAlchemy's async cursor (``cursor``) the rows of the statement
+        it executed in the pipeline.
+
+        The adapter buffers a statement's rows in its ``execute()``, if psycopg
+        has its result by then; in pipeline mode the result comes with the
+        Sync, after ``execute()`` returned, so it buffered none (the statement's
+        ``description`` is right: the adapter asks psycopg for it). This reads
+        them as the adapter would have, through its private ``_cursor`` (the
+        psycopg ``AsyncCursor``) and ``_rows`` (what its ``fetch*()`` return),
+        which :func:`_adapter_buffers_rows` checks exist; tests/test_pipelining.py
+        reads the rows back. Rows the adapter did buffer are not read twice:
+        psycopg's ``fetchall()`` returns those not fetched yet.
+        """
+        driver_cursor = cursor._cursor
+        result = driver_cursor.pgresult
+        if result is not None and result.status == self._tuples_ok:
+            cursor._rows.extend(self._await(driver_cursor.fetchall()))
+
+    def _settle(self, deferred: DeferredWait, wait: Any, started: float) -> None:
+        result = _WAITS.wait_applying_result(self._io(wait.fetchone()))
         deferred.settle(result, time.perf_counter() - started)
         if result != "reached":
             raise WaitNotReached(result)
@@ -728,15 +816,25 @@ _WAITS: Final = PostgresPositions()
 
 
 class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
-    """PyMySQL on MariaDB: ``<wait that fails unless reached>; <statement>`` in
-    one multi-statement query. When the wait fails, the server stops there:
-    the statement never runs on a replica that is behind."""
+    """PyMySQL, aiomysql on MariaDB: ``<wait that fails unless reached>;
+    <statement>`` in one multi-statement query. When the wait fails, the
+    server stops there: the statement never runs on a replica that is behind.
 
-    def __init__(self, original: Callable[..., None]) -> None:
+    On async engines SQLAlchemy's adapter cursor runs the query (its
+    ``execute()``, then its ``nextset()``, which buffers the statement's
+    rows as its ``execute()`` would have).
+    """
+
+    def __init__(self, original: Callable[..., None], *, is_async: bool = False) -> None:
         from pymysql.constants import CLIENT
 
         super().__init__(original)
+        self._is_async = is_async
         self._multi_statements = CLIENT.MULTI_STATEMENTS
+        if is_async:
+            from sqlalchemy.util import await_only
+
+            self._await: Callable[[Any], Any] = await_only
 
     def can_defer(self, connection: Connection) -> bool:
         driver = connection.connection.driver_connection
@@ -757,12 +855,23 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             deferred.position, deferred.timeout
         )
         self._announce(context, wait)
-        # PyMySQL binds parameters on the client: the statement as its own
-        # execute() would send it.
-        query = f"{cursor.mogrify(wait, wait_parameters)}; {cursor.mogrify(statement, parameters)}"
+        # aiomysql's server-side cursor (stream_results) reads a query's
+        # later results whole (its nextset() is the buffered cursor's), where
+        # its fetch*() read rows from the wire: they would find none. There
+        # the wait goes first, on its own.
+        alone = self._is_async and cursor.server_side
         started = time.perf_counter()
         try:
-            cursor.execute(query)  # reads the wait's result: its error raises here
+            # aiomysql's cursor() raises here if the connection is closed.
+            binder = self._binder(cursor, context)
+            # PyMySQL and aiomysql bind parameters on the client: the
+            # statement as its own execute() would send it.
+            wait = binder.mogrify(wait, wait_parameters)
+            if alone:
+                self._await(binder.execute(wait))
+            else:
+                # Reads the wait's result: its error raises here.
+                cursor.execute(f"{wait}; {binder.mogrify(statement, parameters)}")
         except pymysql.Error as error:
             seconds = time.perf_counter() - started
             code, message = (*error.args, None, "")[:2]
@@ -773,7 +882,20 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             self._failed(deferred, error, cursor, context, seconds)
             raise  # lost connection: the read's own handling marks it down
         deferred.settle("reached", time.perf_counter() - started)
-        cursor.nextset()  # the statement's own result (its error raises here)
+        if alone:
+            self._original(cursor, statement, *rest)
+        else:
+            cursor.nextset()  # the statement's own result (its error raises here)
+
+    def _binder(self, cursor: Any, context: Any) -> Any:
+        """A cursor whose ``mogrify()`` binds parameters as the driver's
+        ``execute()`` does: PyMySQL's own; on aiomysql, whose adapter cursor
+        has no ``mogrify()``, a cursor of the aiomysql connection (made
+        without I/O; it holds nothing once its one statement, if any, has
+        been read)."""
+        if not self._is_async:
+            return cursor
+        return self._await(_driver(context).cursor())
 
 
 _GTID_WAITS: Final = MariaDBPositions()

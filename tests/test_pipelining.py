@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +25,7 @@ import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import pipelining
 from sqlalchemy_replicas._listeners import Listeners
 from sqlalchemy_replicas.positions import MariaDBPositions, PostgresPositions
-from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog
+from sqlalchemy_replicas.testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
 
 
 class Base(DeclarativeBase):
@@ -306,37 +306,104 @@ def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopo
 # -- PostgreSQL: the causal wait and the read behind it, in one round trip ----------
 
 
-def read_after_write(router: sr.ReplicaRouter, item_id: int) -> tuple[str | None, list[Any]]:
-    """Commit a row, then read it back in another session: the note read, and
-    the explain() entries of the read."""
-    with router.sessionmaker()() as session:
-        write(session, item_id)
-    with sr.explain() as log, router.sessionmaker()() as session:
-        note = session.scalar(sa.select(Item.note).where(Item.id == item_id))
-    return note, list(log)
+def same_url(url: sa.URL) -> sa.URL:
+    return url
 
 
-@pytest.fixture
-def one_replica(topology: PostgresTopology) -> Iterator[sr.ReplicaRouter]:
-    """A started router over replica1 only."""
-    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls[:1])
-    router.start()
-    yield router
-    router.dispose()
+class Reads:
+    """A started router over replica1 only, its sessions sync (``Session``) or
+    async (``AsyncSession``, on an event loop of its own that the pooled
+    connections stay on); ``replica_url`` adjusts the replica's URL."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        mode: str,
+        replica_url: Callable[[sa.URL], sa.URL] = same_url,
+    ) -> None:
+        self.is_async = mode == "async"
+        self._loop = asyncio.new_event_loop() if self.is_async else None
+        if self.is_async:
+            self.router: sr.ReplicaRouter[Any] = sr.ReplicaRouter(
+                topology.async_primary_url, [replica_url(topology.async_replica_urls[0])]
+            )
+            self._run(self.router.astart())
+        else:
+            self.router = sr.ReplicaRouter(
+                topology.primary_url, [replica_url(topology.replica_urls[0])]
+            )
+            self.router.start()
+        self.topology = topology
+        #: The replica's sync engine (an async engine's ``sync_engine``).
+        self.replica: sa.Engine = self.router.replica_targets[0].sync_engine
+
+    def _run(self, work: Any) -> Any:
+        assert self._loop is not None
+        return self._loop.run_until_complete(work)
+
+    def read_after_write(
+        self, item_id: int, *, stream: bool = False
+    ) -> tuple[str | None, list[Any]]:
+        """Commit a row, then read it back in another session (streamed: on a
+        server-side cursor): the note read, and the explain() entries of the read."""
+        query = sa.select(Item.note).where(Item.id == item_id)
+        if stream:
+            query = query.execution_options(yield_per=10)
+        if not self.is_async:
+            with self.router.sessionmaker()() as session:
+                write(session, item_id)
+            with sr.explain() as log, self.router.sessionmaker()() as session:
+                note = session.scalars(query).first()
+            return note, list(log)
+
+        async def scenario() -> tuple[str | None, list[Any]]:
+            sessions = self.router.async_sessionmaker()
+            async with sessions() as session:
+                session.add(Item(id=item_id, note=f"n{item_id}"))
+                await session.commit()
+            with sr.explain() as log:
+                async with sessions() as session:
+                    if stream:
+                        notes = [n async for n in await session.stream_scalars(query)]
+                        note = notes[0] if notes else None
+                    else:
+                        note = await session.scalar(query)
+            return note, list(log)
+
+        result: tuple[str | None, list[Any]] = self._run(scenario())
+        return result
+
+    def dispose(self) -> None:
+        if self._loop is None:
+            self.router.dispose()
+            return
+        try:
+            self._run(self.router.adispose())
+        finally:
+            self._loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def reads(request: pytest.FixtureRequest, topology: PostgresTopology) -> Iterator[Reads]:
+    """A router over replica1 only, with sync sessions, then with async ones."""
+    reads = Reads(topology, request.param)
+    yield reads
+    reads.dispose()
 
 
 @pytest.mark.postgresql
 def test_the_wait_and_the_read_travel_in_one_round_trip(
-    one_replica: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch
+    reads: Reads, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read right after a commit waits for the replica to apply it: on psycopg the
-    wait and the read go in one pipeline, one round trip to the replica, where the
-    wait sent on its own costs two; the read is right, and explain() shows the wait,
-    as the statement log does (just before the read, though no cursor event saw it)."""
-    router = one_replica
-    replica = router.replica_targets[0].sync_engine
-    with StatementLog(router) as log, RoundTrips(replica) as together:
-        note, entries = read_after_write(router, 1)
+    """A read right after a commit waits for the replica to apply it: on psycopg (sync
+    and async) the wait and the read go in one pipeline, one round trip to the replica,
+    where the wait sent on its own costs two; the read is right (on async engines its
+    rows reach the AsyncSession though SQLAlchemy's adapter did not buffer them), and
+    explain() shows the wait, as the statement log does (just before the read, though
+    no cursor event saw it)."""
+    router = reads.router
+    with StatementLog(router) as log, RoundTrips(reads.replica) as together:
+        note, entries = reads.read_after_write(1)
     assert note == "n1"
     on_replica = [s.sql for s in log.statements if s.node == "replica1"]
     assert len(on_replica) == 2
@@ -346,8 +413,8 @@ def test_the_wait_and_the_read_travel_in_one_round_trip(
         ("replica1", ["reached"])
     ]
     monkeypatch.setattr(sr.session, "can_defer_wait", lambda connection: False)
-    with RoundTrips(replica) as apart:
-        note, entries = read_after_write(router, 2)
+    with RoundTrips(reads.replica) as apart:
+        note, entries = reads.read_after_write(2)
     assert note == "n2"
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
         ("replica1", ["reached"])
@@ -357,27 +424,127 @@ def test_the_wait_and_the_read_travel_in_one_round_trip(
 
 @pytest.mark.postgresql
 def test_a_failed_wait_discards_the_read_and_the_plan_goes_on(
-    one_replica: sr.ReplicaRouter, topology: PostgresTopology
+    reads: Reads, topology: PostgresTopology
 ) -> None:
     """On a replica that is not applying (replay paused) the wait sent with the read
     is refused at once: the rows read behind it (older than the commit) are
     discarded, the primary serves the read, and explain(), the statement log and
     the counters say so (the discarded read served nothing: no replica decision)."""
-    router = one_replica
+    router = reads.router
     topology.pause_replay(0)
     router.reset_stats()
-    replica = router.replica_targets[0].sync_engine
-    with StatementLog(router) as statements, RoundTrips(replica) as trips:
-        note, entries = read_after_write(router, 1)
+    with StatementLog(router) as statements, RoundTrips(reads.replica) as trips:
+        note, entries = reads.read_after_write(1)
     assert note == "n1"
     assert "SELECT item.note" in trips.trace  # sent behind the wait, then discarded
     assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [("primary", ["failed"])]
     assert router.cluster.wait_failure("replica1") == "stopped"
-    reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
-    assert reads == ["primary"]
+    reads_by_node = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
+    assert reads_by_node == ["primary"]
     stats = router.stats()
     assert stats.decisions_by_target()["replica"] == 0
     assert stats.decisions_by_reason().get("not_caught_up") == 1
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("topology", mode), marks=pytest.mark.postgresql, id=f"postgresql-{mode}")
+        for mode in ("sync", "async")
+    ]
+    + [
+        pytest.param(("maria", mode), marks=pytest.mark.mariadb, id=f"mariadb-{mode}")
+        for mode in ("sync", "async")
+    ]
+)
+def any_reads(request: pytest.FixtureRequest) -> Iterator[Reads]:
+    """Reads on PostgreSQL and on MariaDB (connections allowing several
+    statements), sync and async."""
+    backend, mode = request.param
+    topology = request.getfixturevalue(backend)
+    reads = Reads(topology, mode, multi_statement if backend == "maria" else same_url)
+    yield reads
+    reads.dispose()
+
+
+def kill_client_connections(topology: Topology) -> int:
+    """Kill every client connection to replica1 but the admin's own; how many."""
+    if isinstance(topology, PostgresTopology):
+        killed: int = topology.admin_query(
+            0,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        return killed
+    ids = topology.admin_query(
+        0,
+        "SELECT GROUP_CONCAT(id) FROM information_schema.processlist"
+        " WHERE id <> CONNECTION_ID() AND user NOT IN ('system user', 'event_scheduler')",
+    )
+    connections = str(ids or "").split(",") if ids else []
+    topology.admin_execute(0, *(f"KILL CONNECTION {c}" for c in connections))
+    return len(connections)
+
+
+def test_a_lost_connection_under_the_wait_marks_the_replica_down(
+    any_reads: Reads, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the replica's connection is gone (killed on the server), the wait
+    sent with the read fails with the driver's disconnect error: the replica is
+    marked down, and the primary serves the read."""
+    reads = any_reads
+    reads.read_after_write(1)  # a pooled connection to the replica
+    sent: list[str] = []
+    monkeypatch.setattr(pipelining, "WAIT_OBSERVERS", [lambda engine, sql: sent.append(sql)])
+    assert kill_client_connections(reads.topology) >= 1
+    note, entries = reads.read_after_write(2)
+    assert note == "n2"
+    assert len(sent) == 1  # the wait went with the read
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [("primary", ["failed"])]
+    [replica] = reads.router.status()
+    assert not replica.healthy
+    assert (replica.reason or "").startswith("disconnected")
+
+
+def test_a_streamed_read_after_a_commit_reads_the_row_on_the_replica(any_reads: Reads) -> None:
+    """A streamed read (a server-side cursor) right after a commit waits for the
+    replica, and the read, on the replica, returns the row. libpq cannot pipeline
+    a server-side cursor, and aiomysql's reads no rows of a query's second
+    result: there the wait goes first, on its own (PyMySQL's sends ``<wait>;
+    <read>``). The wait is logged just before the read."""
+    reads = any_reads
+    with StatementLog(reads.router) as log:
+        note, entries = reads.read_after_write(1, stream=True)
+    assert note == "n1"
+    assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+        ("replica1", ["reached"])
+    ]
+    on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+    assert len(on_replica) == 2
+    wait = "RECURSIVE poll" if isinstance(reads.topology, PostgresTopology) else "MASTER_GTID_WAIT"
+    assert wait in on_replica[0]
+    assert on_replica[1].startswith("SELECT item.note")
+
+
+def test_async_engines_keep_the_separate_wait_without_the_adapters_row_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The async wait-and-read fills in SQLAlchemy's psycopg async cursor's private
+    row buffer: should a SQLAlchemy release not have it, async engines keep the
+    separate wait (sync engines are not concerned)."""
+    from sqlalchemy.dialects.postgresql import psycopg as adaption
+
+    url = "postgresql+psycopg_async://nobody@localhost/none"
+    listeners = Listeners()
+    engine = create_async_engine(url)
+    assert pipelining.pipeline_waits(engine.sync_engine, listeners)
+
+    class Unbuffered:
+        __slots__ = ("_cursor",)
+
+    monkeypatch.setattr(adaption, "AsyncAdapt_psycopg_cursor", Unbuffered)
+    assert not pipelining.pipeline_waits(create_async_engine(url).sync_engine, listeners)
+    assert pipelining.pipeline_waits(sa.create_engine(url.replace("_async", "")), listeners)
+    listeners.remove_all()
 
 
 # -- MariaDB: COMMIT; SELECT ... where the connections allow several statements --
@@ -539,20 +706,21 @@ def test_mariadb_async_commit_brings_its_gtid_back(
 
 
 @pytest.mark.mariadb
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_mariadb_the_wait_and_the_read_travel_in_one_query(
-    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """On a MariaDB replica whose connections allow several statements, a read's
-    wait and the read go as one query, one command where the wait alone costs
-    another. On a paused replica the wait fails first and the server stops there:
-    the read never runs on it, and the primary serves it."""
-    replica_url = multi_statement(maria.replica_urls[0])
-    router = sr.ReplicaRouter(maria.primary_url, [replica_url])
+    """On a MariaDB replica whose connections allow several statements (PyMySQL,
+    aiomysql), a read's wait and the read go as one query, one command where the
+    wait alone costs another; the read's rows reach the session. On a paused
+    replica the wait fails first and the server stops there: the read never runs
+    on it, and the primary serves it."""
+    reads = Reads(maria, mode, multi_statement)
+    router = reads.router
     try:
-        router.start()
-        replica = router.replica_targets[0].sync_engine
+        replica = reads.replica
         with StatementLog(router) as log, Commands(replica) as together:
-            note, entries = read_after_write(router, 1)
+            note, entries = reads.read_after_write(1)
         assert note == "n1"
         on_replica = [s.sql for s in log.statements if s.node == "replica1"]
         assert len(on_replica) == 2
@@ -563,7 +731,7 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         ]
         with monkeypatch.context() as patch, Commands(replica) as apart:
             patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
-            note, entries = read_after_write(router, 2)
+            note, entries = reads.read_after_write(2)
         assert note == "n2"
         assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
             ("replica1", ["reached"])
@@ -571,16 +739,18 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         assert together.count == apart.count - 1
         maria.pause_replay(0)
         with StatementLog(router) as statements:
-            note, entries = read_after_write(router, 3)
+            note, entries = reads.read_after_write(3)
         assert note == "n3"
         assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
             ("primary", ["failed"])
         ]
         assert router.cluster.wait_failure("replica1") == "stopped"
-        reads = [s.node for s in statements.statements if s.sql.startswith("SELECT item.note")]
-        assert reads == ["primary"]
+        reads_by_node = [
+            s.node for s in statements.statements if s.sql.startswith("SELECT item.note")
+        ]
+        assert reads_by_node == ["primary"]
     finally:
-        router.dispose()
+        reads.dispose()
 
 
 # -- MariaDB: the GTID in COMMIT's OK packet (session state tracking) ---------------

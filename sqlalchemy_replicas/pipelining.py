@@ -230,7 +230,10 @@ class _PostgresCommitAndQuery:
 
     Without parameters psycopg sends a statement with the simple query
     protocol, which runs several statements and answers them in one round
-    trip. (A libpq pipeline does the same in one round trip too, but costs
+    trip. psycopg takes the transaction status from libpq after each
+    statement, so a ``COMMIT`` it did not send itself leaves it right (its
+    next statement begins a transaction again; psycopg2, which keeps its own
+    record, is not wired). (A libpq pipeline does the same in one round trip too, but costs
     about 150 microseconds of client CPU more per commit.) The server stops
     at the first error, and psycopg raises it without saying which statement
     failed: the position query is written so that it cannot fail (it answers

@@ -641,7 +641,7 @@ class RoutingSession(Session):
                 bind_arguments={"bind": cluster.primary_target.sync_engine}
             )
             position = backend.current(connection)
-        except sa_exc.DBAPIError as error:
+        except (sa_exc.DBAPIError, ValueError) as error:  # ValueError: it answered none
             logger.warning("reading the primary's position failed: %s", error)
             scope.mark_unknown(cluster)
             return

@@ -650,13 +650,16 @@ def _dbapi_connection(context: Any) -> Any:
 def _adapter_buffers_rows() -> bool:
     """Whether SQLAlchemy's psycopg async cursor keeps the psycopg cursor and
     its buffered rows where :meth:`_PostgresExecuteBehindWait._buffer_rows`
-    fills them in (private attributes: without them, async engines keep the
-    separate wait)."""
+    fills them in, and has its server-side class to tell named cursors by
+    (private attributes: without them, async engines keep the separate
+    wait)."""
     from sqlalchemy.dialects.postgresql import psycopg as adaption
 
     cursor_class = getattr(adaption, "AsyncAdapt_psycopg_cursor", None)
-    return cursor_class is not None and all(
-        hasattr(cursor_class, name) for name in ("_cursor", "_rows")
+    return (
+        cursor_class is not None
+        and hasattr(adaption, "AsyncAdapt_psycopg_ss_cursor")
+        and all(hasattr(cursor_class, name) for name in ("_cursor", "_rows"))
     )
 
 
@@ -723,11 +726,16 @@ class _PostgresExecuteBehindWait(_ExecuteBehindWait):
 
         super().__init__(original)
         self._is_async = is_async
-        self._server_cursor = psycopg.ServerCursor
+        # A named cursor (stream_results): psycopg's own, or on async engines
+        # SQLAlchemy's adapter of one (whose other attributes differ across
+        # SQLAlchemy versions: 2.0's adapter has no ``server_side``).
+        self._server_cursor: type[Any] = psycopg.ServerCursor
         self._tuples_ok = psycopg.pq.ExecStatus.TUPLES_OK
         if is_async:
+            from sqlalchemy.dialects.postgresql import psycopg as adaption
             from sqlalchemy.util import await_only
 
+            self._server_cursor = adaption.AsyncAdapt_psycopg_ss_cursor
             self._await: Callable[[Any], Any] = await_only
 
     def _io(self, result: Any) -> Any:
@@ -744,7 +752,7 @@ class _PostgresExecuteBehindWait(_ExecuteBehindWait):
         started = time.perf_counter()
         wait = driver.cursor()
         try:
-            if cursor.server_side if self._is_async else isinstance(cursor, self._server_cursor):
+            if isinstance(cursor, self._server_cursor):
                 # A named cursor (stream_results) cannot be pipelined: the
                 # wait goes first, and the statement meets the server's
                 # answer to it as without the router.

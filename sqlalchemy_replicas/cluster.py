@@ -119,8 +119,7 @@ class Cluster:
         self._applied_lock = threading.Lock()
         # Replica name -> (the position it was known to have applied when a
         # wait on it last failed (None: none known), whether it refused the
-        # wait as not applying). Until it is seen to apply more: see
-        # wait_failure().
+        # wait as not applying): see wait_failure().
         self._wait_failures: dict[str, tuple[Any, bool]] = {}
         # Replica name -> reads sent elsewhere because its pool was full.
         self._pool_full_skips: dict[str, int] = {}
@@ -306,20 +305,39 @@ class Cluster:
     # -- what is known about each replica ---------------------------------------------
 
     def note_wait_failed(self, replica: str, *, stopped: bool = False) -> None:
-        """A wait on ``replica`` timed out, or with ``stopped`` was refused
-        because it was not applying at all (replay paused). Remembered until
-        it is seen to apply more than it is known to have applied now (the
-        lag monitor's next check, or a read's wait): see :meth:`wait_failure`."""
+        """A wait on ``replica`` timed out (or failed), or with ``stopped``
+        was refused because it was not applying at all (replay paused).
+        Remembered until it is seen to apply commits again: see
+        :meth:`wait_failure`."""
         with self._applied_lock:
             self._wait_failures[replica] = (self._applied.get(replica), stopped)
 
+    def note_applied_within(self, replica: str, seconds: float) -> None:
+        """The lag monitor saw ``replica`` apply a commit at most ``seconds``
+        after the primary made it: within ``wait_timeout``, a wait on it that
+        timed out no longer makes it suspect (see :meth:`wait_failure`)."""
+        if seconds <= self.wait_timeout and replica in self._wait_failures:
+            with self._applied_lock:
+                failure = self._wait_failures.get(replica)
+                if failure is not None and not failure[1]:
+                    del self._wait_failures[replica]
+
     def wait_failure(self, replica: str) -> WaitFailure | None:
         """How the last wait on ``replica`` failed, if it has not been seen
-        to progress since (None otherwise): ``"timed_out"`` (suspect: reads do
-        not wait on it) or ``"stopped"`` (it said it was not applying: reads
-        ask it last). Progress is judged by position, not time: a replica
-        paused for a minute stays so for that minute, and one that resumed is
-        trusted again as soon as it is seen applying."""
+        to apply commits again since (None otherwise):
+
+        - ``"timed_out"`` (suspect: reads do not wait on it): until the lag
+          monitor sees it apply a commit within ``wait_timeout`` of the
+          primary making it (:meth:`note_applied_within`). Seeing it apply
+          more is no such proof: a replica that applies every commit a
+          second late applies the one a wait missed a second later, and
+          would be waited on in vain again after each commit.
+        - ``"stopped"`` (it said it was not applying: reads ask it last):
+          until it is seen to apply more than it had when it refused.
+
+        Judged by what it applied, not by a fixed time: a replica paused for
+        a minute stays so for that minute, and one that resumed is trusted
+        again as soon as it is seen applying."""
         if replica not in self._wait_failures:
             return None  # the common case: no lock, no comparison
         with self._applied_lock:
@@ -327,11 +345,13 @@ class Cluster:
             if failure is None:
                 return None
             (before, stopped), now = failure, self._applied.get(replica)
+            if not stopped:
+                return "timed_out"
             backend = self._positions
             if now is None or (
                 before is not None and (backend is None or backend.reached(before, now))
             ):
-                return "stopped" if stopped else "timed_out"  # nothing new applied since
+                return "stopped"  # nothing new applied since
             del self._wait_failures[replica]
             return None
 

@@ -138,6 +138,9 @@ class Watched(Protocol):
     def note_applied(self, replica: str, position: Any) -> None:
         """Record that ``replica`` has applied ``position``."""
 
+    def note_applied_within(self, replica: str, seconds: float) -> None:
+        """``replica`` applied a commit at most ``seconds`` after the primary made it."""
+
     def pool_full_skips(self, replica: str) -> int:
         """Reads sent elsewhere because ``replica``'s pool was full."""
 
@@ -212,6 +215,9 @@ class LagEstimator:
         self._lock = threading.Lock()
         # Sorted by time.
         self._samples: list[tuple[float, Any]] = []
+        # The commit samples among them (record_commit), sorted by time: each
+        # names one commit made by its time (see applied_within).
+        self._commits: list[tuple[float, Any]] = []
 
     def record_primary(self, when: float, position: Any) -> None:
         """The primary was at ``position`` at monotonic time ``when`` (or later)."""
@@ -230,12 +236,16 @@ class LagEstimator:
             if self._samples and when < self._samples[-1][0] + self._spacing:
                 return
             self._samples.append((when, position))
+            self._commits.append((when, position))
             self._forget(when)
 
     def _forget(self, newest: float) -> None:
         cut = bisect.bisect_left(self._samples, newest - self._horizon, key=_sample_time)
         if cut:
             del self._samples[:cut]
+        cut = bisect.bisect_left(self._commits, newest - self._horizon, key=_sample_time)
+        if cut:
+            del self._commits[:cut]
 
     def reached_any(self, applied: Any) -> bool:
         """Whether ``applied`` covers any sample kept (its lag is then bounded
@@ -255,6 +265,46 @@ class LagEstimator:
                 if not self._reached(applied, position):
                     return max(0.0, now - when)
         return 0.0
+
+    def applied_within(
+        self, applied: Any, now: float, last_replayed: float | None = None
+    ) -> float | None:
+        """How late, at most, a replica that has applied ``applied`` by
+        ``now`` applied some commit; None without evidence (it has reached
+        no sample, or no commit came between the samples it reached: a
+        replica caught up with an idle primary shows nothing of how late it
+        applies commits).
+
+        Three kinds of evidence, the smallest bound wins: ``last_replayed``
+        (the monotonic time, or earlier, of the last commit it applied, when
+        the server tells it: PostgreSQL); the newest commit sample it has
+        reached (a commit made through the router by that sample's time,
+        loose by that commit's own round trip); and the newest primary
+        sample it has reached, when an earlier sample lacks something it has
+        (commits made after the earlier sample's time). Each bound is
+        ``now`` minus that time.
+        """
+        bounds = [] if last_replayed is None else [now - last_replayed]
+        with self._lock:
+            for when, position in reversed(self._commits):
+                if self._reached(applied, position):
+                    bounds.append(now - when)
+                    break
+            newest = next(
+                (
+                    i
+                    for i in range(len(self._samples) - 1, -1, -1)
+                    if self._reached(applied, self._samples[i][1])
+                ),
+                None,
+            )
+            if newest is not None:
+                position = self._samples[newest][1]
+                for when, earlier in reversed(self._samples[:newest]):
+                    if not self._reached(earlier, position):
+                        bounds.append(now - when)
+                        break
+        return max(0.0, min(bounds)) if bounds else None
 
     @property
     def newest(self) -> Any | None:
@@ -806,6 +856,9 @@ class LagMonitor:
             )
             lacking_for = self._estimator.lacking_for(applied, now)
             cluster.note_applied(replica.name, applied)
+            applied_within = self._estimator.applied_within(applied, now, last_replayed)
+            if applied_within is not None:
+                cluster.note_applied_within(replica.name, applied_within)
             behind = None if primary_position is None else backend.behind(primary_position, applied)
             # A replica that has applied no sample kept has a lag bounded only by
             # the age of the last commit it replayed: after a quiet spell that is

@@ -21,9 +21,10 @@ its replica):
 3. else the **primary**.
 
 A replica is not waited on while it is *suspect* (a wait on it timed out and
-it has not been seen to apply anything since: judged by position, not by a
-fixed time). When every other candidate is known to have lacked a commit for
-longer than the budget (evidence, from the lag monitor's samples, that it
+it has not been seen since to apply a commit within ``wait_timeout`` of the
+primary making it: judged by what it applied, not by a fixed time). When
+every other candidate is known to have lacked a commit for longer than the
+budget (evidence, from the lag monitor's samples, that it
 applies commits later than that; the measured lag, an upper bound, is no
 such evidence), no wait is planned: the read goes to the primary at once
 instead of waiting the budget out. Otherwise the other replicas are waited
@@ -85,8 +86,8 @@ MIN_WAIT: Final = 0.001
 
 WaitFailure: TypeAlias = Literal["timed_out", "stopped"]
 """How the last wait on a replica failed, while it has not been seen to
-apply anything since: it timed out, or it was refused at once because the
-replica was not applying at all (replay paused, replication stopped)."""
+apply commits again since: it timed out, or it was refused at once because
+the replica was not applying at all (replay paused, replication stopped)."""
 
 
 class ReplicaState(NamedTuple):
@@ -102,7 +103,8 @@ class ReplicaState(NamedTuple):
     :ivar lag: its measured lag in seconds (None: not measured).
     :ivar lag_exact: False while ``lag`` is only a lower bound.
     :ivar wait_failed: how the last wait on it failed, when it has not been
-        seen to apply anything since (None: it has, or no wait failed).
+        seen to apply commits again since (None: it has, or no wait failed;
+        see ``Cluster.wait_failure``).
         ``"timed_out"``: it is suspect, and a wait on it now would likely
         spend the read's whole budget in vain: none is planned.
         ``"stopped"``: it was paused; asking again costs one round trip (it
@@ -273,8 +275,8 @@ def _stay_plan(
 def _wait_order(replicas: list[ReplicaState], budget: float) -> list[ReplicaState]:
     """The replicas worth a wait, in the order to wait on them.
 
-    Not one that is suspect (a wait on it timed out and it has not applied
-    anything since: another would spend the budget in vain). When every
+    Not one that is suspect (a wait on it timed out and it has not been seen
+    to apply a commit in time since: another would spend the budget in vain). When every
     other one is known to be over the budget (:func:`over_budget`), none:
     replicas that apply each commit that late cannot apply a fresh one in
     time, and the read goes to the primary at once. Otherwise all of them, in

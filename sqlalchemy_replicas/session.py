@@ -654,7 +654,7 @@ class RoutingSession(Session):
         there). A replica that is not applying at all (replay paused) refuses
         at once, leaving the rest of the read's budget to the next replica.
         A wait that does not reach the position is remembered until the
-        replica is seen to apply more (see ``ReplicaRouter.wait_failure``).
+        replica is seen to apply commits again (see ``Cluster.wait_failure``).
 
         Where the driver can (see :mod:`~sqlalchemy_replicas.pipelining`), a
         read's wait is not sent now but ahead of the read, in its round trip:

@@ -79,6 +79,15 @@ def simulations(draw: st.DrawFn) -> Simulation:
     return Simulation(commits, applies)
 
 
+def record_commits(estimator: LagEstimator, sim: Simulation, recorded: int, t: float) -> int:
+    """Give ``estimator`` the commit samples made after the first ``recorded``
+    commits, up to ``t``, each at its ack time; returns how many are recorded."""
+    while recorded < len(sim.commits) and sim.commits[recorded] <= t:
+        estimator.record_commit(sim.commits[recorded], recorded + 1)
+        recorded += 1
+    return recorded
+
+
 def run_checks(
     sim: Simulation,
     spacing: float,
@@ -95,10 +104,8 @@ def run_checks(
     out = []
     next_check, t, recorded = 0.0, -5.0, 0
     while t <= end:
-        if commit_samples:  # commit samples made since the last step, at ack time
-            while recorded < len(sim.commits) and sim.commits[recorded] <= t:
-                estimator.record_commit(sim.commits[recorded], recorded + 1)
-                recorded += 1
+        if commit_samples:
+            recorded = record_commits(estimator, sim, recorded, t)
         estimator.record_primary(t, sim.position(t))
         if t >= next_check:
             skew = 0.003
@@ -154,6 +161,68 @@ def test_lacking_for_is_a_lower_bound_within_the_sample_spacing(
         checked += 1
         t += spacing
     assert checked > 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(simulations(), st.sampled_from([0.02, 0.1, 0.5, 1.0]), st.booleans(), st.booleans())
+def test_applied_within_bounds_how_late_an_applied_commit_was_applied(
+    sim: Simulation, spacing: float, commit_samples: bool, replay_ts: bool
+) -> None:
+    """When the estimator says a replica applied some commit at most b seconds
+    after it was made, one it has applied was. This is the evidence that ends a
+    timed-out replica's suspicion: a replica applying every commit later than
+    the budget never shows it."""
+    estimator = LagEstimator(reached, horizon=1000.0)
+    end = (sim.applies[-1] if sim.applies else 0.0) + 1.0
+    t, recorded = -5.0, 0
+    while t <= end:
+        if commit_samples:
+            recorded = record_commits(estimator, sim, recorded, t)
+        estimator.record_primary(t, sim.position(t))
+        now = t + 0.003
+        applied = sim.applied(now)
+        bound = estimator.applied_within(
+            applied, now, sim.last_replayed(now) if replay_ts else None
+        )
+        if bound is not None:
+            assert any(sim.applies[i] - sim.commits[i] <= bound + 1e-9 for i in range(applied))
+        t += spacing
+
+
+@pytest.mark.parametrize(("commit_samples", "most"), [(True, 0.2), (False, 2.1)])
+def test_applied_within_needs_commit_samples_between_sparse_checks(
+    commit_samples: bool, most: float
+) -> None:
+    """Commits every 0.1 s, each applied 0.05 s later; the primary sampled only at
+    the checks, every second. With the router's commit samples, the replica shows
+    it applies commits within 0.2 s; with the checks' samples alone (a replica
+    a moment behind the newest), only within two check intervals."""
+    estimator = LagEstimator(reached, horizon=100.0)
+    commits = [1.0 + i * 0.1 for i in range(40)]
+    sim = Simulation(commits, [c + 0.05 for c in commits])
+    bounds = []
+    for check in (1.0, 2.0, 3.0, 4.0):
+        if commit_samples:
+            for n, commit in enumerate(commits, start=1):
+                if check - 1.0 < commit <= check:
+                    estimator.record_commit(commit, n)
+        estimator.record_primary(check, sim.position(check))
+        bound = estimator.applied_within(sim.applied(check + 0.003), check + 0.003)
+        if bound is not None:
+            bounds.append(bound)
+    assert len(bounds) >= 2
+    assert max(bounds) <= most
+    assert min(bounds) >= 0.05
+
+
+def test_applied_within_has_no_evidence_from_an_idle_primary() -> None:
+    """A replica caught up with a primary that committed nothing between samples
+    shows nothing of how late it applies commits."""
+    estimator = LagEstimator(reached, horizon=100.0)
+    for t in (1.0, 2.0, 3.0):
+        estimator.record_primary(t, 7)
+    assert estimator.applied_within(7, 3.1) is None
+    assert estimator.applied_within(6, 3.1) is None  # reached no sample
 
 
 @settings(max_examples=150, deadline=None)

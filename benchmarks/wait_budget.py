@@ -18,8 +18,15 @@ same servers in one run.
   write-then-read requests; reported: read p50, mean and p99, against the p50
   of the same read sent to the primary (``consistency="strong"``, in a new
   session too) in the same requests.
+- **late, paced**: the same delay, but the requests start while the
+  monitor measures both replicas caught up (idle before), and come
+  ``--delay`` + 0.5 s apart, so each commit is applied before the next
+  request (a user's requests, not a load test): what a timed-out wait
+  teaches the router. A quarter of ``--requests``; reported as above, with
+  the number of waits that timed out (each spent the whole budget).
 
     python benchmarks/wait_budget.py [--backend postgresql|mariadb] [--code DIR ...]
+        [--requests N] [--delay SECONDS]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 import sqlalchemy as sa
 
 WAIT = 0.5
+SCENARIOS = ("flapping", "lag", "late")
 
 
 # -- the worker: runs one checkout's router; asks the driver to inject faults ---
@@ -49,7 +57,9 @@ def _ask(command: str) -> None:
         raise SystemExit("the driver did not acknowledge " + command)
 
 
-def worker(scenario: str, primary: str, replicas: list[str], requests: int) -> dict[str, Any]:
+def worker(
+    scenario: str, primary: str, replicas: list[str], requests: int, pace: float = 0.0
+) -> dict[str, Any]:
     import sqlalchemy_replicas as sr  # the checkout under test (PYTHONPATH)
 
     metadata = sa.MetaData()
@@ -67,8 +77,9 @@ def worker(scenario: str, primary: str, replicas: list[str], requests: int) -> d
     router.start()
     make = router.sessionmaker()
 
-    def request(row: int, value: int) -> tuple[bool, float, str, float]:
-        """Commit, then read back: stale?, read seconds, target, primary read seconds."""
+    def request(row: int, value: int) -> tuple[bool, float, str, float, int]:
+        """Commit, then read back: stale?, read seconds, target, primary read
+        seconds, waits that timed out."""
         with make() as writer:
             writer.execute(sa.delete(table).where(table.c.id == row))
             writer.execute(sa.insert(table).values(id=row, value=value))
@@ -82,7 +93,8 @@ def worker(scenario: str, primary: str, replicas: list[str], requests: int) -> d
             started = time.perf_counter()
             reader.scalar(read.execution_options(consistency="strong"))
             on_primary = time.perf_counter() - started
-        return seen != value, took, log[0].target, on_primary
+        timed_out = sum(wait.outcome == "timed_out" for wait in log[0].waits)
+        return seen != value, took, log[0].target, on_primary, timed_out
 
     try:
         results = []
@@ -90,6 +102,20 @@ def worker(scenario: str, primary: str, replicas: list[str], requests: int) -> d
             for n in range(requests):
                 if n % 3 == 0:
                     _ask(f"flap {(n // 3) % 2}")
+                results.append(request(n % 8, n))
+        elif scenario == "late":
+            # The table's creation applies late too: wait for it, idle, so
+            # the monitor measures both replicas caught up.
+            deadline = time.monotonic() + 60
+            while not all(
+                s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the replicas never caught up")
+                time.sleep(0.05)  # polls the monitor's figures
+            for n in range(requests):
+                if n:
+                    time.sleep(pace)  # the workload's shape: requests apart
                 results.append(request(n % 8, n))
         else:
             counter = iter(range(1, 1_000_000))
@@ -115,6 +141,7 @@ def worker(scenario: str, primary: str, replicas: list[str], requests: int) -> d
         "p99_ms": took[min(len(took) - 1, int(len(took) * 0.99))] * 1000,
         "max_ms": took[-1] * 1000,
         "primary_p50_ms": statistics.median(r[3] for r in results) * 1000,
+        "timed_out_waits": sum(r[4] for r in results),
     }
 
 
@@ -128,8 +155,11 @@ def run_worker(
     requests: int,
     *,
     urls: tuple[sa.URL, list[sa.URL]] | None = None,
+    pace: float = 0.0,
 ) -> dict[str, Any]:
     """Run ``scenario`` in a worker on ``code``; the faults on ``topology``.
+
+    :param pace: seconds between requests (the ``late`` scenario).
 
     :param urls: the primary's and replicas' URLs for the worker (default:
         the topology's; ``benchmarks/round_trips.py`` gives proxied ones).
@@ -144,6 +174,8 @@ def run_worker(
         scenario,
         "--requests",
         str(requests),
+        "--pace",
+        str(pace),
         "--primary",
         primary.render_as_string(hide_password=False),
         *(
@@ -178,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", type=Path, action="append", help="a checkout (repeatable)")
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--delay", type=float, default=1.5, help="lag > budget: apply delay")
-    parser.add_argument("--worker", choices=("flapping", "lag"))
+    parser.add_argument("--worker", choices=SCENARIOS)
+    parser.add_argument("--pace", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--primary")
     parser.add_argument("--replica", action="append")
     args = parser.parse_args(argv)
     if args.worker:
-        result = worker(args.worker, args.primary, args.replica, args.requests)
+        result = worker(args.worker, args.primary, args.replica, args.requests, args.pace)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -197,19 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     with topology:
         print(f"{topology.server_version()}, wait_timeout {WAIT}s, {args.requests} requests")
-        for scenario in ("flapping", "lag"):
+        for scenario in SCENARIOS:
             for code in codes:
                 topology.reset()
-                if scenario == "lag":
+                if scenario in ("lag", "late"):
                     topology.set_apply_delay(0, args.delay)
                     topology.set_apply_delay(1, args.delay)
-                r = run_worker(topology, code, scenario, args.requests)
+                if scenario == "late":
+                    r = run_worker(
+                        topology, code, scenario, args.requests // 4, pace=args.delay + 0.5
+                    )
+                else:
+                    r = run_worker(topology, code, scenario, args.requests)
                 print(
                     f"  {scenario:8} {code!s:40} on replicas {r['replica_share']:6.1%}  "
                     f"stale {r['stale']}  read p50 {r['p50_ms']:7.2f} ms  "
                     f"mean {r['mean_ms']:7.2f} ms  "
                     f"p99 {r['p99_ms']:7.2f} ms  max {r['max_ms']:7.2f} ms  "
-                    f"(primary read p50 {r['primary_p50_ms']:.2f} ms)",
+                    f"(primary read p50 {r['primary_p50_ms']:.2f} ms)  "
+                    f"timed-out waits {r['timed_out_waits']}",
                     flush=True,
                 )
     return 0

@@ -118,8 +118,9 @@ class Cluster:
         self._applied: dict[str, Any] = {}
         self._applied_lock = threading.Lock()
         # Replica name -> (the position it was known to have applied when a
-        # wait on it last failed (None: none known), whether it refused the
-        # wait as not applying): see wait_failure().
+        # wait on it last failed (None: none known; what a refusal is judged
+        # against), whether it refused the wait as not applying): see
+        # wait_failure().
         self._wait_failures: dict[str, tuple[Any, bool]] = {}
         # Replica name -> reads sent elsewhere because its pool was full.
         self._pool_full_skips: dict[str, int] = {}

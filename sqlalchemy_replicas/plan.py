@@ -24,9 +24,9 @@ A replica is not waited on while it is *suspect* (a wait on it timed out and
 it has not been seen since to apply a commit within ``wait_timeout`` of the
 primary making it: judged by what it applied, not by a fixed time). When
 every other candidate is known to have lacked a commit for longer than the
-budget (evidence, from the lag monitor's samples, that it
-applies commits later than that; the measured lag, an upper bound, is no
-such evidence), no wait is planned: the read goes to the primary at once
+budget (evidence, from the lag monitor's samples, that it applies commits
+later than that; the measured lag, an upper bound, is no such evidence), no
+wait is planned: the read goes to the primary at once
 instead of waiting the budget out. Otherwise the other replicas are waited
 on first, then those that refused a wait as paused (one round trip each
 while still paused), then those known to be over the budget.
@@ -276,10 +276,11 @@ def _wait_order(replicas: list[ReplicaState], budget: float) -> list[ReplicaStat
     """The replicas worth a wait, in the order to wait on them.
 
     Not one that is suspect (a wait on it timed out and it has not been seen
-    to apply a commit in time since: another would spend the budget in vain). When every
-    other one is known to be over the budget (:func:`over_budget`), none:
-    replicas that apply each commit that late cannot apply a fresh one in
-    time, and the read goes to the primary at once. Otherwise all of them, in
+    to apply a commit in time since: another would spend the budget in
+    vain). When every other one is known to be over the budget
+    (:func:`over_budget`), none: replicas that apply each commit that late
+    cannot apply a fresh one in time, and the read goes to the primary at
+    once. Otherwise all of them, in
     order of preference within three groups: not known to be over the
     budget; then those that refused a wait as paused (asking again costs one
     round trip: they refuse at once while still paused); then those known to

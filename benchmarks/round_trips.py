@@ -38,6 +38,10 @@ Reported per backend, a column per network:
   measurement as ``benchmarks/overhead.py`` (its ``measure()``), a plain
   Session against a ``RoutingSession`` reading a replica (router scope), in
   shuffled rounds (goal: <= 1.05x);
+- on MariaDB, a third column: through the network with the replicas'
+  connections allowing several statements (``?client_flag=65536``, the
+  opt-in docs/round-trips.md describes), so the causal wait travels with
+  the read;
 - **flapping replicas**: ``benchmarks/wait_budget.py``'s flapping scenario
   (one of the two replicas paused, swapping every third request; its worker
   process, reads right after a commit), loopback and through the network:
@@ -73,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from pymysql.constants.CLIENT import MULTI_STATEMENTS
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -261,6 +266,16 @@ def bench(topology: Topology, requests: int, net: netproxy.Network | None, rtt_m
                 proxied(net, primary),
                 [proxied(net, u) for u in replicas],
             )
+            if isinstance(topology, MariaDBTopology):
+                # The opt-in that lets the wait travel with the read
+                # (docs/round-trips.md): replicas allowing several statements.
+                urls[f"{rtt_ms:g} ms RTT, multi"] = (
+                    proxied(net, primary),
+                    [
+                        proxied(net, u).update_query_dict({"client_flag": str(MULTI_STATEMENTS)})
+                        for u in replicas
+                    ],
+                )
         modes = [
             Mode(name, p_url, r_urls, net if name != "loopback" else None)
             for name, (p_url, r_urls) in urls.items()

@@ -169,78 +169,65 @@ def test_a_timed_out_replica_is_suspect_until_it_applies_again(
 
 
 def test_a_replica_applying_each_commit_late_stays_suspect_after_applying_the_missed_one(
-    fresh_mariadb_topology: Topology,
+    router: sr.ReplicaRouter, topology: Topology
 ) -> None:
-    """Both replicas apply every commit over 1 s late (more than the 0.5 s budget), and
-    the monitor has not measured it (idle, caught up). A read's wait times out on
-    each once; then each applies that commit, late, and nothing beyond: they stay
-    suspect, so the reads after the next commits go to the primary at once,
-    never stale, instead of each waiting the budget out. Once a replica applies
-    one of those later commits, reads wait on it again.
-
-    MariaDB: GTIDs count commits. PostgreSQL's positions are WAL positions, and
-    any WAL replayed after the commit (the next transaction's first records)
-    counts as progress there, so this exact sequence is not deterministic on it.
-    """
-    topology = fresh_mariadb_topology
-    router = sr.ReplicaRouter(topology.primary_url, topology.replica_urls, wait_timeout=WAIT)
-    try:
-        Base.metadata.create_all(router.primary)
-        topology.wait_for_catchup()
-        router.start()
-        key = key_preferring(router, "replica1")
-        # MASTER_DELAY counts whole seconds of event timestamps: 2 s applies
-        # each commit 1-2 s late.
-        topology.set_apply_delay(0, 2.0)
-        topology.set_apply_delay(1, 2.0)
-        wait_until(
-            lambda: all(s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()),
-            timeout=20,
-            what="both replicas measured caught up",
-        )
-        missed = []
-        for value in (1, 2):  # replica1 times out, then (suspect) replica2 does
-            with sr.sticky(key):
-                seen, _, read = write_then_read(router, 1, value)
-            assert (seen, read.target) == (value, "primary")
-            missed += [(w.replica, w.outcome) for w in read.waits]
-        assert missed == [("replica1", "timed_out"), ("replica2", "timed_out")]
-        missed_position, _ = router.cluster.process_scope.target(router.cluster)
-
-        def applied_the_missed_commit(name: str) -> bool:
-            known = router.cluster.known_applied(name)
-            positions = router.cluster.positions
-            assert positions is not None
-            return known is not None and positions.reached(known, missed_position)
-
-        wait_until(
-            lambda: all(applied_the_missed_commit(n) for n in ("replica1", "replica2")),
-            timeout=10,
-            what="the monitor to see both replicas apply the missed commit",
-        )
-        assert [router.cluster.wait_failure(n) for n in ("replica1", "replica2")] == [
-            "timed_out",
-            "timed_out",
-        ]
-        before = router.stats().waits.count
-        for value in range(3, 6):
-            with sr.sticky(key):
-                seen, took, read = write_then_read(router, 1, value)
-            assert (seen, read.target, read.reason) == (value, "primary", "not_caught_up")
-            assert read.waits == ()
-            assert took < WAIT / 5
-        assert router.stats().waits.count == before
-        topology.set_apply_delay(0, 0)
-        wait_until(
-            lambda: applied_commits_promptly(router, "replica1"),
-            timeout=15,
-            what="the monitor to see replica1 apply commits within the budget",
-        )
+    """Both replicas apply every commit over 1 s late (more than the 0.5 s budget),
+    and the monitor has not measured it (idle, caught up). A read's wait times out
+    on each once; then each applies that commit, late: still suspect (it applied
+    no commit within the budget), so the reads after the next commits go to the
+    primary at once, never stale, instead of each waiting the budget out. Once a
+    replica is seen applying commits within the budget, reads wait on it again."""
+    key = key_preferring(router, "replica1")
+    # PostgreSQL applies each commit 2 s late; MariaDB's MASTER_DELAY counts
+    # whole seconds of event timestamps: 1-2 s.
+    topology.set_apply_delay(0, 2.0)
+    topology.set_apply_delay(1, 2.0)
+    wait_until(
+        lambda: all(s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()),
+        timeout=20,
+        what="both replicas measured caught up",
+    )
+    missed = []
+    for value in (1, 2):  # replica1 times out, then (suspect) replica2 does
         with sr.sticky(key):
-            seen, _, read = write_then_read(router, 1, 6)
-        assert (seen, read.target) == (6, "replica1")
-    finally:
-        router.dispose()
+            seen, _, read = write_then_read(router, 1, value)
+        assert (seen, read.target) == (value, "primary")
+        missed += [(w.replica, w.outcome) for w in read.waits]
+    assert missed == [("replica1", "timed_out"), ("replica2", "timed_out")]
+    missed_position, _ = router.cluster.process_scope.target(router.cluster)
+
+    def applied_the_missed_commit(name: str) -> bool:
+        known = router.cluster.known_applied(name)
+        positions = router.cluster.positions
+        assert positions is not None
+        return known is not None and positions.reached(known, missed_position)
+
+    wait_until(
+        lambda: all(applied_the_missed_commit(n) for n in ("replica1", "replica2")),
+        timeout=10,
+        what="the monitor to see both replicas apply the missed commit",
+    )
+    assert [router.cluster.wait_failure(n) for n in ("replica1", "replica2")] == [
+        "timed_out",
+        "timed_out",
+    ]
+    before = router.stats().waits.count
+    for value in range(3, 6):
+        with sr.sticky(key):
+            seen, took, read = write_then_read(router, 1, value)
+        assert (seen, read.target, read.reason) == (value, "primary", "not_caught_up")
+        assert read.waits == ()
+        assert took < WAIT / 5
+    assert router.stats().waits.count == before
+    topology.set_apply_delay(0, 0)
+    wait_until(
+        lambda: applied_commits_promptly(router, "replica1"),
+        timeout=15,
+        what="the monitor to see replica1 apply commits within the budget",
+    )
+    with sr.sticky(key):
+        seen, _, read = write_then_read(router, 1, 6)
+    assert (seen, read.target) == (6, "replica1")
 
 
 def test_lag_over_the_budget_sends_reads_to_the_primary_at_once(

@@ -106,13 +106,15 @@ def worker(
         elif scenario == "late":
             # The table's creation applies late too: wait for it, idle, so
             # the monitor measures both replicas caught up.
-            deadline = time.monotonic() + 60
-            while not all(
-                s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()
-            ):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the replicas never caught up")
-                time.sleep(0.05)  # polls the monitor's figures
+            from sqlalchemy_replicas.testing import wait_until
+
+            wait_until(
+                lambda: all(
+                    s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()
+                ),
+                timeout=60,
+                what="both replicas measured caught up",
+            )
             for n in range(requests):
                 if n:
                     time.sleep(pace)  # the workload's shape: requests apart

@@ -290,14 +290,7 @@ class LagEstimator:
                 if self._reached(applied, position):
                     bounds.append(now - when)
                     break
-            newest = next(
-                (
-                    i
-                    for i in range(len(self._samples) - 1, -1, -1)
-                    if self._reached(applied, self._samples[i][1])
-                ),
-                None,
-            )
+            newest = self._newest_reached(applied)
             if newest is not None:
                 position = self._samples[newest][1]
                 for when, earlier in reversed(self._samples[:newest]):
@@ -305,6 +298,14 @@ class LagEstimator:
                         bounds.append(now - when)
                         break
         return max(0.0, min(bounds)) if bounds else None
+
+    def _newest_reached(self, applied: Any) -> int | None:
+        """The index of the newest sample ``applied`` has reached, or None
+        (called with the lock held)."""
+        for index in range(len(self._samples) - 1, -1, -1):
+            if self._reached(applied, self._samples[index][1]):
+                return index
+        return None
 
     @property
     def newest(self) -> Any | None:
@@ -341,13 +342,11 @@ class LagEstimator:
             if not samples:  # nothing to compare with (the primary never answered)
                 return 0.0, False
             bound: float | None = None
-            for index in range(len(samples) - 1, -1, -1):
-                when, position = samples[index]
-                if self._reached(applied, position):
-                    if current and index == len(samples) - 1:
-                        return 0.0, True
-                    bound = now - when
-                    break
+            index = self._newest_reached(applied)
+            if index is not None:
+                if current and index == len(samples) - 1:
+                    return 0.0, True
+                bound = now - samples[index][0]
             oldest = samples[0][0]
         if last_replayed is not None:
             replayed_bound = now - last_replayed

@@ -80,6 +80,11 @@ def write_then_read(
     return seen, took, entry
 
 
+def measured_caught_up(router: sr.ReplicaRouter) -> bool:
+    """Whether the monitor measures every replica of ``router`` caught up."""
+    return all(s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status())
+
+
 def applied_commits_promptly(router: sr.ReplicaRouter, name: str) -> bool:
     """Commit (a commit the monitor sees applied within the budget is what ends a
     timed-out replica's suspicion), then say whether replica ``name`` is trusted
@@ -133,7 +138,7 @@ def test_a_timed_out_replica_is_suspect_until_it_applies_again(
     topology.set_apply_delay(0, 2.0)  # behind, but applying: waits time out
     topology.set_apply_delay(1, 2.0)
     wait_until(  # idle, so measured caught up: the plan does not know of the delay
-        lambda: all(s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()),
+        lambda: measured_caught_up(router),
         timeout=20,
         what="both replicas measured caught up",
     )
@@ -183,7 +188,7 @@ def test_a_replica_applying_each_commit_late_stays_suspect_after_applying_the_mi
     topology.set_apply_delay(0, 2.0)
     topology.set_apply_delay(1, 2.0)
     wait_until(
-        lambda: all(s.lag_seconds is not None and s.lag_seconds < 0.2 for s in router.status()),
+        lambda: measured_caught_up(router),
         timeout=20,
         what="both replicas measured caught up",
     )

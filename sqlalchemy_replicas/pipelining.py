@@ -9,8 +9,8 @@ connection, exactly as the two-step query would, and both answers come
 back in one round trip:
 
 * psycopg 3 (PostgreSQL, sync and async engines): ``COMMIT; SELECT ...``
-  as one simple query (the query cannot fail, so an error is the
-  ``COMMIT``'s: see :class:`_PostgresCommitAndQuery`).
+  as one simple query, sent on the libpq connection as psycopg sends its
+  own ``COMMIT`` (see :class:`_PostgresCommitAndQuery`).
 * PyMySQL and aiomysql on MariaDB, on connections that allow several
   statements per query (``client_flag`` with ``CLIENT.MULTI_STATEMENTS``,
   which the application sets: it is not turned on behind its back, see
@@ -228,32 +228,52 @@ class _CommitWithCapture:
 class _PostgresCommitAndQuery:
     """psycopg 3: ``COMMIT; <position query>`` as one simple query.
 
-    Without parameters psycopg sends a statement with the simple query
-    protocol, which runs several statements and answers them in one round
-    trip. psycopg takes the transaction status from libpq after each
-    statement, so a ``COMMIT`` it did not send itself leaves it right (its
-    next statement begins a transaction again; psycopg2, which keeps its own
-    record, is not wired). (A libpq pipeline does the same in one round trip too, but costs
-    about 150 microseconds of client CPU more per commit.) The server stops
-    at the first error, and psycopg raises it without saying which statement
-    failed: the position query is written so that it cannot fail (it answers
-    NULL on a server in recovery), so an error is the ``COMMIT``'s, raised as
-    the dialect's own commit would. Only a cancel or a lost connection in
-    the microseconds between the two could also fail the query, and a lost
-    connection leaves a plain commit's outcome as unknown.
+    A simple query (the protocol psycopg uses for its own ``COMMIT``) runs
+    several statements and answers them in one round trip. It is sent
+    straight on the libpq connection, as psycopg's own ``commit()`` sends
+    its ``COMMIT``, through psycopg's ``generators.execute`` and the
+    connection's ``wait()`` and lock (:func:`_psycopg_commit_internals`
+    checks they exist; without them, a cursor sends it, at 35 to 55
+    microseconds of client CPU more per commit). psycopg takes the
+    transaction status from libpq, so a ``COMMIT`` it did not send itself
+    leaves it right (its next statement begins a transaction again;
+    psycopg2, which keeps its own record, is not wired). (A libpq pipeline
+    does the same in one round trip too, at about 150 microseconds more.)
+
+    The server stops at the first error. The position query is written so
+    that it cannot fail (it answers NULL on a server in recovery): an error
+    is the ``COMMIT``'s, raised as the dialect's own commit would. Only a
+    cancel in the microseconds between the two can fail the query after a
+    successful ``COMMIT``: the results say so, and the commit stands with
+    its position unknown (through a cursor, which cannot tell the two
+    apart, that error raises from the commit).
     """
 
     def __init__(self, *, is_async: bool) -> None:
-        from psycopg.pq import TransactionStatus
+        from psycopg import pq
 
         self.backend = PostgresPositions()
         self._is_async = is_async
-        self._in_transaction = TransactionStatus.INTRANS
+        self._in_transaction = pq.TransactionStatus.INTRANS
+        self._command_ok = pq.ExecStatus.COMMAND_OK
+        self._tuples_ok = pq.ExecStatus.TUPLES_OK
+        self._pipeline_off = pq.PipelineStatus.OFF
+        self._internals = _psycopg_commit_internals()
+
+    @property
+    def _query(self) -> str:
+        # Read at each commit: tests swap the backend for one answering otherwise.
+        return f"COMMIT; {self.backend.capture_statement}"
 
     def applies(self, driver: Any) -> bool:
         # Not in AUTOCOMMIT (COMMIT is a no-op there), nor outside a
-        # transaction or in a failed one: the driver's own commit knows those.
-        return not driver.autocommit and driver.info.transaction_status == self._in_transaction
+        # transaction or in a failed one, nor in the application's own
+        # pipeline (no simple query there): the driver's own commit knows those.
+        return (
+            not driver.autocommit
+            and driver.info.transaction_status == self._in_transaction
+            and driver.pgconn.pipeline_status == self._pipeline_off
+        )
 
     def commit_and_capture(self, driver: Any) -> _Answer:
         if self._is_async:
@@ -261,22 +281,73 @@ class _PostgresCommitAndQuery:
 
             answer: _Answer = await_only(self._commit_and_capture_async(driver))
             return answer
+        if self._internals is not None:
+            execute, _ = self._internals
+            with driver.lock:
+                driver.pgconn.send_query(self._query.encode())
+                return self._answer(driver, driver.wait(execute(driver.pgconn)))
         cursor = driver.cursor()
         try:
-            cursor.execute(f"COMMIT; {self.backend.capture_statement}")  # the COMMIT's error
+            cursor.execute(self._query)  # the COMMIT's error
             cursor.nextset()  # the query's result, behind the COMMIT's
             return cursor.fetchone(), None
         finally:
             cursor.close()
 
     async def _commit_and_capture_async(self, driver: Any) -> _Answer:
+        if self._internals is not None:
+            execute, _ = self._internals
+            async with driver.lock:
+                driver.pgconn.send_query(self._query.encode())
+                return self._answer(driver, await driver.wait(execute(driver.pgconn)))
         cursor = driver.cursor()
         try:
-            await cursor.execute(f"COMMIT; {self.backend.capture_statement}")
+            await cursor.execute(self._query)
             cursor.nextset()
             return await cursor.fetchone(), None
         finally:
             await cursor.close()
+
+    def _answer(self, driver: Any, results: list[Any]) -> _Answer:
+        """The position query's row from the libpq ``results`` of the query,
+        or (None, why) when the commit stands without it.
+
+        :raises psycopg.Error: the ``COMMIT``'s error, as psycopg's own
+            ``commit()`` raises it.
+        """
+        assert self._internals is not None
+        _, error_from_result = self._internals
+        if not results:
+            import psycopg
+
+            raise psycopg.InternalError("the server answered nothing to COMMIT")
+        if results[0].status != self._command_ok:
+            raise error_from_result(results[0], encoding=driver.info.encoding)
+        if len(results) != 2:
+            return None, ValueError(f"the position query answered {len(results) - 1} results")
+        query = results[1]
+        if query.status != self._tuples_ok:
+            return None, error_from_result(query, encoding=driver.info.encoding)
+        if query.ntuples != 1:
+            return None, ValueError(f"the position query answered {query.ntuples} rows")
+        values = (query.get_value(0, column) for column in range(query.nfields))
+        return tuple(None if v is None else bytes(v).decode() for v in values), None
+
+
+def _psycopg_commit_internals() -> tuple[Callable[[Any], Any], Callable[..., Exception]] | None:
+    """psycopg's ``generators.execute`` and ``errors.error_from_result``, with
+    which its connections run and check their own ``COMMIT`` (internal to
+    psycopg, present from 3.0 to 3.3 at least), or None where they are
+    missing: the commit then goes through a cursor."""
+    try:
+        from psycopg import generators
+        from psycopg.errors import error_from_result
+    except ImportError:
+        return None
+    execute = getattr(generators, "execute", None)
+    if not callable(execute):
+        return None
+    return execute, error_from_result
 
 
 class _MariaDBMultiStatement:

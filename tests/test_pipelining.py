@@ -102,14 +102,33 @@ def write(session: Session, item_id: int) -> None:
     session.commit()
 
 
+def send_commits(router: sr.ReplicaRouter | sr.ReplicaRouter[AsyncEngine], path: str) -> None:
+    """Make the router's primary send ``COMMIT; <position query>`` on ``path``:
+    ``"libpq"`` (straight on the libpq connection, with psycopg's internals) or
+    ``"cursor"`` (through a psycopg cursor, where those internals are missing)."""
+    primary = router.primary
+    engine = primary.sync_engine if isinstance(primary, AsyncEngine) else primary
+    strategy = engine.dialect.do_commit._strategy  # type: ignore[attr-defined]
+    assert isinstance(strategy, pipelining._PostgresCommitAndQuery)
+    assert strategy._internals is not None  # psycopg 3.1 to 3.3 have them
+    if path == "cursor":
+        strategy._internals = None
+
+
+commit_paths = pytest.mark.parametrize("path", ["libpq", "cursor"])
+
+
 @pytest.mark.postgresql
+@commit_paths
 def test_session_commit_costs_the_round_trips_of_a_plain_sessions_commit(
-    router: sr.ReplicaRouter, topology: PostgresTopology
+    router: sr.ReplicaRouter, topology: PostgresTopology, path: str
 ) -> None:
     """A routed session's write and commit take exactly as many round trips to the
     primary as a plain SQLAlchemy Session's on the same server (the position query
     travels with COMMIT), and the position it brought back is the commit's: the
-    next read of the row is served by a replica, which had to apply it."""
+    next read of the row is served by a replica, which had to apply it. So on
+    both ways of sending it."""
+    send_commits(router, path)
     plain = sa.create_engine(topology.primary_url)
     with RoundTrips(plain) as baseline, Session(plain) as session:
         write(session, 1)
@@ -170,10 +189,13 @@ def test_savepoints_and_commits_that_wrote_nothing(
 
 
 @pytest.mark.postgresql
-def test_async_session_commit_costs_no_extra_round_trip(topology: PostgresTopology) -> None:
-    """The same on an async engine (psycopg's AsyncConnection in pipeline mode): an
-    AsyncSession's write and commit through the router take a plain AsyncSession's
-    round trips, and the read after it goes to a replica that applied it."""
+@commit_paths
+def test_async_session_commit_costs_no_extra_round_trip(
+    topology: PostgresTopology, path: str
+) -> None:
+    """The same on an async engine (psycopg's AsyncConnection): an AsyncSession's
+    write and commit through the router take a plain AsyncSession's round trips,
+    and the read after it goes to a replica that applied it, on both ways."""
 
     async def scenario() -> tuple[int, int, int]:
         plain = create_async_engine(topology.async_primary_url)
@@ -186,6 +208,7 @@ def test_async_session_commit_costs_no_extra_round_trip(topology: PostgresTopolo
             topology.async_primary_url, topology.async_replica_urls
         )
         try:
+            send_commits(router, path)
             await router.astart()
             with RoundTrips(router.primary.sync_engine) as routed:
                 async with router.async_sessionmaker()() as session:
@@ -226,25 +249,37 @@ def test_core_commit_on_router_primary_brings_its_position_back(
 
 
 @pytest.mark.postgresql
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("SELECT NULL::text, 8192, 16777216", "in recovery"),  # its answer on a standby
+        ("SELECT 1 / (random() > 2)::int", "division by zero"),  # as a cancel would fail it
+        ("SELECT 1 WHERE false", "answered 0 rows"),
+    ],
+)
 def test_a_position_query_without_an_answer_leaves_the_commit_done_and_the_position_unknown(
-    router: sr.ReplicaRouter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    router: sr.ReplicaRouter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    query: str,
+    why: str,
 ) -> None:
-    """When the query sent with the COMMIT answers no position (its answer on a
-    server in recovery), the COMMIT still stands: the session's commit succeeds,
-    a warning says the position is lost, and the scope's position is unknown:
-    the next read first asks the primary for all it has committed (its only
-    statement there), so it is never stale."""
+    """When the query sent with the COMMIT answers no position, or fails after
+    the COMMIT succeeded, the COMMIT still stands: the session's commit succeeds,
+    a warning says the position is lost and why, and the scope's position is
+    unknown: the next read first asks the primary for all it has committed (its
+    only statement there), so it is never stale."""
 
-    class InRecovery(PostgresPositions):
-        capture_statement = "SELECT NULL::text, 8192, 16777216"
+    class NoAnswer(PostgresPositions):
+        capture_statement = query
 
     wrapper = router.primary.dialect.do_commit
     assert isinstance(wrapper, pipelining._CommitWithCapture)
-    monkeypatch.setattr(wrapper._strategy, "backend", InRecovery())
+    monkeypatch.setattr(wrapper._strategy, "backend", NoAnswer())
     with caplog.at_level(logging.WARNING), router.sessionmaker()() as session:
         write(session, 1)
     assert "could not read the position of a commit" in caplog.text
-    assert "in recovery" in caplog.text
+    assert why in caplog.text
     with StatementLog(router) as log, router.sessionmaker()() as session:
         assert session.scalar(sa.select(Item.note).where(Item.id == 1)) == "n1"
     on_primary = [s.sql for s in log.statements if s.node == "primary"]
@@ -268,12 +303,14 @@ def test_the_position_query_cannot_fail_on_a_standby(router: sr.ReplicaRouter) -
 
 
 @pytest.mark.postgresql
+@commit_paths
 def test_a_failing_commit_raises_as_a_commit_error_and_records_nothing(
-    router: sr.ReplicaRouter,
+    router: sr.ReplicaRouter, path: str
 ) -> None:
     """A COMMIT that fails (a deferred constraint checked at commit) raises from
     session.commit() as SQLAlchemy's IntegrityError, as without pipelining; the
     connection is usable again and nothing was committed."""
+    send_commits(router, path)
     with router.primary.begin() as conn:
         conn.exec_driver_sql(
             "CREATE TABLE pair (n int, CONSTRAINT one_n UNIQUE (n) DEFERRABLE INITIALLY DEFERRED)"

@@ -25,6 +25,9 @@ Reported per backend, a column per network:
   and the ratio of p50s (goal: <= 1.1x through the network);
 - **commit**: p50 of ``session.commit()`` of a ``RoutingSession`` against a
   plain Session's on the same primary (goal: <= 1.05x through the network);
+- **client CPU**: p50 of the benchmark thread's own CPU over the same
+  commit and read, ours against naive (steadier than wall times on a
+  shared machine; what the library adds without the servers' share);
 - **per write-then-read**: round trips, counted by the proxy on the
   application's own connections (the times a client spoke after the server
   answered, so statements pipelined together count once), split into the
@@ -132,6 +135,9 @@ class Way:
 
     reads: list[float] = field(default_factory=list)
     commits: list[float] = field(default_factory=list)
+    #: The client's CPU (this thread's) over the same spans.
+    read_cpu: list[float] = field(default_factory=list)
+    commit_cpu: list[float] = field(default_factory=list)
     stale: int = 0
     on_replicas: int = 0
     statements: Tally[str] = field(default_factory=Tally)
@@ -186,21 +192,27 @@ class Mode:
         write = sa.update(Counter).where(Counter.id == user).values(value=Counter.value + 1)
         with self.make() if way == "ours" else Session(self.plain) as session:
             session.execute(write)
+            cpu_started = time.thread_time()
             started = time.perf_counter()
             session.commit()
             took = time.perf_counter() - started
+            commit_cpu = time.thread_time() - cpu_started
         written[user] += 1
         between = self.trips()
         read = sa.select(Counter.value).where(Counter.id == user)
         level = sr.consistency("eventual") if way == "naive" else nullcontext()
         with self.make() as session, level:
+            cpu_started = time.thread_time()
             started = time.perf_counter()
             seen = session.scalar(read)
             read_took = time.perf_counter() - started
+            read_cpu = time.thread_time() - cpu_started
         self.counting = None
         if timed:
             result.commits.append(took)
             result.reads.append(read_took)
+            result.commit_cpu.append(commit_cpu)
+            result.read_cpu.append(read_cpu)
             result.stale += seen != written[user]
             result.on_replicas += self._last_node != "primary"
             result.write_trips += between - before
@@ -338,6 +350,17 @@ def report(
         "  ratio, RoutingSession / Session (goal <= 1.05)",
         [f"{p(w['ours'].commits, 0.5) / p(w['naive'].commits, 0.5):.2f}x" for w in ways.values()],
     )
+    # The client's own CPU: steadier than wall times on a shared machine, and
+    # what the library adds without the servers' share.
+    for spans, label in (("commit_cpu", "commit"), ("read_cpu", "read after write")):
+        row(
+            f"client CPU p50 us, {label}, ours / naive",
+            [
+                f"{p(getattr(w['ours'], spans), 0.5) * 1000:.0f} / "
+                f"{p(getattr(w['naive'], spans), 0.5) * 1000:.0f}"
+                for w in ways.values()
+            ],
+        )
     print("per write-then-read, ours | naive:")
     row(
         "  round trips, write (proxy-counted)",

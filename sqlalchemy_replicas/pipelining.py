@@ -36,10 +36,11 @@ dialect's own and the position is read after it, as before.
 
 A read's causal wait travels the same way, ahead of the read
 (:func:`pipeline_waits`): in one pipeline on psycopg 3, sync and async
-engines (the async ones driven from SQLAlchemy's greenlet), and as
+engines (the async ones driven from SQLAlchemy's greenlet); as
 ``<wait>; <read>`` on PyMySQL and aiomysql connections to MariaDB that
-allow several statements. Streamed reads (server-side cursors) on psycopg
-and aiomysql keep the separate wait.
+allow several statements; as two commands sent one behind the other on
+PyMySQL's other connections. Streamed reads (server-side cursors) on
+psycopg and aiomysql keep the separate wait.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, Protocol, TypeAlias
@@ -668,9 +669,9 @@ def forget_deferred_wait(connection: Connection) -> None:
 def pipeline_waits(engine: Engine, listeners: Listeners) -> bool:
     """Let reads on ``engine`` (a replica's sync engine, or an async engine's
     ``sync_engine``) carry the causal wait ahead of them, where the driver
-    can: psycopg 3, sync and async; PyMySQL and aiomysql on MariaDB, on
-    connections that allow several statements (each connection's flags
-    decide). Returns whether it may; ``listeners`` takes it back."""
+    can: psycopg 3, sync and async; PyMySQL and aiomysql on MariaDB
+    (see :class:`_MariaDBExecuteBehindWait`). Returns whether it may;
+    ``listeners`` takes it back."""
     dialect = engine.dialect
     make: Callable[[Callable[..., None]], _ExecuteBehindWait]
     if dialect.name == "postgresql" and dialect.driver in ("psycopg", "psycopg_async"):
@@ -898,13 +899,22 @@ _WAITS: Final = PostgresPositions()
 
 
 class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
-    """PyMySQL, aiomysql on MariaDB: ``<wait that fails unless reached>;
-    <statement>`` in one multi-statement query. When the wait fails, the
-    server stops there: the statement never runs on a replica that is behind.
+    """PyMySQL, aiomysql on MariaDB, a wait that fails unless its position
+    was reached, and the statement, in one round trip:
 
-    On async engines SQLAlchemy's adapter cursor runs the query (its
-    ``execute()``, then its ``nextset()``, which buffers the statement's
-    rows as its ``execute()`` would have).
+    - on connections that allow several statements per query (aiomysql's
+      always do): ``<wait>; <statement>`` as one query. When the wait
+      fails, the server stops there: the statement never runs on a replica
+      that is behind. On async engines SQLAlchemy's adapter cursor runs the
+      query (its ``execute()``, then its ``nextset()``, which buffers the
+      statement's rows as its ``execute()`` would have).
+    - on other PyMySQL connections: two commands, the wait then the
+      statement, both sent before either answer is read (the server answers
+      a connection's commands in order). When the wait fails, the
+      statement's answer, older than the position, is read and dropped.
+      This uses PyMySQL's private methods (:func:`_pymysql_sends_ahead`
+      checks they exist; without them such connections keep the wait on
+      its own).
     """
 
     def __init__(self, original: Callable[..., None], *, is_async: bool = False) -> None:
@@ -913,6 +923,7 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         super().__init__(original)
         self._is_async = is_async
         self._multi_statements = CLIENT.MULTI_STATEMENTS
+        self._sends_ahead = not is_async and _pymysql_sends_ahead()
         if is_async:
             from sqlalchemy.util import await_only
 
@@ -923,7 +934,7 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         return (
             bool(getattr(connection.dialect, "is_mariadb", False))
             and driver is not None
-            and bool(driver.client_flag & self._multi_statements)
+            and (self._sends_ahead or bool(driver.client_flag & self._multi_statements))
         )
 
     def _behind_wait(
@@ -942,6 +953,7 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         # its fetch*() read rows from the wire: they would find none. There
         # the wait goes first, on its own.
         alone = self._is_async and cursor.server_side
+        ahead = not alone and not _driver(context).client_flag & self._multi_statements
         started = time.perf_counter()
         try:
             # aiomysql's cursor() raises here if the connection is closed.
@@ -951,6 +963,9 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
             wait = binder.mogrify(wait, wait_parameters)
             if alone:
                 self._await(binder.execute(wait))
+            elif ahead:
+                read = binder.mogrify(statement, parameters)
+                _send_wait_and_read(cursor, wait, read)  # the wait's error raises here
             else:
                 # Reads the wait's result: its error raises here.
                 cursor.execute(f"{wait}; {binder.mogrify(statement, parameters)}")
@@ -966,6 +981,8 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
         deferred.settle("reached", time.perf_counter() - started)
         if alone:
             self._original(cursor, statement, *rest)
+        elif ahead:
+            _read_answer(cursor, read)  # the statement's own result (its error raises here)
         else:
             cursor.nextset()  # the statement's own result (its error raises here)
 
@@ -981,3 +998,65 @@ class _MariaDBExecuteBehindWait(_ExecuteBehindWait):
 
 
 _GTID_WAITS: Final = MariaDBPositions()
+
+
+def _pymysql_sends_ahead() -> bool:
+    """Whether PyMySQL has the private methods with which a command is sent
+    before the answer to the one ahead of it is read (:func:`_send_wait_and_read`):
+    those its own ``query()`` and cursors' ``execute()`` are made of
+    (PyMySQL 1.0 to 1.1 and 2.x)."""
+    from pymysql.connections import Connection as PyMySQLConnection
+    from pymysql.cursors import Cursor
+
+    return all(
+        callable(getattr(PyMySQLConnection, name, None))
+        for name in ("_execute_command", "_read_query_result")
+    ) and all(callable(getattr(Cursor, name, None)) for name in ("_clear_result", "_do_get_result"))
+
+
+def _send_wait_and_read(cursor: Any, wait: str, read: str) -> None:
+    """Send ``wait`` and ``read`` (SQL, parameters bound) as two commands on
+    ``cursor``'s PyMySQL connection, before reading either answer (one round
+    trip), then read the wait's answer. When it is an error, the read's answer
+    (the read ran, but the wait before it did not reach its position) is read
+    and dropped first, leaving the connection ready for its next command.
+
+    :raises pymysql.Error: the wait's error.
+    """
+    import pymysql
+    from pymysql.constants import COMMAND
+
+    connection = cursor.connection
+    while cursor.nextset():  # as the cursor's execute() does
+        pass
+    connection._execute_command(COMMAND.COM_QUERY, wait)
+    connection._execute_command(COMMAND.COM_QUERY, read)
+    try:
+        connection._read_query_result()
+    except pymysql.Error:
+        if connection._sock is not None:  # still connected (else PyMySQL closed it)
+            # The read's answer, which PyMySQL numbers as the answer to the
+            # last command sent (packet sequence numbers start again at 1).
+            connection._next_seq_id = 1
+            with suppress(pymysql.Error):
+                connection._read_query_result()
+        raise
+
+
+def _read_answer(cursor: Any, read: str) -> None:
+    """Read the answer to ``read``, sent by :func:`_send_wait_and_read`, into
+    ``cursor`` as its ``execute(read)`` would have (a server-side cursor
+    leaves the rows on the wire).
+
+    :raises pymysql.Error: the read's own error.
+    """
+    from pymysql.cursors import SSCursor
+
+    connection = cursor.connection
+    connection._next_seq_id = 1  # the answer to the second command sent
+    cursor._clear_result()
+    connection._affected_rows = connection._read_query_result(
+        unbuffered=isinstance(cursor, SSCursor)
+    )
+    cursor._do_get_result()
+    cursor._executed = read

@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from types import TracebackType
+from types import SimpleNamespace, TracebackType
 from typing import Any
 
 import aiomysql
@@ -492,13 +492,23 @@ def test_a_failed_wait_discards_the_read_and_the_plan_goes_on(
         pytest.param(("maria", mode), marks=pytest.mark.mariadb, id=f"mariadb-{mode}")
         for mode in ("sync", "async")
     ]
+    + [
+        pytest.param(
+            ("maria", "sync-plain"),
+            marks=pytest.mark.mariadb,
+            id="mariadb-sync-without-several-statements",
+        )
+    ]
 )
 def any_reads(request: pytest.FixtureRequest) -> Iterator[Reads]:
     """Reads on PostgreSQL and on MariaDB (connections allowing several
-    statements), sync and async."""
+    statements, and PyMySQL's without), sync and async."""
     backend, mode = request.param
     topology = request.getfixturevalue(backend)
-    reads = Reads(topology, mode, multi_statement if backend == "maria" else same_url)
+    if mode == "sync-plain":
+        reads = Reads(topology, "sync")
+    else:
+        reads = Reads(topology, mode, multi_statement if backend == "maria" else same_url)
     yield reads
     reads.dispose()
 
@@ -614,6 +624,46 @@ class Commands:
             return send(connection, command, sql)  # a coroutine from aiomysql's
 
         self._monkeypatch.setattr(connection_class, "_execute_command", counted)
+        event.listen(self._pool, "checkout", self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        event.remove(self._pool, "checkout", self._note)
+        self._monkeypatch.undo()
+
+
+class ClientTurns:
+    """Counts the round trips of the PyMySQL connections ``engine`` checks out
+    while active: the times a client read an answer after sending (commands
+    sent one after the other before reading count once)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._pool = engine.pool
+        self._monkeypatch = pytest.MonkeyPatch()
+        self._drivers: set[int] = set()
+        self._sent: set[int] = set()
+        self.count = 0
+
+    def _note(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        self._drivers.add(id(proxy.driver_connection))
+
+    def __enter__(self) -> ClientTurns:
+        connection_class: Any = pymysql.connections.Connection
+        write, read = connection_class._write_bytes, connection_class._read_packet
+
+        def wrote(connection: Any, data: bytes) -> Any:
+            if id(connection) in self._drivers:
+                self._sent.add(id(connection))
+            return write(connection, data)
+
+        def reading(connection: Any, *args: Any, **kwargs: Any) -> Any:
+            if id(connection) in self._sent:
+                self._sent.discard(id(connection))
+                self.count += 1
+            return read(connection, *args, **kwargs)
+
+        self._monkeypatch.setattr(connection_class, "_write_bytes", wrote)
+        self._monkeypatch.setattr(connection_class, "_read_packet", reading)
         event.listen(self._pool, "checkout", self._note)
         return self
 
@@ -788,6 +838,84 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         assert reads_by_node == ["primary"]
     finally:
         reads.dispose()
+
+
+@pytest.mark.mariadb
+def test_mariadb_without_several_statements_the_wait_and_the_read_go_in_one_round_trip(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a PyMySQL connection that does not allow several statements (the
+    default), the wait and the read go as two commands sent before either
+    answer is read: one round trip where the wait alone costs another, the
+    read's rows reaching the session. On a paused replica the wait fails: the
+    read's answer is dropped, the primary serves the read, and the connection
+    serves the next read once replay resumes."""
+    reads = Reads(maria, "sync")
+    router = reads.router
+    try:
+        replica = reads.replica
+        with StatementLog(router) as log, ClientTurns(replica) as together:
+            note, entries = reads.read_after_write(1)
+        assert note == "n1"
+        on_replica = [s.sql for s in log.statements if s.node == "replica1"]
+        assert len(on_replica) == 2
+        assert "MASTER_GTID_WAIT" in on_replica[0]
+        assert on_replica[1].startswith("SELECT item.note")
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        with monkeypatch.context() as patch, ClientTurns(replica) as apart:
+            patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
+            note, entries = reads.read_after_write(2)
+        assert note == "n2"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        assert together.count == apart.count - 1
+        maria.pause_replay(0)
+        with StatementLog(router) as statements:
+            note, entries = reads.read_after_write(3)
+        assert note == "n3"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("primary", ["failed"])
+        ]
+        assert router.cluster.wait_failure("replica1") == "stopped"
+        reads_by_node = [
+            s.node for s in statements.statements if s.sql.startswith("SELECT item.note")
+        ]
+        assert reads_by_node == ["primary"]
+        maria.resume_replay(0)
+        note, entries = reads.read_after_write(4)
+        assert note == "n4"
+        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
+            ("replica1", ["reached"])
+        ]
+        pool = replica.pool
+        assert isinstance(pool, sa.pool.QueuePool)
+        assert (pool.checkedout(), pool.checkedin()) == (0, 1)  # one connection, used again
+    finally:
+        reads.dispose()
+
+
+def test_without_pymysqls_private_methods_plain_connections_keep_the_wait_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PyMySQL without the private methods the two commands are sent with:
+    reads on its connections without several statements keep the separate
+    wait (the wrapper says it cannot take the wait); nothing else changes."""
+    plain, several = (
+        SimpleNamespace(
+            dialect=SimpleNamespace(is_mariadb=True),
+            connection=SimpleNamespace(driver_connection=SimpleNamespace(client_flag=flags)),
+        )
+        for flags in (0, pymysql.constants.CLIENT.MULTI_STATEMENTS)
+    )
+    with_methods = pipelining._MariaDBExecuteBehindWait(lambda *args: None)
+    assert with_methods.can_defer(plain)  # type: ignore[arg-type]
+    monkeypatch.delattr(pymysql.connections.Connection, "_read_query_result")
+    without = pipelining._MariaDBExecuteBehindWait(lambda *args: None)
+    assert not without.can_defer(plain)  # type: ignore[arg-type]
+    assert without.can_defer(several)  # type: ignore[arg-type]
 
 
 # -- MariaDB: the GTID in COMMIT's OK packet (session state tracking) ---------------

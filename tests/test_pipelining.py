@@ -1,5 +1,6 @@
-"""A commit's position in the commit's own round trip (psycopg 3's pipeline mode,
-MariaDB's multiple statements), counted in round trips on real servers."""
+"""A commit's position in the commit's own round trip, and a read's causal wait in
+the read's (psycopg 3, MariaDB through PyMySQL and aiomysql), counted in round
+trips on real servers."""
 
 from __future__ import annotations
 
@@ -600,7 +601,8 @@ def test_async_engines_keep_the_separate_wait_without_the_adapters_row_buffer(
 class Commands:
     """Counts the commands PyMySQL sends on the connections ``engine`` checks
     out while active: each one a round trip (PyMySQL sends a command and reads
-    its whole answer before the next)."""
+    its whole answer before the next), but for a wait and the read the router
+    sends behind it (counted with :class:`ClientTurns`)."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self._pool = engine.pool

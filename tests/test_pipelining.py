@@ -795,20 +795,28 @@ def test_mariadb_async_commit_brings_its_gtid_back(
 
 
 @pytest.mark.mariadb
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_mariadb_the_wait_and_the_read_travel_in_one_query(
-    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch, mode: str
+@pytest.mark.parametrize(
+    ("mode", "several"),
+    [("sync", True), ("async", True), ("sync", False)],
+    ids=["sync-several-statements", "async-several-statements", "sync-pymysql-default"],
+)
+def test_mariadb_the_wait_and_the_read_travel_in_one_round_trip(
+    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch, mode: str, several: bool
 ) -> None:
-    """On a MariaDB replica whose connections allow several statements (PyMySQL,
-    aiomysql), a read's wait and the read go as one query, one command where the
-    wait alone costs another; the read's rows reach the session. On a paused
-    replica the wait fails first and the server stops there: the read never runs
-    on it, and the primary serves it."""
-    reads = Reads(maria, mode, multi_statement)
+    """On a MariaDB replica, a read's wait and the read take one round trip where
+    the wait alone costs another, and the read's rows reach the session: as one
+    query on connections that allow several statements (PyMySQL, aiomysql), as
+    two commands sent before either answer is read on PyMySQL's others. On a
+    paused replica the wait fails (with several statements the server stops
+    there, and the read never runs; else the read's answer is dropped): the
+    primary serves the read, and the connection serves the next read once
+    replay resumes."""
+    reads = Reads(maria, mode, multi_statement if several else same_url)
+    trips: Callable[[sa.Engine], Commands | ClientTurns] = Commands if several else ClientTurns
     router = reads.router
     try:
         replica = reads.replica
-        with StatementLog(router) as log, Commands(replica) as together:
+        with StatementLog(router) as log, trips(replica) as together:
             note, entries = reads.read_after_write(1)
         assert note == "n1"
         on_replica = [s.sql for s in log.statements if s.node == "replica1"]
@@ -818,55 +826,7 @@ def test_mariadb_the_wait_and_the_read_travel_in_one_query(
         assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
             ("replica1", ["reached"])
         ]
-        with monkeypatch.context() as patch, Commands(replica) as apart:
-            patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
-            note, entries = reads.read_after_write(2)
-        assert note == "n2"
-        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
-            ("replica1", ["reached"])
-        ]
-        assert together.count == apart.count - 1
-        maria.pause_replay(0)
-        with StatementLog(router) as statements:
-            note, entries = reads.read_after_write(3)
-        assert note == "n3"
-        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
-            ("primary", ["failed"])
-        ]
-        assert router.cluster.wait_failure("replica1") == "stopped"
-        reads_by_node = [
-            s.node for s in statements.statements if s.sql.startswith("SELECT item.note")
-        ]
-        assert reads_by_node == ["primary"]
-    finally:
-        reads.dispose()
-
-
-@pytest.mark.mariadb
-def test_mariadb_without_several_statements_the_wait_and_the_read_go_in_one_round_trip(
-    maria: MariaDBTopology, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On a PyMySQL connection that does not allow several statements (the
-    default), the wait and the read go as two commands sent before either
-    answer is read: one round trip where the wait alone costs another, the
-    read's rows reaching the session. On a paused replica the wait fails: the
-    read's answer is dropped, the primary serves the read, and the connection
-    serves the next read once replay resumes."""
-    reads = Reads(maria, "sync")
-    router = reads.router
-    try:
-        replica = reads.replica
-        with StatementLog(router) as log, ClientTurns(replica) as together:
-            note, entries = reads.read_after_write(1)
-        assert note == "n1"
-        on_replica = [s.sql for s in log.statements if s.node == "replica1"]
-        assert len(on_replica) == 2
-        assert "MASTER_GTID_WAIT" in on_replica[0]
-        assert on_replica[1].startswith("SELECT item.note")
-        assert [(e.target, [w.outcome for w in e.waits]) for e in entries] == [
-            ("replica1", ["reached"])
-        ]
-        with monkeypatch.context() as patch, ClientTurns(replica) as apart:
+        with monkeypatch.context() as patch, trips(replica) as apart:
             patch.setattr(sr.session, "can_defer_wait", lambda connection: False)
             note, entries = reads.read_after_write(2)
         assert note == "n2"

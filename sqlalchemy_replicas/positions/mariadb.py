@@ -73,9 +73,9 @@ class MariaDBReplica:
 # both run; a multi-source replica with one of them stopped still waits, as
 # before. A short wait comes first (CASE stops at the first true branch): a
 # paused replica refuses after FIRST_WAIT. Naming information_schema costs
-# about 0.1 ms of server time per statement (MariaDB 10.11, loopback: 0.51
-# against 0.40 ms for the first wait alone), even when its branch does not
-# run: the table is opened with the statement.
+# 65 to 110 us of server time per statement (MariaDB 10.11, against the first
+# wait alone), even when its branch does not run: the table is opened with
+# the statement.
 FIRST_WAIT: Final = 0.002
 _WAIT_APPLYING: Final = (
     f"SELECT CASE WHEN MASTER_GTID_WAIT(%s, LEAST(%s, {FIRST_WAIT})) = 0 THEN 0 "
@@ -85,13 +85,13 @@ _WAIT_APPLYING: Final = (
 )
 
 # The same, as a statement that fails unless the target was reached (an
-# anonymous compound statement, MariaDB 10.1.1+): sent ahead of a read in
-# one multi-statement query, it stops the read from running on a replica
-# that is behind. The message says how it ended. Each statement of a
-# compound statement opens its tables when it runs, so a replica that
-# applies the target within FIRST_WAIT, the common case, costs no more
-# than the first wait alone (0.42 ms, as above). <=> (NULL-safe): a wait
-# that answers NULL is not taken for reached.
+# anonymous compound statement, MariaDB 10.1.1+), sent ahead of a read (see
+# sqlalchemy_replicas.pipelining): in one multi-statement query, it stops
+# the read from running on a replica that is behind. The message says how
+# it ended. Each statement of a compound statement opens its tables when it
+# runs, so when the target is applied within FIRST_WAIT, the common case,
+# information_schema is not opened: 25 to 45 us more than the first wait
+# alone. <=> (NULL-safe): a wait that answers NULL is not taken for reached.
 _WAIT_APPLYING_OR_FAIL: Final = (
     f"BEGIN NOT ATOMIC IF NOT MASTER_GTID_WAIT(%s, LEAST(%s, {FIRST_WAIT})) <=> 0 THEN "
     "IF (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "

@@ -127,7 +127,9 @@ def test_routers_sharing_engines_keep_them_routed_until_the_last_is_disposed(
     contexts = [e.dialect.execution_ctx_cls for e in engines]
     metadata.create_all(primary)
     first = sr.ReplicaRouter(primary, replicas, lag_check_interval=INTERVAL)
-    second = sr.ReplicaRouter(primary, replicas, lag_check_interval=INTERVAL)
+    # A budget a loaded machine cannot exhaust: the read after the commit must
+    # not go to the primary for a slow first check or a slow apply.
+    second = sr.ReplicaRouter(primary, replicas, lag_check_interval=INTERVAL, wait_timeout=10)
     added = [added_listeners(b, listeners_of(e)) for b, e in zip(before, engines, strict=True)]
     first.dispose()
     try:

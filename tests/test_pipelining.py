@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from typing_extensions import Self
 
 import sqlalchemy_replicas as sr
 from sqlalchemy_replicas import pipelining
@@ -598,11 +599,9 @@ def test_async_engines_keep_the_separate_wait_without_the_adapters_row_buffer(
 # -- MariaDB: COMMIT; SELECT ... where the connections allow several statements --
 
 
-class Commands:
-    """Counts the commands PyMySQL sends on the connections ``engine`` checks
-    out while active: each one a round trip (PyMySQL sends a command and reads
-    its whole answer before the next), but for a wait and the read the router
-    sends behind it (counted with :class:`ClientTurns`)."""
+class _DriverCounter:
+    """Counts something the driver's connections that ``engine`` checks out
+    while active do, by patching their class (:meth:`_patch`) for the block."""
 
     def __init__(self, engine: sa.Engine) -> None:
         self._pool = engine.pool
@@ -614,7 +613,26 @@ class Commands:
     def _note(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
         self._drivers.add(id(proxy.driver_connection))
 
-    def __enter__(self) -> Commands:
+    def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._patch(self._monkeypatch)
+        event.listen(self._pool, "checkout", self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        event.remove(self._pool, "checkout", self._note)
+        self._monkeypatch.undo()
+
+
+class Commands(_DriverCounter):
+    """Counts the commands PyMySQL (or aiomysql) sends: each one a round trip
+    (the driver sends a command and reads its whole answer before the next),
+    but for a wait and the read the router sends behind it (counted with
+    :class:`ClientTurns`)."""
+
+    def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         connection_class: Any = (
             aiomysql.connection.Connection if self._async else pymysql.connections.Connection
         )
@@ -625,53 +643,32 @@ class Commands:
                 self.count += 1
             return send(connection, command, sql)  # a coroutine from aiomysql's
 
-        self._monkeypatch.setattr(connection_class, "_execute_command", counted)
-        event.listen(self._pool, "checkout", self._note)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        event.remove(self._pool, "checkout", self._note)
-        self._monkeypatch.undo()
+        monkeypatch.setattr(connection_class, "_execute_command", counted)
 
 
-class ClientTurns:
-    """Counts the round trips of the PyMySQL connections ``engine`` checks out
-    while active: the times a client read an answer after sending (commands
-    sent one after the other before reading count once)."""
+class ClientTurns(_DriverCounter):
+    """Counts the round trips of PyMySQL connections: the times a client read an
+    answer after sending (commands sent one after the other before reading
+    count once)."""
 
-    def __init__(self, engine: sa.Engine) -> None:
-        self._pool = engine.pool
-        self._monkeypatch = pytest.MonkeyPatch()
-        self._drivers: set[int] = set()
-        self._sent: set[int] = set()
-        self.count = 0
-
-    def _note(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        self._drivers.add(id(proxy.driver_connection))
-
-    def __enter__(self) -> ClientTurns:
+    def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         connection_class: Any = pymysql.connections.Connection
         write, read = connection_class._write_bytes, connection_class._read_packet
+        sent: set[int] = set()
 
         def wrote(connection: Any, data: bytes) -> Any:
             if id(connection) in self._drivers:
-                self._sent.add(id(connection))
+                sent.add(id(connection))
             return write(connection, data)
 
         def reading(connection: Any, *args: Any, **kwargs: Any) -> Any:
-            if id(connection) in self._sent:
-                self._sent.discard(id(connection))
+            if id(connection) in sent:
+                sent.discard(id(connection))
                 self.count += 1
             return read(connection, *args, **kwargs)
 
-        self._monkeypatch.setattr(connection_class, "_write_bytes", wrote)
-        self._monkeypatch.setattr(connection_class, "_read_packet", reading)
-        event.listen(self._pool, "checkout", self._note)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        event.remove(self._pool, "checkout", self._note)
-        self._monkeypatch.undo()
+        monkeypatch.setattr(connection_class, "_write_bytes", wrote)
+        monkeypatch.setattr(connection_class, "_read_packet", reading)
 
 
 def multi_statement(url: sa.URL) -> sa.URL:

@@ -130,12 +130,20 @@ class CausalScope:
         """The position ``router``'s replicas must have applied, and whether
         reads must go to the primary regardless (an unknown position that the
         primary's current position could not replace: it is unreachable)."""
-        self._absorb_incoming(router)
-        if router.name in self._unknown:
+        if self._incoming:
+            self._absorb_incoming(router)
+        name = router.name
+        if not self._unknown:
+            # The common case, without the lock: a commit recorded before this
+            # read began is in _positions already (a position that replaces an
+            # unknown one is merged before the unknown mark goes).
+            known = self._positions.get(name)
+            return (None if known is None else known[1]), False
+        if name in self._unknown:
             self._resolve_unknown(router)
         with self._lock:
-            known = self._positions.get(router.name)
-            return (None if known is None else known[1]), router.name in self._unknown
+            known = self._positions.get(name)
+            return (None if known is None else known[1]), name in self._unknown
 
     def _resolve_unknown(self, router: ScopeOwner) -> None:
         """Replace an unknown position by the primary's current one: a later

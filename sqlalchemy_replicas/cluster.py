@@ -404,7 +404,7 @@ class Cluster:
                     self._sticky_orders.clear()
                 self._sticky_orders[sticky_key] = found
             order = found
-        monitor = self.ensure_monitor()
+        monitor = self._monitor or self.ensure_monitor()
         if monitor is not None and not monitor.all_checked and self.wait_timeout > 0:
             # Not yet known to replicate from this primary: give the monitor's
             # first check up to wait_timeout, as a causal wait would get.
@@ -436,22 +436,25 @@ class Cluster:
             return []
         order = self._preference(sticky_key)
         monitor = self._monitor
+        applied = self._applied
+        failures = self._wait_failures
+        ignore_lag = self.ignore_lag
         states = []
         for replica in order:
             name = replica.name
             if monitor is None:
                 may_serve, reachable, lag, exact, lacking_for = True, True, None, False, None
             else:
-                may_serve, reachable, lag, exact, lacking_for = monitor.state(name, self.ignore_lag)
+                may_serve, reachable, lag, exact, lacking_for = monitor.state(name, ignore_lag)
             states.append(
                 ReplicaState(
                     name,
                     may_serve,
                     reachable,
-                    self._applied.get(name),
+                    applied.get(name),
                     lag,
                     exact,
-                    self.wait_failure(name),
+                    self.wait_failure(name) if name in failures else None,
                     lacking_for,
                 )
             )

@@ -8,11 +8,11 @@ and whether to wait for it, is the plan's (:mod:`sqlalchemy_replicas.plan`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from .classify import Classification
 from .consistency import ConsistencyLevel
-from .stats import Reason, ReasonCode
+from .stats import Reason
 
 __all__ = ["Decision", "decide"]
 
@@ -76,24 +76,26 @@ def decide(
     if read_only is False:
         return DECLARED_WRITE
     if not classification.is_read and read_only is None:
-        return Decision(True, True, _reason("write", classification.reason))
+        return _decision("write", classification.reason)
     if not has_replicas:
         return NO_REPLICAS
     if not classification.is_read:
         return DECLARED_READ
-    return Decision(False, False, _reason("read", classification.reason))
+    return _decision("read", classification.reason)
 
 
 # The classifier's reasons are a finite set of texts (function names come
-# from the code, not from data): one Reason each, not one per statement.
-_REASONS: dict[tuple[str, str], Reason] = {}
+# from the code, not from data): one Decision each, not one per statement.
+_DECISIONS: dict[tuple[str, str], Decision] = {}
 _MAX_CACHED: Final = 1024
 
 
-def _reason(code: ReasonCode, text: str) -> Reason:
-    reason = _REASONS.get((code, text))
-    if reason is None:
-        reason = Reason(code, text)
-        if len(_REASONS) < _MAX_CACHED:
-            _REASONS[code, text] = reason
-    return reason
+def _decision(code: Literal["read", "write"], text: str) -> Decision:
+    """A read goes to a replica; a write goes to the primary and pins."""
+    decision = _DECISIONS.get((code, text))
+    if decision is None:
+        write = code == "write"
+        decision = Decision(write, write, Reason(code, text))
+        if len(_DECISIONS) < _MAX_CACHED:
+            _DECISIONS[code, text] = decision
+    return decision

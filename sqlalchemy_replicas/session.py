@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeAlias, TypeGuard, TypeVar
 
 from sqlalchemy import event
@@ -71,6 +72,8 @@ logger = logging.getLogger("sqlalchemy_replicas.routing")
 # The key under which execute() hands its choice of target to get_bind
 # (SQLAlchemy passes bind_arguments to get_bind as keywords).
 _TARGET_KEY: Final = "sqlalchemy_replicas_target"
+#: In place of nowait_checkout where the transaction holds a connection already.
+_NO_CHECKOUT: Final = nullcontext()
 _MONOTONIC_FULL: Final = Reason(
     "pool_full", "monotonic: the replica this scope reads from has no free connection"
 )
@@ -564,6 +567,16 @@ class RoutingSession(Session):
         target, the reason, and whether a replica was passed over for a full
         pool (then a read ending on the primary says so)."""
         cluster = self._cluster
+        steps = plan.steps
+        if steps and steps[0].wait_for is None and not avoid:
+            # The common case, without carry_out's loop: the first step needs
+            # no wait, so it serves the read when a connection is at hand
+            # (else the loop below takes it from the start, counting the skip).
+            first = steps[0]
+            replica = cluster.replica_target(first.replica)
+            engine = replica.sync_engine
+            if self._holds_connection(engine) or not pool_is_full(engine.pool):
+                return replica, first.reason, False
         full = False
 
         def take(step: Step, timeout: float) -> bool:
@@ -736,7 +749,8 @@ class RoutingSession(Session):
         a connection: this transaction holds none to it and its pool has none
         free. The caller then routes the read elsewhere."""
         engine = replica.sync_engine
-        if not pool_is_full(engine.pool) or self._holds_connection(engine):
+        # Asked first: a session reading more than once holds one already.
+        if self._holds_connection(engine) or not pool_is_full(engine.pool):
             return False
         self._note_pool_full(replica)
         return True
@@ -893,8 +907,12 @@ class RoutingSession(Session):
             for _ in range(len(self._cluster.replica_targets)):
                 try:
                     # The pre-check in _route saw a free connection, but another
-                    # thread may have taken it since: never wait for it.
-                    with nowait_checkout(target.sync_engine):
+                    # thread may have taken it since: never wait for it. (No
+                    # checkout at all when the transaction holds one there.)
+                    engine = target.sync_engine
+                    with (
+                        _NO_CHECKOUT if self._holds_connection(engine) else nowait_checkout(engine)
+                    ):
                         result = method(
                             statement, params, execution_options=execution_options,
                             bind_arguments=routed, **kw,
@@ -1097,6 +1115,8 @@ def _routing_options(
     """The ``consistency`` and ``read_only`` options in force for one execution:
     those passed to execute() win over the statement's own."""
     statement_options = getattr(statement, "_execution_options", EMPTY_DICT)
+    if not execution_options and not statement_options:
+        return None, None  # the common case
     level = execution_options.get("consistency", statement_options.get("consistency"))
     read_only = execution_options.get("read_only", statement_options.get("read_only"))
     if level is not None:

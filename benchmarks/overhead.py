@@ -32,6 +32,10 @@ PostgreSQL server:
   reads the counters at scrape time only: this row should match the plain
   router scope row). The time of one scrape is printed after the table.
 
+After the table: the routing work alone within a real loop of statements
+(``routing_within_statements``): the router scope row's extra, without the
+noise of the server's and the driver's share.
+
 CPU time is the client's own, so which server answers matters little.
 Rounds run them in shuffled order and ratios of medians are reported: on a
 shared, noisy machine only figures taken side by side in one run mean
@@ -50,6 +54,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
+from typing import Any
 
 import flask
 import flask_sqlalchemy
@@ -118,6 +123,50 @@ def measure(
         assert len(log) == statements, len(log)
         OFF_REPLICA.extend(entry.reason for entry in log.on_primary())
         return spent / statements / 1000
+
+
+def routing_within_statements(make: Callable[[], Session], statements: int) -> float:
+    """Microseconds per statement that ``RoutingSession`` spends routing (its
+    ``execute()`` outside Session's own), within a real loop of statements.
+
+    Steadier than the ratios (no server's or driver's share to vary), and
+    about three times :mod:`routing_cost`'s tight loop of the same work:
+    among SQLAlchemy's and the driver's code, the routing code runs with
+    cold caches. Each statement's cache key is computed beforehand:
+    classification reuses it, and SQLAlchemy would compute it anyway.
+    """
+    routed_execute = sr.RoutingSession._execute_routed
+    spent = 0
+    clock = time.perf_counter_ns  # no I/O is timed: wall time is CPU time
+
+    def timed(session: sr.RoutingSession, method: Callable[..., Any], *rest: Any) -> Any:
+        nonlocal spent
+        inner = 0
+
+        def session_execute(*args: Any, **kwargs: Any) -> Any:
+            nonlocal inner
+            started = clock()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inner += clock() - started
+
+        started = clock()
+        try:
+            return routed_execute(session, session_execute, *rest)
+        finally:
+            spent += clock() - started - inner
+
+    sr.RoutingSession._execute_routed = timed  # type: ignore[method-assign, assignment]
+    try:
+        with make() as session:
+            for i in range(statements):
+                statement = sa.select(Account).where(Account.id == i % ROWS + 1)
+                statement._generate_cache_key()
+                session.execute(statement).scalar_one()
+    finally:
+        sr.RoutingSession._execute_routed = routed_execute  # type: ignore[method-assign]
+    return spent / statements / 1000
 
 
 def all_healthy(router: sr.ReplicaRouter) -> bool:
@@ -243,6 +292,10 @@ def main() -> None:
                         within=WITHIN.get(name, nullcontext),
                     )
                 )
+        within = [
+            routing_within_statements(makers["RoutingSession, replica (router scope)"], 1000)
+            for _ in range(7)
+        ]
         for flask_engine in db.engines.values():
             flask_engine.dispose()
         context.pop()
@@ -285,6 +338,10 @@ def main() -> None:
             f"  min {least:6.1f} us (ratio {least / base_min:.3f})"
         )
     print(f"one Prometheus scrape of the registered router: median {scrape:.0f} us (wall)")
+    print(
+        "routing work within real statements, replica (router scope): "
+        f"median {statistics.median(within):.1f} us per statement (7 rounds x 1000)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from . import settings as _settings
 from ._asyncio import call_blocking, create_async_engine, is_async_engine, require_asyncio
 from ._dependencies import missing_driver
 from ._listeners import Listeners, weak_method
-from .causal import COMMITTED_KEY
 from .classify import Classifier
 from .cluster import Cluster
 from .connections import (
@@ -345,7 +344,6 @@ class ReplicaRouter(Generic[_E]):
             # Until the primary tells its current position, the router's
             # reads go to the primary (see Cluster.process_scope).
             self.cluster.process_scope.mark_unknown(self.cluster)
-        self._listeners.listen(self._primary.sync_engine, "commit", _note_commit)
         if self._replicas:  # else no commit's position is ever read
             pipeline_commits(self._primary.sync_engine, self._listeners, owned=self._primary.owned)
         self._listeners.listen_pool(
@@ -734,12 +732,6 @@ def _close_idle_connections(engines: list[Engine]) -> None:
         # The pool only: Engine.dispose() would make a new pool, and runs
         # the application's engine_disposed listeners from the collector.
         engine.pool.dispose()
-
-
-def _note_commit(connection: Any) -> None:
-    """A Connection on the primary is about to commit: its position is read
-    when it goes back to the pool (see ``ReplicaRouter._capture_core_commit``)."""
-    connection.info[COMMITTED_KEY] = True
 
 
 def _candidate_urls(candidates: list[EngineSource], primary: Engine) -> list[URL]:

@@ -342,6 +342,40 @@ def test_dispose_gives_a_users_engine_its_own_commit_back(topology: PostgresTopo
     engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "primary_url",
+    ["postgresql+psycopg://u@127.0.0.1:1/db", "mysql+pymysql://u@127.0.0.1:1/db"],
+    ids=["postgresql", "mariadb"],
+)
+def test_a_router_adds_no_connection_event_to_the_primary(primary_url: str) -> None:
+    """The commit marker and the position capture are dialect methods, not
+    connection events: an engine with a connection event listener makes
+    SQLAlchemy dispatch events at every statement, begin and commit."""
+    replica_url = primary_url.replace(":1/", ":2/")
+    router = sr.ReplicaRouter(primary_url, [replica_url])
+    engine = router.primary_target.sync_engine
+    assert isinstance(engine.dialect.do_commit, pipelining._CommitWithCapture)
+    assert isinstance(engine.dialect.do_commit_twophase, pipelining._TwoPhaseCommit)
+    assert not engine._has_events
+    assert not router.replica_targets[0].sync_engine._has_events
+    router.dispose()
+    assert "do_commit" not in vars(engine.dialect)
+    assert "do_commit_twophase" not in vars(engine.dialect)
+
+
+def test_a_two_phase_commit_drops_the_position_an_earlier_commit_left() -> None:
+    """A two-phase commit does not go through do_commit: the position pipelined
+    with an earlier commit on the connection is dropped, so that the
+    two-phase commit's own is read after it, not that stale one."""
+    committed: list[tuple[object, ...]] = []
+
+    connection = SimpleNamespace(info={pipelining.PIPELINED_KEY: "an earlier's", "other": 1})
+    commit = pipelining._TwoPhaseCommit(lambda *args, **kw: committed.append((*args, kw)))
+    commit(connection, "xid", is_prepared=True)  # type: ignore[arg-type]
+    assert connection.info == {"other": 1}
+    assert committed == [(connection, "xid", {"is_prepared": True})]
+
+
 # -- PostgreSQL: the causal wait and the read behind it, in one round trip ----------
 
 

@@ -204,14 +204,24 @@ class LagEstimator:
     :param spacing: commit samples (:meth:`record_commit`) closer than this
         to the newest sample are dropped (the cost of a busy primary stays
         bounded: at most ``horizon / spacing`` of them).
+    :param moves_only_with_commits: the backend's
+        :attr:`~sqlalchemy_replicas.positions.PositionBackend.moves_only_with_commits`:
+        whether two primary samples that differ prove a commit between them
+        (see :meth:`applied_within`).
     """
 
     def __init__(
-        self, reached: Callable[[Any, Any], bool], horizon: float, spacing: float = 0.02
+        self,
+        reached: Callable[[Any, Any], bool],
+        horizon: float,
+        spacing: float = 0.02,
+        *,
+        moves_only_with_commits: bool = True,
     ) -> None:
         self._reached = reached
         self._horizon = horizon
         self._spacing = spacing
+        self._moves_only_with_commits = moves_only_with_commits
         self._lock = threading.Lock()
         # Sorted by time.
         self._samples: list[tuple[float, Any]] = []
@@ -279,10 +289,12 @@ class LagEstimator:
         (the monotonic time, or earlier, of the last commit it applied, when
         the server tells it: PostgreSQL); the newest commit sample it has
         reached (a commit made through the router by that sample's time,
-        loose by that commit's own round trip); and the newest primary
-        sample it has reached, when an earlier sample lacks something it has
-        (commits made after the earlier sample's time). Each bound is
-        ``now`` minus that time.
+        loose by that commit's own round trip); and, where positions move
+        only with commits (GTIDs; not PostgreSQL's LSN, which WAL that is no
+        commit moves too, and a standby delaying commits applies that at
+        once), the newest primary sample it has reached, when an earlier
+        sample lacks something it has (commits made after the earlier
+        sample's time). Each bound is ``now`` minus that time.
         """
         bounds = [] if last_replayed is None else [now - last_replayed]
         with self._lock:
@@ -290,7 +302,7 @@ class LagEstimator:
                 if self._reached(applied, position):
                     bounds.append(now - when)
                     break
-            newest = self._newest_reached(applied)
+            newest = self._newest_reached(applied) if self._moves_only_with_commits else None
             if newest is not None:
                 position = self._samples[newest][1]
                 for when, earlier in reversed(self._samples[:newest]):
@@ -662,7 +674,9 @@ class LagMonitor:
             return
         if self._estimator is None:
             horizon = max(10.0, 3 * cluster.max_lag)
-            self._estimator = LagEstimator(backend.reached, horizon)
+            self._estimator = LagEstimator(
+                backend.reached, horizon, moves_only_with_commits=backend.moves_only_with_commits
+            )
         # Again: telling the server kind may just have asked the primary.
         self._drop_finished()
         primary = cluster.primary_target

@@ -225,6 +225,24 @@ def test_applied_within_has_no_evidence_from_an_idle_primary() -> None:
     assert estimator.applied_within(6, 3.1) is None  # reached no sample
 
 
+@pytest.mark.parametrize(("moves_only_with_commits", "bound"), [(True, 0.2), (False, None)])
+def test_applied_within_takes_moving_positions_for_commits_only_where_they_are(
+    moves_only_with_commits: bool, bound: float | None
+) -> None:
+    """The primary's position moved between two samples 0.1 s apart, and a
+    replica has applied the newer one 0.1 s later. Where positions move only
+    with commits (GTIDs), it applied a commit within 0.2 s. PostgreSQL's LSN
+    also moves with WAL that is no commit, which a standby delaying every
+    commit applies at once: no evidence there."""
+    estimator = LagEstimator(
+        reached, horizon=100.0, moves_only_with_commits=moves_only_with_commits
+    )
+    estimator.record_primary(9.9, 100)
+    estimator.record_primary(10.0, 150)
+    found = estimator.applied_within(150, 10.1)
+    assert found == (None if bound is None else pytest.approx(bound))
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.floats(0.01, 0.2), st.integers(5, 60), st.floats(0.0, 3.0))
 def test_replay_timestamp_is_tight_under_steady_writes(

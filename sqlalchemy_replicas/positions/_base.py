@@ -72,6 +72,12 @@ class PositionBackend(abc.ABC):
 
     #: Short name stored with positions in causal tokens.
     kind: str = ""
+    #: Whether a position only moves with a commit (a GTID names a
+    #: transaction), so that a replica seen applying a later one has applied
+    #: a commit. PostgreSQL's LSN also moves with WAL that is no commit (a
+    #: checkpoint, the standby snapshot the background writer logs), which a
+    #: standby delaying commits (``recovery_min_apply_delay``) applies at once.
+    moves_only_with_commits: bool = True
 
     # -- pure --------------------------------------------------------------
 

@@ -160,6 +160,7 @@ class PostgresPositions(PositionBackend):
     """WAL LSNs, as integers."""
 
     kind = "pg"
+    moves_only_with_commits = False
 
     def parse(self, text: str) -> int:
         return parse_lsn(text)

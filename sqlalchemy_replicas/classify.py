@@ -166,6 +166,10 @@ class Classifier:
             return NO_STATEMENT
         if isinstance(statement, TextClause):
             key: Any = statement.text
+        elif isinstance(statement, UpdateBase):
+            # Known without a walk: no cache key to compute (for an ORM
+            # statement SQLAlchemy computes one of its own copy, not this one's).
+            return DML
         else:
             generate = getattr(statement, "_generate_cache_key", None)
             cache_key = generate() if generate is not None else None

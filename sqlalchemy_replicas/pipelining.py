@@ -128,8 +128,8 @@ def pipeline_commits(engine: Engine, listeners: Listeners, *, owned: bool = Fals
 
     Dialect methods, not engine events: an engine with a listener of
     SQLAlchemy's connection events dispatches events at every statement,
-    begin and commit (about 8 microseconds of client CPU per read, 35 per
-    write and commit, in the measures of CHANGELOG.md).
+    begin and commit (5 to 8 microseconds of client CPU per read, 27 to 35
+    per write and commit, in the measures of CHANGELOG.md).
 
     Engines the application passed in are changed on their dialect instance
     (their own, one per engine); several routers on one engine share one wrapper.

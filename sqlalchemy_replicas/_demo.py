@@ -12,7 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .causal import causal_context
 from .consistency import consistency
-from .exc import ServerBinaryNotFound
+from .exc import MissingDependency, ServerBinaryNotFound
 from .pipelining import WAIT_OBSERVERS
 from .router import ReplicaRouter
 from .testing import MariaDBTopology, PostgresTopology, StatementLog, Topology
@@ -196,23 +196,28 @@ def _run(topology: Topology, transcript: _Transcript) -> None:
 
 
 def main(out: TextIO = sys.stdout) -> int:
-    """Run the demo on PostgreSQL, and on MariaDB where it is installed.
+    """Run the demo on PostgreSQL, and on MariaDB where its server and driver
+    are installed (else it says why it skipped MariaDB, and the fix).
 
-    :raises MissingDependency: before any server starts, when the driver of
-        a database the demo will run is not installed.
+    :raises MissingDependency: before any server starts, when psycopg is not
+        installed (the PostgreSQL part always runs).
     """
-    topologies: list[Topology] = [PostgresTopology(replicas=2)]
+    postgres = PostgresTopology(replicas=2)
+    postgres.check_driver()  # at once, not after a server started
+    topologies: list[Topology] = [postgres]
+    skipped = None
     try:
         mariadb_binaries()
     except ServerBinaryNotFound:
-        mariadb_missing = True
+        skipped = "not installed here, skipped (apt-get install mariadb-server)"
     else:
-        mariadb_missing = False
-        topologies.append(MariaDBTopology(replicas=2))
-    # Every driver up front: a missing PyMySQL must not surface only after
-    # the whole PostgreSQL part has run.
-    for topology in topologies:
-        topology.check_driver()
+        mariadb = MariaDBTopology(replicas=2)
+        try:
+            mariadb.check_driver()
+        except MissingDependency as error:  # known now, not after the PostgreSQL part
+            skipped = f"skipped: {error}"
+        else:
+            topologies.append(mariadb)
     transcript = _Transcript(out)
     routing_logger = logging.getLogger("sqlalchemy_replicas.routing")
     routing_logger.addHandler(transcript)
@@ -220,11 +225,8 @@ def main(out: TextIO = sys.stdout) -> int:
     try:
         for topology in topologies:
             _run(topology, transcript)
-        if mariadb_missing:
-            print(
-                "\n== MariaDB: not installed here, skipped (apt-get install mariadb-server)",
-                file=out,
-            )
+        if skipped is not None:
+            print(f"\n== MariaDB: {skipped}", file=out)
     finally:
         routing_logger.removeHandler(transcript)
     return 0

@@ -12,6 +12,7 @@ paused every third request) keeps most reads on replicas, never stale.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 
@@ -171,6 +172,36 @@ def test_a_timed_out_replica_is_suspect_until_it_applies_again(
         timeout=15,
         what="the monitor to see replica1 apply commits within the budget",
     )
+
+
+def test_the_routing_log_tells_a_wait_sent_with_its_read_once_it_ended(
+    router: sr.ReplicaRouter, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wait travels with the read (psycopg, PyMySQL): when the read is sent
+    the log cannot know whether the replica caught up, so it says so; the
+    wait's outcome follows: the paused replica's read discarded, the next
+    replica's read standing. (A premature "caught up" had read as if the
+    paused replica served.)"""
+    key = key_preferring(router, "replica1")
+    topology.pause_replay(0)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="sqlalchemy_replicas.routing"), sr.sticky(key):
+            seen, _, read = write_then_read(router, 1, 1)
+    finally:
+        topology.resume_replay(0)
+    assert (seen, read.target) == (1, "replica2")
+    messages = [r.getMessage() for r in caplog.records if r.name == "sqlalchemy_replicas.routing"]
+    reads = [m for m in messages if m.startswith("SELECT -> ")]
+    pending = "if it applies this scope's commits in time (the wait goes with the read)"
+    assert reads == [f"SELECT -> {name}: {pending}" for name in ("replica1", "replica2")]
+    outcomes = [
+        m for m in messages if m.startswith(("replica replica1 did", "replica replica2 ap"))
+    ]
+    assert len(outcomes) == 2, messages
+    assert outcomes[0].startswith("replica replica1 did not apply this scope's commits (stopped")
+    assert outcomes[0].endswith("the read sent with the wait is discarded")
+    assert outcomes[1].endswith("the read sent with the wait stands")
+    assert messages.index(outcomes[0]) < messages.index(reads[1])
 
 
 def test_a_replica_applying_each_commit_late_stays_suspect_after_applying_the_missed_one(

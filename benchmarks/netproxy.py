@@ -287,8 +287,11 @@ def self_check(delay: float, *, count: int = 200) -> dict[str, float]:
     - order and content: a 4 MiB payload, written at once and in many small
       writes, comes back byte for byte;
     - the delay: a ping-pong through the proxy takes at least ``2 * delay``
-      more than through a proxy without delay (it is a floor: the machine's
-      load can only add to it), reported with the hop of the proxy itself;
+      more than without it (a floor: the machine's load can only add to
+      it; 5 % spared for the clocks), reported with the hop of the proxy
+      itself. Not ``2 * delay`` more than through a proxy without delay: the
+      delayed proxy's own work runs within the delay it waits out, so that
+      difference falls short of ``2 * delay`` by up to the hop;
     - no throttling: 200 chunks sent back to back arrive in about one
       delay, not 200 (under 50 delays allows for a loaded machine);
     - round trips: 10 ping-pongs count 10.
@@ -306,7 +309,7 @@ def self_check(delay: float, *, count: int = 200) -> dict[str, float]:
             hop = _ping_pong_ms(plain_port, count) - direct
             added = _ping_pong_ms(slow_port, count) - direct - hop
             if delay:  # without one, only noise is left to compare
-                assert added >= 2 * delay * 1000 * 0.9, (added, delay)
+                assert added + hop >= 2 * delay * 1000 * 0.95, (added, hop, delay)
 
             payload = bytes(range(256)) * 16384  # 4 MiB
             with socket.create_connection(("127.0.0.1", slow_port)) as conn:

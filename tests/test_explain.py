@@ -200,8 +200,13 @@ def tables(topology: Topology) -> Topology:
 def test_write_on_primary_then_read_on_replica_after_a_wait(tables: Topology) -> None:
     """A commit's flush is explained on the primary as a write; the read after it on
     the replica once it applied the commit, with the position waited for, the wait's
-    duration (at least the replica's apply delay) and its outcome."""
-    tables.set_apply_delay(0, 0.3)
+    duration (the replica's apply delay, at least) and its outcome.
+
+    1.3 s: MariaDB's MASTER_DELAY counts whole seconds of the events' timestamps
+    (seconds too), so it rounds up to 2 and a commit applies 1 to 2 s late (with 1,
+    anywhere from 0 to 1 s: a commit made late in its second was applied 12 ms
+    after it in a CI run)."""
+    tables.set_apply_delay(0, 1.3)
     router = one_replica_router(tables, wait_timeout=5.0)
     try:
         with sr.explain() as log, router.sessionmaker()() as session:

@@ -580,8 +580,7 @@ class RoutingSession(Session):
             # (else the loop below takes it from the start, counting the skip).
             first = steps[0]
             replica = cluster.replica_target(first.replica)
-            engine = replica.sync_engine
-            if self._holds_connection(engine) or not pool_is_full(engine.pool):
+            if self._connection_at_hand(replica.sync_engine):
                 return replica, first.reason, False
         full = False
 
@@ -711,10 +710,9 @@ class RoutingSession(Session):
         and count the read's decision if it runs on ``replica``."""
         self._deferred_wait_on = None
         decision, self._deferred_decision = self._deferred_decision, None
-        reached = self._waited(replica, position, outcome, seconds)
-        if reached and isinstance(decision, tuple):
-            self._cluster.stats_recorder.decision(False, *decision)
-        if reached:
+        if self._waited(replica, position, outcome, seconds):
+            if isinstance(decision, tuple):
+                self._cluster.stats_recorder.decision(False, *decision)
             logger.debug(
                 "replica %s applied this scope's commits (waited %.1f ms): the read sent "
                 "with the wait stands",
@@ -770,12 +768,16 @@ class RoutingSession(Session):
         """True, counted and logged, when a read on ``replica`` would wait for
         a connection: this transaction holds none to it and its pool has none
         free. The caller then routes the read elsewhere."""
-        engine = replica.sync_engine
-        # Asked first: a session reading more than once holds one already.
-        if self._holds_connection(engine) or not pool_is_full(engine.pool):
+        if self._connection_at_hand(replica.sync_engine):
             return False
         self._note_pool_full(replica)
         return True
+
+    def _connection_at_hand(self, engine: Engine) -> bool:
+        """Whether a read on ``engine`` needs no wait for a connection: this
+        transaction holds one to it (asked first: a session reading more than
+        once does), or its pool has one free or may open one."""
+        return self._holds_connection(engine) or not pool_is_full(engine.pool)
 
     def _note_pool_full(self, replica: RoutedEngine) -> None:
         """Count (in ``cluster.status()``) and log a read passing ``replica`` by."""
